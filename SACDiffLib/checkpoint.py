@@ -1,0 +1,104 @@
+"""Checkpoints: weights (+ EMA), every config field, the preprocessing, the noise convention, a format version.
+
+The model and the diffusion are always rebuilt from the stored config (``build``), so detection runs exactly the
+network that was trained. Files are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import __version__
+from .config import SACDiffConfig, from_dict, to_dict
+from .diffusion import Diffusion
+from .errors import SACDiffError
+from .unet import UNet
+
+FORMAT = "sacdiff-checkpoint"
+FORMAT_VERSION = 1
+
+
+def build(cfg: SACDiffConfig, noise_seed: int = 0) -> tuple[UNet, Diffusion]:
+    """The one place where model and diffusion are constructed from a config."""
+    return UNet(cfg.model), Diffusion(cfg.diffusion, noise_seed=noise_seed)
+
+
+def save_checkpoint(
+    path,
+    cfg: SACDiffConfig,
+    model: torch.nn.Module,
+    ema: Optional[torch.nn.Module] = None,
+    train_state: Optional[dict] = None,
+    extra: Optional[dict] = None,
+) -> Path:
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sacdiff_version": __version__,
+        "torch_version": str(torch.__version__),
+        "python": platform.python_version(),
+        "config": to_dict(cfg),
+        # Duplicated for people and tools that only want the preprocessing / noise convention.
+        "preprocessing": to_dict(cfg.preprocess),
+        "noise": to_dict(cfg.diffusion.noise),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ema": None if ema is None else {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+        "train_state": train_state,
+        "extra": extra or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_checkpoint(path) -> dict:
+    """The raw checkpoint dict, after checking that it is a readable SACDiff checkpoint of this format."""
+    path = Path(path)
+    if not path.is_file():
+        raise SACDiffError(f"model file {path} does not exist; pass --model with a checkpoint from `sacdiff train`")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or not a torch file at all
+        raise SACDiffError(
+            f"model file {path} is corrupt or not a SACDiff checkpoint ({type(exc).__name__}); "
+            "re-download or retrain it"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise SACDiffError(f"{path} is a torch file but not a SACDiff checkpoint; pass a file from `sacdiff train`")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SACDiffError(
+            f"{path} has checkpoint format {version}, this SACDiff reads format {FORMAT_VERSION}; "
+            f"use SACDiff {payload.get('sacdiff_version', '?')} or retrain"
+        )
+    return payload
+
+
+def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 0):
+    """(config, model in eval mode on ``device``, diffusion, raw payload). EMA weights when present."""
+    payload = read_checkpoint(path)
+    cfg = from_dict(payload["config"])
+    model, diffusion = build(cfg, noise_seed=noise_seed)
+    weights = payload["ema"] if (use_ema and payload.get("ema")) else payload["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SACDiffError(
+            f"weights in {path} do not fit the network its config describes ({first}); the file is damaged "
+            "or was edited — retrain"
+        ) from None
+    model.to(device).eval()
+    return cfg, model, diffusion.to(device), payload

@@ -1,0 +1,214 @@
+"""The ``sacdiff`` command line: train, detect, threshold, lungmask.
+
+Every user error exits with status 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and
+leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import Cancelled, SACDiffError
+
+
+def _add_device(p):
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
+
+
+def _bool_flag(p, name, default, help_text):
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
+                   default=default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="sacdiff",
+        description="SAC-Diff: unsupervised anomaly detection in chest CT with a lung-conditioned simplex diffusion "
+        "model (Zheng et al., MIDL 2026).",
+    )
+    parser.add_argument("--version", action="version", version=f"sacdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model on healthy CTs (Algorithm 1)")
+    p.add_argument("--data", required=True, help="folder with cases.json and ct/<case>_ct.nii.gz, ct/<case>_lung.nii.gz")
+    p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
+    p.add_argument("--preset", choices=PRESETS, default="fast", help="network/grid preset (default: fast)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
+    p.add_argument("--batch-size", type=int, help="slices per step and per process")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4, cosine decay)")
+    p.add_argument("--image-size", type=int, help="in-plane model grid (default: the preset's)")
+    p.add_argument("--noise", choices=("simplex", "gaussian"), help="forward-process noise (default simplex)")
+    _bool_flag(p, "conditional", None, "condition on the lung mask (default on; --no-conditional for baselines)")
+    _bool_flag(p, "augment", None, "small rotations/scales/intensity jitter (default on)")
+    p.add_argument("--timesteps", type=int, help="T (default: the preset's; paper 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
+    p.add_argument("--resume", help="continue from this checkpoint (its config is used)")
+    p.add_argument("--include-uninfected-slices", action="store_true",
+                   help="also train on slices of non-normal cases labelled 0 in slice_label_infection")
+    _add_device(p)
+
+    p = sub.add_parser("detect", help="detect anomalies in a CT (Algorithm 2 + Section 2.4)")
+    p.add_argument("ct", help="CT volume (.nii.gz, .nrrd, .mha) or DICOM series folder, in HU")
+    p.add_argument("--lung", help="lung mask on the CT grid (default: automatic lung mask)")
+    p.add_argument("--model", required=True, help="checkpoint from `sacdiff train`")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
+    p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
+    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default 1)")
+    p.add_argument("--threshold", choices=("adaptive", "fixed"), help="adaptive (Section 2.4) or fixed α")
+    p.add_argument("--fixed-threshold", type=float, help="α for --threshold fixed")
+    p.add_argument("--error", choices=("mean-of-errors", "error-of-mean"), help="how members form E")
+    p.add_argument("--noise", choices=("simplex", "gaussian"), help="override the model's noise family")
+    _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
+    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = all at once")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_device(p)
+
+    p = sub.add_parser("threshold", help="re-binarise a finished run with another λ (no model run)")
+    p.add_argument("run", help="output folder of `sacdiff detect`")
+    p.add_argument("--lambda", dest="lam", type=float, required=True, help="new λ")
+    _bool_flag(p, "crf", None, "dense CRF refinement (default: as the run)")
+
+    p = sub.add_parser("lungmask", help="automatic lung mask (threshold + components), labels 1 right / 2 left")
+    p.add_argument("ct", help="CT volume or DICOM folder, in HU")
+    p.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .seg.nrrd)")
+    p.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, unit="‰", dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+
+    def update(fraction: float, message: str = ""):
+        bar.n = int(round(fraction * 1000))
+        bar.set_postfix_str(message, refresh=False)
+        bar.refresh()
+        return True
+
+    return bar, update
+
+
+def cmd_train(args) -> int:
+    from .config import preset, validate
+    from .detect import resolve_device
+    from .train import train
+
+    cfg = preset(args.preset)
+    t = cfg.train
+    for name, value in (("batch_size", args.batch_size), ("lr", args.lr), ("save_every", args.save_every),
+                        ("augment", args.augment)):
+        if value is not None:
+            setattr(t, name, value)
+    t.seed = args.seed
+    if args.image_size:
+        cfg.preprocess.image_size = args.image_size
+    if args.noise:
+        cfg.diffusion.noise.kind = args.noise
+    if args.conditional is not None:
+        cfg.model.conditional = args.conditional
+    if args.timesteps:
+        cfg.diffusion.timesteps = args.timesteps
+        cfg.detect.steps = min(cfg.detect.steps, args.timesteps)
+    validate(cfg)
+    summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
+                    include_uninfected_slices=args.include_uninfected_slices, steps=args.steps)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['steps']} steps on {summary['slices']} slices in {summary['seconds']:.1f} s; "
+              f"final loss {summary['final_loss']:.4f}; checkpoint: {args.out}")
+    return 0
+
+
+def cmd_detect(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .detect import detect_volume, resolve_device
+    from .diffusion import Diffusion
+    from .outputs import check_out_dir, write_run
+
+    check_out_dir(args.out, args.overwrite)  # before any work
+    device = resolve_device(args.device)
+    seed = 0 if args.seed is None else args.seed
+    cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
+    d = cfg.detect
+    d.seed = seed
+    for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
+                        ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
+                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size)):
+        if value is not None:
+            setattr(d, name, value)
+    if args.noise and args.noise != cfg.diffusion.noise.kind:
+        print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
+              file=sys.stderr)
+        cfg.diffusion.noise.kind = args.noise
+        diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
+    bar, update = _progress_bar("detect")
+    try:
+        result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, update)
+    finally:
+        bar.close()
+    out = write_run(result, args.out, overwrite=args.overwrite)
+    q = result.report["quantification"]
+    print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
+          f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
+          f"(λ = {d.lam}); {result.report['timings']['total_s']:.1f} s on {device}; outputs in {out}")
+    return 0
+
+
+def cmd_threshold(args) -> int:
+    from .detect import rethreshold
+    from .outputs import load_run, write_threshold_update
+
+    t0 = time.perf_counter()
+    result = load_run(args.run)
+    before = int(result.mask.sum()) if result.mask is not None else 0
+    rethreshold(result, args.lam, crf=args.crf)
+    write_threshold_update(result, args.run)
+    q = result.report["quantification"]
+    print(f"λ = {args.lam}: α = {result.threshold.alpha:.4g}, anomaly {q['anomaly_ml']:.1f} ml "
+          f"({before} → {int(result.mask.sum())} voxels) in {time.perf_counter() - t0:.2f} s; updated {args.run}")
+    return 0
+
+
+def cmd_lungmask(args) -> int:
+    from . import io
+    from .lung import segment_lungs
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SACDiffError(f"{out} already exists; choose another --out or pass --overwrite")
+    ct = io.read_ct(args.ct)
+    labels = segment_lungs(io.ct_array(ct), ct)
+    io.write_image(labels, ct, out)
+    voxel_ml = float(__import__("numpy").prod(ct.GetSpacing())) / 1000
+    print(f"lung mask: right {(labels == 1).sum() * voxel_ml:.0f} ml, left {(labels == 2).sum() * voxel_ml:.0f} ml "
+          f"→ {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SACDiffError as exc:
+        print(f"sacdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled):
+        print(f"sacdiff {args.command}: cancelled; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

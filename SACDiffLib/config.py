@@ -1,0 +1,224 @@
+"""One configuration builds the model and the diffusion, in training and in detection alike.
+
+Every field here is stored in the checkpoint (``checkpoint.py``); a checkpoint whose fields do not match these
+dataclasses is refused. Presets:
+
+- ``paper``: the structure of Fig. 2 (7 down / 7 up modules of 3 residual blocks, a 2-block bottleneck) at the
+  paper's 512² slices, T = 1000, T_s = 550, K = 7, λ = 1.
+- ``fast``: the same method with a lighter network at 256² (for CPU use and small GPUs).
+- ``tiny``: a few channels at 32², for tests only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SACDiffError
+
+
+@dataclass
+class ModelConfig:
+    """Conditional residual UNet (Fig. 2). ``channels[i]`` is the width at resolution level i; the network has
+    ``len(channels) - 1`` downsampling and as many upsampling modules."""
+
+    channels: tuple[int, ...] = (32, 64, 64, 128, 128, 256, 256, 512)
+    blocks_per_module: int = 3  # residual blocks in every down/up module (Fig. 2: 3)
+    bottleneck_blocks: int = 2  # residual blocks in the bottleneck (Fig. 2: 2)
+    conditional: bool = True  # early fusion [x_t ⊕ c] (Section 2.3); False = unconditional ablation baseline
+    dropout: float = 0.0
+    groups: int = 8  # GroupNorm groups (must divide every width)
+    time_embed_dim: int = 0  # 0 = 4 × channels[0]
+
+    @property
+    def in_channels(self) -> int:
+        return 2 if self.conditional else 1
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height/width must be a multiple of this (one halving per downsampling module)."""
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass
+class NoiseConfig:
+    """Noise of the forward and reverse process (Section 2.2, Appendix C)."""
+
+    kind: str = "simplex"  # "simplex" (AnoDDPM / SAC-Diff) or "gaussian" (DDPM baselines)
+    octaves: int = 6  # N
+    persistence: float = 0.8  # γ: amplitude ratio between successive octaves
+    base_frequency: float = 2.0**-6  # ν: cycles per pixel of the first octave; each octave doubles it
+    # Raw AnoDDPM octave sums have std ≈ 0.5 at the settings above. We divide by the measured std so that ε has
+    # unit variance as the DDPM derivation assumes (x_T keeps unit variance). Stored in the checkpoint so that
+    # detection uses exactly the convention the model was trained with.
+    normalise: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000  # T_training
+    schedule: str = "linear"  # "linear" (DDPM, β from beta_start to beta_end) or "cosine" (Nichol & Dhariwal)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # σ_t² of the reverse step: "posterior" = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (DDPM "fixed small", as
+    # AnoDDPM), or "beta" = β_t ("fixed large").
+    sigma: str = "posterior"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a CT becomes model input. Chest/lung window W = 1500, L = −600, i.e. [−1350, 150] HU → [−1, 1]:
+    covers air, lung parenchyma, ground glass and consolidation (soft tissue up to +150 HU); bone saturates."""
+
+    hu_min: float = -1350.0
+    hu_max: float = 150.0
+    image_size: int = 512  # slices are resampled in-plane to image_size × image_size (whole field of view)
+    min_lung_fraction: float = 0.005  # a slice is a lung slice when ≥ this fraction of its pixels are lung
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    steps: int = 100_000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    augment: bool = True  # small rotations/scales and intensity jitter (few training volumes)
+    mixed_precision: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    save_every: int = 1000
+
+
+@dataclass
+class DetectConfig:
+    steps: int = 550  # T_sampling (Section 3.2)
+    ensemble: int = 7  # K (Section 2.5); 1 = "SAC-Diff w/o Ensemble"
+    lam: float = 1.0  # λ of the background-adaptive threshold (1 for COVID, −0.25 for ILD in the paper)
+    threshold: str = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
+    fixed_threshold: float = 0.05  # α when threshold == "fixed" (error units of the [−1, 1] image, squared)
+    error: str = "mean-of-errors"  # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²
+    crf: bool = True
+    crf_iterations: int = 5
+    morphology_radius: int = 1  # in-plane radius (pixels) of the erosion-then-dilation
+    seed: int = 0
+    batch_size: int = 0  # slices per forward chunk (× K members); 0 = all lung slices at once
+
+
+@dataclass
+class SACDiffConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+
+def preset(name: str) -> SACDiffConfig:
+    """The named preset: ``paper``, ``fast`` or ``tiny``."""
+    if name == "paper":
+        return SACDiffConfig()
+    if name == "fast":
+        cfg = SACDiffConfig()
+        cfg.model.channels = (32, 32, 64, 64, 128, 128, 256)
+        cfg.model.blocks_per_module = 2
+        cfg.preprocess.image_size = 256
+        cfg.detect.steps = 250
+        cfg.detect.ensemble = 3
+        return cfg
+    if name == "tiny":
+        cfg = SACDiffConfig()
+        cfg.model.channels = (8, 16, 16)
+        cfg.model.blocks_per_module = 1
+        cfg.model.bottleneck_blocks = 1
+        cfg.model.groups = 4
+        cfg.preprocess.image_size = 32
+        cfg.diffusion.timesteps = 100
+        cfg.detect.steps = 10
+        cfg.detect.ensemble = 2
+        cfg.train.batch_size = 4
+        cfg.train.steps = 20
+        cfg.train.save_every = 10
+        return cfg
+    raise SACDiffError(f"unknown preset {name!r}; choose one of: paper, fast, tiny")
+
+
+PRESETS = ("paper", "fast", "tiny")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists) that torch.save(weights_only) and JSON both accept."""
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise SACDiffError(f"config section {where!r} is not a mapping; the checkpoint is not a SACDiff checkpoint")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    missing = sorted(set(known) - set(data))
+    if unknown or missing:
+        raise SACDiffError(
+            f"config section {where!r} does not match this version of SACDiff "
+            f"(unknown fields: {unknown or 'none'}; missing fields: {missing or 'none'}); "
+            "use the SACDiff version that wrote it or retrain the model"
+        )
+    kwargs = {}
+    for name, f in known.items():
+        value = data[name]
+        sub = _SECTIONS.get((cls, name))
+        if sub is not None:
+            value = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    (SACDiffConfig, "model"): ModelConfig,
+    (SACDiffConfig, "diffusion"): DiffusionConfig,
+    (SACDiffConfig, "preprocess"): PreprocessConfig,
+    (SACDiffConfig, "train"): TrainConfig,
+    (SACDiffConfig, "detect"): DetectConfig,
+    (DiffusionConfig, "noise"): NoiseConfig,
+}
+
+
+def from_dict(data: dict) -> SACDiffConfig:
+    """Inverse of :func:`to_dict`; refuses unknown or missing fields with a message naming them."""
+    cfg = _build(SACDiffConfig, data, "config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: SACDiffConfig) -> None:
+    m, d, p, det = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect
+    if len(m.channels) < 2:
+        raise SACDiffError("model.channels needs at least two levels")
+    if any(c % m.groups for c in m.channels):
+        raise SACDiffError(f"every model width {m.channels} must be divisible by model.groups={m.groups}")
+    if p.image_size % m.size_multiple:
+        raise SACDiffError(
+            f"image_size {p.image_size} must be a multiple of {m.size_multiple} "
+            f"(2^{len(m.channels) - 1} for {len(m.channels) - 1} downsampling modules)"
+        )
+    if d.noise.kind not in ("simplex", "gaussian"):
+        raise SACDiffError(f"noise kind {d.noise.kind!r} unknown; choose simplex or gaussian")
+    if d.schedule not in ("linear", "cosine"):
+        raise SACDiffError(f"schedule {d.schedule!r} unknown; choose linear or cosine")
+    if d.sigma not in ("posterior", "beta"):
+        raise SACDiffError(f"sigma {d.sigma!r} unknown; choose posterior or beta")
+    if not 1 <= det.steps <= d.timesteps:
+        raise SACDiffError(f"detection steps T_s={det.steps} must lie in 1..T={d.timesteps}")
+    if det.ensemble < 1:
+        raise SACDiffError(f"ensemble size K={det.ensemble} must be at least 1")
+    if det.threshold not in ("adaptive", "fixed"):
+        raise SACDiffError(f"threshold {det.threshold!r} unknown; choose adaptive or fixed")
+    if det.error not in ("mean-of-errors", "error-of-mean"):
+        raise SACDiffError(f"error {det.error!r} unknown; choose mean-of-errors or error-of-mean")
+    if p.hu_max <= p.hu_min:
+        raise SACDiffError(f"HU window [{p.hu_min}, {p.hu_max}] is empty")

@@ -1,0 +1,240 @@
+"""Writers for a detection run: NIfTI maps, report.json, overview.png — all or nothing.
+
+A run folder is assembled under a temporary name beside the target and renamed into place when complete, so an
+interrupted run never leaves a half-written folder. ``load_run`` reads a finished folder back for re-thresholding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__, io
+from .config import DetectConfig
+from .detect import DetectionResult
+from .errors import SACDiffError
+from .postprocess import Threshold
+
+FILES = {
+    "anomaly_map": "anomaly_map.nii.gz",
+    "uncertainty": "uncertainty.nii.gz",
+    "pseudo_healthy": "pseudo_healthy.nii.gz",
+    "anomaly_mask": "anomaly_mask.nii.gz",
+    "lung_mask": "lung_mask.nii.gz",
+    "report": "report.json",
+    "overview": "overview.png",
+}
+
+
+def check_out_dir(out_dir, overwrite: bool) -> Path:
+    """Refuse an existing output folder unless ``overwrite`` (checked before any work is done)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SACDiffError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SACDiffError(f"output path {out_dir} is a file, not a folder; choose another --out")
+    return out_dir
+
+
+def versions() -> dict:
+    import scipy
+    import skimage
+
+    return {
+        "sacdiff": __version__,
+        "torch": str(torch.__version__),
+        "numpy": np.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+        "scipy": scipy.__version__,
+        "scikit-image": skimage.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_run(result: DetectionResult, out_dir, overwrite: bool = False) -> Path:
+    out_dir = check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        ref = result.reference
+        io.write_image(result.error.astype(np.float32), ref, tmp / FILES["anomaly_map"])
+        io.write_image(result.uncertainty_hu.astype(np.float32), ref, tmp / FILES["uncertainty"])
+        io.write_image(result.pseudo_healthy_hu.astype(np.float32), ref, tmp / FILES["pseudo_healthy"])
+        io.write_image(result.mask.astype(np.uint8), ref, tmp / FILES["anomaly_mask"])
+        io.write_image(result.lung.astype(np.uint8), ref, tmp / FILES["lung_mask"])
+        _write_report(result, tmp)
+        write_overview(result, tmp / FILES["overview"])
+        _swap_into_place(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_report(result: DetectionResult, folder: Path) -> None:
+    report = dict(result.report)
+    report["sacdiff_report_version"] = 1
+    report["seed"] = result.detect.seed
+    report["detect"] = {k: v for k, v in vars(result.detect).items()}
+    report["versions"] = versions()
+    q = report.get("quantification", {})
+    report["slice_scores"] = q.get("slice_anomaly_ml", [])
+    report["units"] = {
+        "anomaly_map": "squared error of the [-1, 1] windowed image",
+        "uncertainty": "HU (std over the K reconstructions)",
+        "pseudo_healthy": "HU (window-clipped mean reconstruction on processed slices, the CT elsewhere)",
+        "volumes": "ml",
+        "slice_scores": "anomaly volume per slice (ml), in the CT's z order",
+    }
+    path = folder / FILES["report"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def load_run(run_dir) -> DetectionResult:
+    """A finished run folder back as a DetectionResult (maps, lung, processed slices, settings)."""
+    run_dir = Path(run_dir)
+    missing = [f for k, f in FILES.items() if k in ("anomaly_map", "lung_mask", "report") and not (run_dir / f).exists()]
+    if not run_dir.is_dir() or missing:
+        raise SACDiffError(
+            f"{run_dir} is not a finished `sacdiff detect` folder (missing: {', '.join(missing) or 'the folder'}); "
+            "run `sacdiff detect` first"
+        )
+    try:
+        report = json.loads((run_dir / FILES["report"]).read_text())
+    except json.JSONDecodeError as exc:
+        raise SACDiffError(f"{run_dir / FILES['report']} is not valid JSON ({exc}); re-run `sacdiff detect`") from None
+    error_img = sitk.ReadImage(str(run_dir / FILES["anomaly_map"]))
+    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(run_dir / FILES["lung_mask"]))).astype(np.uint8)
+    error = sitk.GetArrayFromImage(error_img).astype(np.float32)
+    det = DetectConfig(**report["detect"])
+    processed = np.asarray(report["processed_slices"], dtype=np.int64)
+    th = Threshold(**report["threshold"])
+    mask_path = run_dir / FILES["anomaly_mask"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))).astype(np.uint8) if mask_path.exists() else None
+    uncertainty = _read_optional(run_dir / FILES["uncertainty"])
+    # For the overview only: the original CT when it is still where it was, else the pseudo-healthy volume.
+    ct = None
+    ct_source = Path(report.get("ct", ""))
+    if ct_source.exists():
+        try:
+            ct_img = io.read_image(ct_source)
+            if not io.geometry_differences(error_img, ct_img):
+                ct = io.ct_array(ct_img)
+        except SACDiffError:
+            ct = None
+    if ct is None:
+        ct = _read_optional(run_dir / FILES["pseudo_healthy"])
+    return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report)
+
+
+def _read_optional(path: Path) -> Optional[np.ndarray]:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32) if path.exists() else None
+
+
+def write_threshold_update(result: DetectionResult, run_dir) -> None:
+    """Replace anomaly_mask, report and overview of a run after re-thresholding (each file renamed into place)."""
+    run_dir = Path(run_dir)
+    io.write_image(result.mask.astype(np.uint8), result.reference, run_dir / FILES["anomaly_mask"])
+    _write_report(result, run_dir)
+    write_overview(result, run_dir / FILES["overview"])
+
+
+# --- overview.png -----------------------------------------------------------------------------------------------
+
+
+def _hot(v: np.ndarray) -> np.ndarray:
+    v = np.clip(v, 0, 1)
+    return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+
+
+def _grey(hu: np.ndarray, lo=-1350.0, hi=150.0) -> np.ndarray:
+    g = np.clip((hu - lo) / (hi - lo), 0, 1)
+    return np.stack([g, g, g], -1)
+
+
+def _overlay(base: np.ndarray, mask: np.ndarray, colour, alpha=0.5) -> np.ndarray:
+    out = base.copy()
+    out[mask > 0] = (1 - alpha) * out[mask > 0] + alpha * np.asarray(colour)
+    return out
+
+
+def overview_slices(result: DetectionResult, count: int = 4) -> np.ndarray:
+    """The slices to show: those with the most anomaly, else evenly spaced lung slices."""
+    processed = result.processed
+    if result.mask is not None and result.mask[processed].any():
+        per_slice = result.mask[processed].reshape(len(processed), -1).sum(1)
+        best = processed[np.argsort(per_slice)[::-1][:count]]
+        return np.sort(best)
+    return processed[np.linspace(0, len(processed) - 1, min(count, len(processed))).round().astype(int)]
+
+
+def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = None) -> Path:
+    """A PNG grid, one row per chosen axial slice: CT | error map | anomaly mask (red; truth in green when
+    given) | uncertainty."""
+    from PIL import Image, ImageDraw
+
+    path = Path(path)
+    zs = overview_slices(result)
+    lung_error = result.error[result.processed][result.lung[result.processed] > 0]
+    emax = float(np.percentile(lung_error, 99.5)) if lung_error.size else 1.0
+    emax = emax if emax > 0 else 1.0
+    unc = result.uncertainty_hu
+    umax = float(np.percentile(unc[result.processed], 99.5)) if unc is not None else 1.0
+    umax = umax if umax > 0 else 1.0
+    ct = result.ct_hu
+    rows = []
+    for z in zs:
+        base = _grey(ct[z]) if ct is not None else _hot(result.error[z] * 0)
+        mask_panel = _overlay(base, result.mask[z], (1, 0, 0))
+        if truth is not None:
+            mask_panel = _overlay(mask_panel, truth[z], (0, 1, 0), 0.35)
+        panels = [base, _hot(result.error[z] / emax), mask_panel]
+        panels.append(_hot(unc[z] / umax) if unc is not None else base * 0)
+        rows.append(np.concatenate(panels, axis=1))
+    grid = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
+    # The arrays are (y, x) in index order; flip nothing — this is how the voxels are stored.
+    header = 18
+    image = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "black")
+    image.paste(Image.fromarray(grid), (0, header))
+    draw = ImageDraw.Draw(image)
+    width = grid.shape[1] // 4
+    titles = ["CT", "error map", "anomaly (red)" + (" / truth (green)" if truth is not None else ""), "uncertainty"]
+    for i, title in enumerate(titles):
+        draw.text((i * width + 4, 3), title, fill="white")
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,257 @@
+"""Training on healthy scans (Algorithm 1, Section 3.2): AdamW, cosine decay, EMA, bf16 on CUDA, resume, DDP.
+
+Data: a folder laid out like ``../shared/data`` — ``cases.json`` beside ``ct/<case>_ct.nii.gz`` and
+``ct/<case>_lung.nii.gz``. Cases whose ``diagnosis`` is ``normal`` are used whole; with
+``include_uninfected_slices`` the slices of other cases labelled 0 in ``slice_label_infection`` are added too.
+Lesion labels are never read.
+
+Multi-GPU / multi-node: launch the same command under ``torchrun``; each rank draws its own batches
+(seed, rank, step) and DistributedDataParallel averages the gradients. Rank 0 writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import io
+from .checkpoint import build, read_checkpoint, save_checkpoint
+from .config import SACDiffConfig, from_dict, validate
+from .errors import SACDiffError
+
+
+def load_cases(data_dir) -> dict:
+    data_dir = Path(data_dir)
+    index = data_dir / "cases.json"
+    if not index.is_file():
+        raise SACDiffError(
+            f"{data_dir} has no cases.json; lay the folder out as cases.json + ct/<case>_ct.nii.gz + "
+            "ct/<case>_lung.nii.gz (see README, 'Data layout')"
+        )
+    try:
+        cases = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise SACDiffError(f"{index} is not valid JSON ({exc})") from None
+    if not isinstance(cases, dict):
+        raise SACDiffError(f"{index} must map case names to their descriptions")
+    return cases
+
+
+def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False):
+    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, n_slices))."""
+    data_dir = Path(data_dir)
+    pre = cfg.preprocess
+    images, masks, used = [], [], []
+    for name, info in sorted(load_cases(data_dir).items()):
+        normal = info.get("diagnosis") == "normal"
+        labels = info.get("slice_label_infection")
+        if not normal and not (include_uninfected_slices and labels is not None):
+            continue
+        ct_path, lung_path = data_dir / "ct" / f"{name}_ct.nii.gz", data_dir / "ct" / f"{name}_lung.nii.gz"
+        if not ct_path.exists() or not lung_path.exists():
+            raise SACDiffError(f"case {name}: expected {ct_path} and {lung_path}")
+        ct = io.read_ct(ct_path)
+        hu = io.ct_array(ct)
+        lung = io.read_mask(lung_path, ct)
+        z = io.lung_slices(lung, pre.min_lung_fraction)
+        if not normal:
+            z = np.array([i for i in z if i < len(labels) and labels[i] == 0], dtype=np.int64)
+        if z.size == 0:
+            continue
+        images.append(io.to_model_grid(torch.from_numpy(io.window(hu[z], pre)), pre.image_size, -1.0))
+        masks.append(io.to_model_grid(torch.from_numpy(lung[z] > 0), pre.image_size, 0.0, mask=True))
+        used.append((name, int(z.size)))
+    if not images:
+        raise SACDiffError(
+            f"no training slices in {data_dir}: no case has diagnosis 'normal' (or uninfected slices with "
+            "--include-uninfected-slices)"
+        )
+    return torch.cat(images), torch.cat(masks), used
+
+
+def augment(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator):
+    """Small rotations (±10°), scales (0.9–1.1), shifts (±4 %) and intensity jitter (±3 % gain, ±0.03 offset)."""
+    n = x.shape[0]
+    u = lambda *shape: torch.rand(shape, generator=generator, device=generator.device).to(x.device)  # noqa: E731
+    angle = (u(n) * 2 - 1) * math.radians(10)
+    scale = 1 + (u(n) * 2 - 1) * 0.1
+    shift = (u(n, 2) * 2 - 1) * 0.04
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1  # pad with air
+    c = (F.grid_sample(c, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * 0.03
+    offset = (u(n, 1, 1, 1) * 2 - 1) * 0.03
+    return ((x + 1) * gain - 1 + offset).clamp(-1, 1), c
+
+
+def cosine_lr(step: int, cfg) -> float:
+    """Linear warm-up, then cosine decay to 0 over ``cfg.steps`` (multiplier of cfg.lr)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _Distributed:
+    """torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK); a no-op for a plain single process."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device
+        self.active = self.world > 1
+        if self.active:
+            if device.type == "cuda":
+                self.device = torch.device("cuda", self.local_rank)
+                torch.cuda.set_device(self.device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self):
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(
+    cfg: SACDiffConfig,
+    data_dir,
+    out_path,
+    device: torch.device = torch.device("cpu"),
+    resume: Optional[str] = None,
+    include_uninfected_slices: bool = False,
+    steps: Optional[int] = None,
+    progress: Optional[Callable[[int, int, float], Optional[bool]]] = None,
+    show_progress_bar: bool = True,
+) -> dict:
+    """Train (or resume) and write the checkpoint to ``out_path``. Returns a summary (steps, final loss, time).
+
+    With ``resume`` the configuration comes from that checkpoint (``cfg`` is ignored); ``steps`` overrides the
+    total number of optimisation steps in either case."""
+    out_path = Path(out_path)
+    train_state = None
+    if resume:
+        payload = read_checkpoint(resume)
+        cfg = from_dict(payload["config"])
+        train_state = payload.get("train_state")
+        if not train_state:
+            raise SACDiffError(f"{resume} holds no training state (optimizer, step); it cannot be resumed")
+    if steps is not None:
+        cfg.train.steps = int(steps)
+    validate(cfg)
+    tc = cfg.train
+    ddp = _Distributed(device)
+    device = ddp.device
+    images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices)
+    images, masks = images.to(device), masks.to(device)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model, diffusion = build(cfg, noise_seed=tc.seed)
+    model.to(device)
+    diffusion.to(device)
+    if resume:
+        model.load_state_dict(payload["model"])
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if resume and payload.get("ema"):
+        ema.load_state_dict(payload["ema"])
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp.active else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, tc))
+    start = 0
+    losses: list[float] = []
+    if train_state:
+        optimizer.load_state_dict(train_state["optimizer"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        start = int(train_state["step"])
+        losses = list(train_state.get("losses", []))
+    use_amp = tc.mixed_precision and device.type == "cuda"
+
+    def save(step: int):
+        if ddp.main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                     "losses": losses}
+            extra = {"training_data": used, "world_size": ddp.world, "steps_done": step}
+            save_checkpoint(out_path, cfg, model, ema, state, extra)
+
+    bar = None
+    if show_progress_bar and ddp.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    step = start
+    try:
+        for step in range(start, tc.steps):
+            # One generator per (seed, rank, step): resuming reproduces the same batches and noise.
+            gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + ddp.rank * 10_007 + step)
+            idx = torch.randint(0, images.shape[0], (tc.batch_size,), generator=gen, device=device)
+            x0, c = images[idx], masks[idx]
+            if tc.augment:
+                x0, c = augment(x0, c, gen)
+            net.train()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = diffusion.training_loss(
+                    lambda x_t, cc, t: net(x_t, cc, t).float(), x0, c if cfg.model.conditional else None, gen
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():  # EMA of the weights
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm, 1 - tc.ema_decay)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+            value = float(loss.detach())
+            losses.append(round(value, 6))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if progress is not None and progress(step + 1, tc.steps, value) is False:
+                save(step + 1)
+                break
+            if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
+                save(step + 1)
+        else:
+            step = tc.steps - 1
+    except KeyboardInterrupt:
+        save(step)  # resumable with --resume
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    done = min(step + 1, tc.steps)
+    summary = {"steps": done, "final_loss": losses[-1] if losses else float("nan"),
+               "seconds": time.perf_counter() - t0, "slices": int(images.shape[0]), "cases": used,
+               "world_size": ddp.world}
+    if ddp.active:  # every rank must hold the same weights after DDP; record the check
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(ddp.world)]
+        dist.all_gather(gathered, checksum)
+        summary["ranks_in_sync"] = bool(all(torch.equal(g, gathered[0]) for g in gathered))
+    if ddp.main:
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done,
+                 "losses": losses}
+        extra = {"training_data": used, "world_size": ddp.world, "steps_done": done,
+                 "ranks_in_sync": summary.get("ranks_in_sync", True)}
+        save_checkpoint(out_path, cfg, model, ema, state, extra)
+    ddp.close()
+    return summary

@@ -1,0 +1,105 @@
+"""Diffusion schedule, q_sample, reverse step and chain against closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from SACDiffLib.config import DiffusionConfig, NoiseConfig
+from SACDiffLib.diffusion import Diffusion
+
+
+def test_linear_schedule_and_alpha_bar_closed_form():
+    d = Diffusion(DiffusionConfig())
+    betas = np.linspace(1e-4, 0.02, 1000)
+    assert d.betas.shape == (1001,) and float(d.betas[0]) == 0.0
+    np.testing.assert_allclose(d.betas[1:].numpy(), betas, rtol=1e-5)
+    np.testing.assert_allclose(d.alpha_bar[1:].numpy(), np.cumprod(1 - betas), rtol=1e-4)
+    assert float(d.alpha_bar[0]) == 1.0
+
+
+def test_cosine_schedule_is_monotone():
+    d = Diffusion(DiffusionConfig(schedule="cosine"))
+    ab = d.alpha_bar.numpy()
+    assert np.all(np.diff(ab) < 0) and ab[-1] < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "simplex"])
+def test_q_sample_moments(kind):
+    d = Diffusion(DiffusionConfig(noise=NoiseConfig(kind=kind)))
+    t = 550
+    x0 = torch.full((256, 1, 48, 48), 0.3, dtype=torch.float64)
+    eps = d.sample_noise(256, 48, 48, torch.Generator().manual_seed(0), dtype=torch.float64)
+    xt = d.q_sample(x0, torch.full((256,), t), eps)
+    ab = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t - 1])
+    assert abs(float(xt.mean()) - math.sqrt(ab) * 0.3) < 0.03
+    assert abs(float(xt.var()) - (1 - ab)) < 0.05 * (1 - ab)
+
+
+def test_p_step_matches_algorithm_2_by_hand():
+    cfg = DiffusionConfig(timesteps=50)
+    d = Diffusion(cfg)
+    g = torch.Generator().manual_seed(1)
+    x_t, eps_hat, z = (torch.randn(2, 1, 4, 4, generator=g) for _ in range(3))
+    t = 17
+    betas = np.linspace(1e-4 * 20, 0.02 * 20, 50)
+    alphas = 1 - betas
+    ab = np.cumprod(alphas)
+    a_t, ab_t, ab_prev = alphas[t - 1], ab[t - 1], ab[t - 2]
+    mean = (x_t.numpy() - (1 - a_t) / np.sqrt(1 - ab_t) * eps_hat.numpy()) / np.sqrt(a_t)
+    sigma = np.sqrt(betas[t - 1] * (1 - ab_prev) / (1 - ab_t))
+    x0_hat = (x_t.numpy() - np.sqrt(1 - ab_t) * eps_hat.numpy()) / np.sqrt(ab_t)
+    x_prev, x0 = d.p_step(x_t, t, eps_hat, z)
+    np.testing.assert_allclose(x_prev.numpy(), mean + sigma * z.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x0.numpy(), x0_hat, rtol=1e-4, atol=1e-4)
+    # z = 0 at t = 1: the last step adds no noise.
+    last, _ = d.p_step(x_t, 1, eps_hat, z)
+    a1 = alphas[0]
+    np.testing.assert_allclose(last.numpy(), (x_t.numpy() - (1 - a1) / np.sqrt(1 - ab[0]) * eps_hat.numpy()) / np.sqrt(a1), rtol=1e-4, atol=1e-5)
+
+
+def test_sigma_beta_variant():
+    d = Diffusion(DiffusionConfig(sigma="beta"))
+    np.testing.assert_allclose(d.sigma[1:].numpy() ** 2, d.betas[1:].numpy(), rtol=1e-5)
+
+
+def test_predict_x0_inverts_q_sample():
+    d = Diffusion(DiffusionConfig())
+    x0 = torch.rand(3, 1, 8, 8) * 2 - 1
+    eps = torch.randn(3, 1, 8, 8)
+    t = torch.tensor([1, 400, 999])
+    np.testing.assert_allclose(d.predict_x0(d.q_sample(x0, t, eps), t, eps).numpy(), x0.numpy(), atol=2e-3)
+
+
+def test_partial_chain_with_oracle_denoiser_returns_the_query():
+    """With ε̂ = the ε consistent with the true x₀ and z = 0, every step is the exact posterior mean and the chain
+    ends at x₀ (the t = 1 posterior puts all weight on x₀)."""
+    d = Diffusion(DiffusionConfig(timesteps=200)).double()
+    x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+
+    def oracle(x_t, cond, t):
+        return (x_t - d._at(d.sqrt_alpha_bar, t, x_t).double() * x0) / d._at(d.sqrt_one_minus_alpha_bar, t, x_t).double()
+
+    noise = lambda t: torch.randn(2, 1, 8, 8, dtype=torch.float64) if t == 120 else torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    calls = []
+    out = d.partial_chain(oracle, x0, None, 120, noise, on_step=lambda t: calls.append(t))
+    assert calls == list(range(120, 0, -1))
+    np.testing.assert_allclose(out.numpy(), x0.numpy(), atol=1e-4)
+
+
+def test_training_loss_draws_t_from_all_of_1_to_T():
+    d = Diffusion(DiffusionConfig(timesteps=20, noise=NoiseConfig(kind="gaussian")))
+    seen = []
+
+    def model(x_t, cond, t):
+        seen.append(t.clone())
+        return torch.zeros_like(x_t)
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        loss = d.training_loss(model, torch.zeros(16, 1, 4, 4), None, g)
+    ts = torch.cat(seen)
+    assert int(ts.min()) == 1 and int(ts.max()) == 20
+    # Zero prediction: the loss is E[ε²] = 1 for unit-variance ε.
+    assert abs(float(loss) - 1) < 0.3
