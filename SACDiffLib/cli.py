@@ -85,18 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _progress_bar(desc: str):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar over the fraction of network evaluations done; shown from the first update on, so that input
+    errors found before the model runs stay one line."""
 
-    bar = tqdm(total=1000, desc=desc, unit="‰", dynamic_ncols=True, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
+    def __init__(self, desc: str):
+        self.desc = desc
+        self.bar = None
 
-    def update(fraction: float, message: str = ""):
-        bar.n = int(round(fraction * 1000))
-        bar.set_postfix_str(message, refresh=False)
-        bar.refresh()
+    def __call__(self, fraction: float, message: str = "") -> bool:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=1000, desc=self.desc, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+        self.bar.n = int(round(fraction * 1000))
+        self.bar.set_postfix_str(message, refresh=False)
+        self.bar.refresh()
         return True
 
-    return bar, update
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_train(args) -> int:
@@ -151,9 +161,9 @@ def cmd_detect(args) -> int:
               file=sys.stderr)
         cfg.diffusion.noise.kind = args.noise
         diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
-    bar, update = _progress_bar("detect")
+    bar = _ProgressBar("detect")
     try:
-        result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, update)
+        result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar)
     finally:
         bar.close()
     out = write_run(result, args.out, overwrite=args.overwrite)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from SACDiffLib.postprocess import background_threshold, binarise, crf_refine, fixed_threshold, quantify
+
+
+def _case():
+    rng = np.random.default_rng(0)
+    error = rng.uniform(0, 0.1, (3, 20, 20)).astype(np.float32)
+    lung = np.zeros((3, 20, 20), np.uint8)
+    lung[:, 4:16, 2:9] = 1
+    lung[:, 4:16, 11:18] = 2
+    error[1, 6:11, 3:8] = 1.0  # a 5×5 anomaly in the right lung of slice 1
+    return error, lung
+
+
+def test_adaptive_threshold_is_background_mean_plus_lambda_std():
+    error, lung = _case()
+    processed = np.array([0, 1])
+    bg = np.concatenate([error[z][lung[z] == 0] for z in processed])
+    th = background_threshold(error, lung, processed, lam=1.5)
+    assert th.alpha == pytest.approx(bg.mean() + 1.5 * bg.std(), rel=1e-6)
+    assert th.background_mean == pytest.approx(bg.mean(), rel=1e-6)
+    th_neg = background_threshold(error, lung, processed, lam=-0.25)
+    assert th_neg.alpha < th.alpha
+
+
+def test_binarise_without_crf_or_morphology_is_the_plain_threshold_inside_the_lung():
+    error, lung = _case()
+    processed = np.array([0, 1, 2])
+    th = fixed_threshold(error, lung, processed, 0.5)
+    mask = binarise(error, lung, processed, th, crf=False, morphology_radius=0)
+    assert np.array_equal(mask.astype(bool), (error > 0.5) & (lung > 0))
+
+
+def test_opening_removes_specks_and_keeps_blobs():
+    error, lung = _case()
+    error[2, 12, 14] = 1.0  # an isolated voxel in the left lung
+    th = fixed_threshold(error, lung, np.arange(3), 0.5)
+    mask = binarise(error, lung, np.arange(3), th, crf=False, morphology_radius=1)
+    assert mask[2].sum() == 0
+    # A 5×5 square opened with the radius-1 disk (a plus) loses only its 4 corners.
+    assert mask[1].sum() == 21 and mask[1, 7:10, 3:8].all() and mask[1, 6:11, 4:7].all()
+
+
+def test_crf_keeps_a_clear_blob_and_smooths_a_noisy_one():
+    error = np.zeros((30, 30), np.float32)
+    error[10:20, 10:20] = 1.0
+    clean = crf_refine(error, alpha=0.5, scale=0.1)
+    assert clean[11:19, 11:19].all() and not clean[:5].any()
+    noisy = error.copy()
+    noisy[12, 12] = 0.45  # a voxel just below α inside the blob joins it
+    noisy[25, 25] = 0.7  # an isolated voxel just above α is dropped
+    smoothed = crf_refine(noisy, alpha=0.5, scale=0.1)
+    assert smoothed[12, 12] and not smoothed[25, 25]
+    assert (noisy > 0.5)[25, 25] and not (noisy > 0.5)[12, 12]  # the plain threshold does the opposite
+
+
+def test_quantify_volumes_hand_computed():
+    lung = np.zeros((2, 4, 4), np.uint8)
+    lung[:, :, :2] = 1  # right: 16 voxels
+    lung[:, :, 2:] = 2  # left: 16 voxels
+    mask = np.zeros_like(lung)
+    mask[0, 0, 0:3] = 1  # 2 right, 1 left
+    q = quantify(mask, lung, (2.0, 2.0, 2.5))  # 10 mm³ per voxel = 0.01 ml
+    assert q["anomaly_ml"] == pytest.approx(0.03)
+    assert q["right_anomaly_percent"] == pytest.approx(100 * 2 / 16)
+    assert q["left_anomaly_percent"] == pytest.approx(100 * 1 / 16)
+    assert q["slice_anomaly_ml"] == [0.03, 0.0]

@@ -1,0 +1,100 @@
+"""Training: checkpoints, resume, determinism, and 2-process DistributedDataParallel on CPU (gloo)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, build
+from SACDiffLib.config import from_dict, preset, to_dict
+from SACDiffLib.errors import SACDiffError
+from SACDiffLib.train import cosine_lr, load_training_slices, train
+
+
+def _cfg(steps=4):
+    cfg = preset("tiny")
+    cfg.train.steps = steps
+    return cfg
+
+
+def test_config_round_trip():
+    for name in ("paper", "fast", "tiny"):
+        cfg = preset(name)
+        assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_checkpoint_stores_config_preprocessing_and_noise_convention(tmp_path):
+    cfg = _cfg()
+    model, _ = build(cfg)
+    path = save_checkpoint(tmp_path / "c.pt", cfg, model)
+    payload = read_checkpoint(path)
+    assert payload["format_version"] == 1
+    assert payload["preprocessing"]["hu_min"] == -1350.0 and payload["preprocessing"]["image_size"] == 32
+    assert payload["noise"]["normalise"] is True and payload["noise"]["kind"] == "simplex"
+    cfg2, model2, diffusion, _ = load_checkpoint(path)
+    assert cfg2 == cfg
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_format_version_mismatch_is_refused(tmp_path):
+    cfg = _cfg()
+    path = save_checkpoint(tmp_path / "c.pt", cfg, build(cfg)[0])
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, path)
+    with pytest.raises(SACDiffError, match="format 99"):
+        read_checkpoint(path)
+
+
+def test_training_slices_use_normal_cases_only_unless_asked(data_dir):
+    images, masks, used = load_training_slices(data_dir, _cfg())
+    assert [u[0] for u in used] == ["normal_a", "normal_b"]
+    assert images.shape[1:] == (1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    _, _, used2 = load_training_slices(data_dir, _cfg(), include_uninfected_slices=True)
+    assert "sick" in [u[0] for u in used2]
+
+
+def test_cosine_schedule():
+    tc = _cfg(100).train
+    assert cosine_lr(0, tc) == 1.0 and cosine_lr(50, tc) == pytest.approx(0.5) and cosine_lr(100, tc) == 0.0
+
+
+def test_same_seed_same_losses_and_resume_continues_identically(data_dir, tmp_path):
+    full = train(_cfg(6), data_dir, tmp_path / "full.pt", show_progress_bar=False)
+    again = train(_cfg(6), data_dir, tmp_path / "again.pt", show_progress_bar=False)
+    losses_full = read_checkpoint(tmp_path / "full.pt")["train_state"]["losses"]
+    assert losses_full == read_checkpoint(tmp_path / "again.pt")["train_state"]["losses"]
+    assert full["steps"] == 6
+    # Stop after 3 of 6 steps (as Ctrl-C or a cancel would), then resume: the same 6 losses as the full run.
+    train(_cfg(6), data_dir, tmp_path / "half.pt", progress=lambda step, total, loss: step < 3,
+          show_progress_bar=False)
+    assert read_checkpoint(tmp_path / "half.pt")["train_state"]["step"] == 3
+    train(_cfg(), data_dir, tmp_path / "resumed.pt", resume=tmp_path / "half.pt", show_progress_bar=False)
+    resumed = read_checkpoint(tmp_path / "resumed.pt")["train_state"]
+    assert resumed["step"] == 6
+    assert resumed["losses"] == pytest.approx(losses_full, abs=1e-5)
+
+
+def test_loss_decreases_on_a_small_problem(data_dir, tmp_path):
+    cfg = _cfg(60)
+    cfg.train.lr = 2e-3
+    cfg.train.augment = False
+    train(cfg, data_dir, tmp_path / "m.pt", show_progress_bar=False)
+    losses = read_checkpoint(tmp_path / "m.pt")["train_state"]["losses"]
+    assert sum(losses[-15:]) / 15 < 0.8 * sum(losses[:15]) / 15
+
+
+def test_two_process_ddp_training_with_gloo(data_dir, tmp_path):
+    out = tmp_path / "ddp.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "SACDiffLib.cli", "train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
+           "--steps", "3", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra = read_checkpoint(out)["extra"]
+    assert extra["world_size"] == 2 and extra["ranks_in_sync"] is True and extra["steps_done"] == 3
