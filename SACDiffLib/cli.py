@@ -209,6 +209,9 @@ COMMANDS = {"train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold
 
 
 def main(argv=None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # never crash on λ, α, ≥ under an ASCII locale
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
