@@ -126,6 +126,7 @@ class _Distributed:
 
     def close(self):
         if self.active and dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; tearing gloo down under it aborts the other rank
             dist.destroy_process_group()
 
 
