@@ -1,4 +1,4 @@
-"""The ``sacdiff`` command line: train, detect, threshold, lungmask.
+"""The ``sacdiff`` command line: demo, train, detect, threshold, lungmask, phantom.
 
 Every user error exits with status 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and
 leaves no half-written output.
@@ -77,6 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="output folder of `sacdiff detect`")
     p.add_argument("--lambda", dest="lam", type=float, required=True, help="new λ")
     _bool_flag(p, "crf", None, "dense CRF refinement (default: as the run)")
+
+    p = sub.add_parser("demo", help="the whole method on a synthetic chest in minutes (or on --ct)")
+    p.add_argument("--out", default="sacdiff-demo", help="output folder (default ./sacdiff-demo, replaced)")
+    p.add_argument("--ct", help="run on this CT instead of the synthetic chest (lung mask from the fallback)")
+    p.add_argument("--model", help="use this checkpoint instead of training the small demo model")
+    p.add_argument("--train-steps", type=int, help="training steps of the demo model (default 1500)")
+    p.add_argument("--steps", type=int, help="T_s of detection (default: the model's)")
+    p.add_argument("--ensemble", type=int, help="K of detection (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
+
+    p = sub.add_parser("phantom", help="write synthetic chest CTs with known lesions in the data-folder layout")
+    p.add_argument("--out", required=True, help="folder to write (cases.json + ct/)")
+    p.add_argument("--cases", type=int, default=3, help="number of cases of --kind")
+    p.add_argument("--kind", choices=("covid", "ild", "normal"), default="covid")
+    p.add_argument("--normals", type=int, default=0, help="extra healthy cases")
+    p.add_argument("--size", type=int, default=128, help="in-plane pixels (32..1024)")
+    p.add_argument("--slices", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("benchmark", help="speed of noise and of one detection step, as ratios from one run")
+    p.add_argument("--quick", action="store_true", help="small sizes (CI)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    _add_device(p)
 
     p = sub.add_parser("lungmask", help="automatic lung mask (threshold + components), labels 1 right / 2 left")
     p.add_argument("ct", help="CT volume or DICOM folder, in HU")
@@ -205,7 +230,42 @@ def cmd_lungmask(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    bar = _ProgressBar("detect")
+    try:
+        summary = run_demo(args.out, args.ct, args.model, args.train_steps, args.seed, args.device, progress=bar,
+                           detect_steps=args.steps, ensemble=args.ensemble)
+    finally:
+        bar.close()
+    if "dice" in summary:
+        print(f"Dice {summary['dice']:.3f}, IoU {summary['iou']:.3f}, slice AUROC {summary['slice_auroc']:.3f} "
+              "against the phantom's true lesions")
+    print(f"anomaly {summary['anomaly_ml']:.1f} ml; {summary['seconds']:.0f} s in all; outputs in {summary['run']}; "
+          f"picture: {summary['overview']}")
+    return 0
+
+
+def cmd_phantom(args) -> int:
+    from .phantom import write_phantom_cases
+
+    out = write_phantom_cases(args.out, args.cases, args.kind, args.size, args.slices, args.seed, args.normals,
+                              args.overwrite)
+    print(f"wrote {args.cases} {args.kind} + {args.normals} normal synthetic case(s) to {out}")
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+
+    results = run_benchmark(args.device, args.quick)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+COMMANDS = {"benchmark": cmd_benchmark, "demo": cmd_demo, "phantom": cmd_phantom, "train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
 
 
 def main(argv=None) -> int:
