@@ -94,3 +94,25 @@ def test_rethreshold_changes_the_mask_only(data_dir, tiny_checkpoint, tmp_path):
     assert low > high
     np.testing.assert_array_equal(run.error, error_before)
     assert run.report["lambda"] == 3.0
+
+
+@pytest.mark.skipif(not (__import__("conftest").SHARED_DATA / "cases.json").exists(),
+                    reason="real CT data (../shared/data) not present")
+def test_real_512_ct_keeps_its_geometry(tiny_checkpoint, tmp_path):
+    from conftest import SHARED_DATA
+
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    cfg.detect.steps, cfg.detect.ensemble, cfg.detect.crf = 2, 1, False
+    ct_path = SHARED_DATA / "ct" / "nsclc_lung1_ct.nii.gz"
+    result = detect_volume(ct_path, model, diffusion, cfg, SHARED_DATA / "ct" / "nsclc_lung1_lung.nii.gz")
+    out = write_run(result, tmp_path / "run")
+    ct = sitk.ReadImage(str(ct_path))
+    for name in FILES.values():
+        if name.endswith(".nii.gz"):
+            img = sitk.ReadImage(str(out / name))
+            assert img.GetSize() == ct.GetSize() == (512, 512, 48)
+            np.testing.assert_allclose(img.GetSpacing(), ct.GetSpacing(), rtol=1e-6)
+            np.testing.assert_allclose(img.GetOrigin(), ct.GetOrigin(), atol=1e-4)
+            np.testing.assert_allclose(img.GetDirection(), ct.GetDirection(), atol=1e-6)
+    q = result.report["quantification"]
+    assert 1500 < q["lung_ml"] < 9000  # adult lungs
