@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -158,7 +159,7 @@ def cmd_train(args) -> int:
     validate(cfg)
     summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
                     include_uninfected_slices=args.include_uninfected_slices, steps=args.steps)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps on {summary['slices']} slices in {summary['seconds']:.1f} s; "
               f"final loss {summary['final_loss']:.4f}; checkpoint: {args.out}")
     return 0
@@ -224,7 +225,7 @@ def cmd_lungmask(args) -> int:
     ct = io.read_ct(args.ct)
     labels = segment_lungs(io.ct_array(ct), ct)
     io.write_image(labels, ct, out)
-    voxel_ml = float(__import__("numpy").prod(ct.GetSpacing())) / 1000
+    voxel_ml = ct.GetSpacing()[0] * ct.GetSpacing()[1] * ct.GetSpacing()[2] / 1000
     print(f"lung mask: right {(labels == 1).sum() * voxel_ml:.0f} ml, left {(labels == 2).sum() * voxel_ml:.0f} ml "
           f"→ {out}")
     return 0

@@ -13,14 +13,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .checkpoint import load_checkpoint
 from .config import preset
 from .detect import detect_volume, resolve_device
-from .errors import SACDiffError
 from .metrics import auroc, segmentation_metrics
 from .outputs import write_overview, write_run
 from .phantom import write_phantom_cases

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -59,7 +60,7 @@ def reconstruct_ensemble(
     k = ensemble
     chunk = s if batch_size <= 0 else max(1, min(batch_size, s))
     device = x.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = torch.empty((k, s, 1, h, w), dtype=torch.float32, device=device)
     n_chunks = (s + chunk - 1) // chunk
     for ci, start in enumerate(range(0, s, chunk)):
@@ -87,14 +88,6 @@ def reconstruct_ensemble(
         recon = diffusion.partial_chain(eps_model, xb, cb, steps, noise, on_step)
         out[:, start:stop] = recon.view(k, n, 1, h, w)
     return out
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *args):
-        return False
 
 
 def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors"):

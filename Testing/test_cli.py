@@ -1,9 +1,6 @@
 """The command line end to end, and every bad input with its one-line error."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np

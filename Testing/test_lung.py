@@ -1,6 +1,4 @@
 import numpy as np
-import pytest
-import SimpleITK as sitk
 
 from conftest import SHARED_DATA, make_chest, needs_shared_data, to_image
 from SACDiffLib import io

@@ -65,7 +65,7 @@ def test_cosine_schedule():
 
 def test_same_seed_same_losses_and_resume_continues_identically(data_dir, tmp_path):
     full = train(_cfg(6), data_dir, tmp_path / "full.pt", show_progress_bar=False)
-    again = train(_cfg(6), data_dir, tmp_path / "again.pt", show_progress_bar=False)
+    train(_cfg(6), data_dir, tmp_path / "again.pt", show_progress_bar=False)
     losses_full = read_checkpoint(tmp_path / "full.pt")["train_state"]["losses"]
     assert losses_full == read_checkpoint(tmp_path / "again.pt")["train_state"]["losses"]
     assert full["steps"] == 6

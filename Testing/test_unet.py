@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from SACDiffLib.config import ModelConfig, preset
+from SACDiffLib.config import preset
 from SACDiffLib.unet import ResBlock, UNet, count_parameters
 
 
