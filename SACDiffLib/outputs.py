@@ -208,11 +208,12 @@ def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = 
 
     path = Path(path)
     zs = overview_slices(result)
-    lung_error = result.error[result.processed][result.lung[result.processed] > 0]
+    # Display ranges: 99.5th percentiles over the shown slices (cheap; the whole volume is not needed for a picture).
+    lung_error = result.error[zs][result.lung[zs] > 0]
     emax = float(np.percentile(lung_error, 99.5)) if lung_error.size else 1.0
     emax = emax if emax > 0 else 1.0
     unc = result.uncertainty_hu
-    umax = float(np.percentile(unc[result.processed], 99.5)) if unc is not None else 1.0
+    umax = float(np.percentile(unc[zs], 99.5)) if unc is not None else 1.0
     umax = umax if umax > 0 else 1.0
     ct = result.ct_hu
     rows = []
