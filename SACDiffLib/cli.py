@@ -1,4 +1,4 @@
-"""The ``sacdiff`` command line: demo, train, detect, threshold, lungmask, phantom.
+"""The ``sacdiff`` command line: demo, train, detect, threshold, evaluate, lungmask, phantom, benchmark.
 
 Every user error exits with status 2 and one line naming the problem and the fix; Ctrl-C exits with 130 and
 leaves no half-written output.
@@ -23,6 +23,45 @@ def _add_device(p):
 def _bool_flag(p, name, default, help_text):
     p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction,
                    default=default, help=help_text)
+
+
+def _add_detect_options(p):
+    p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
+    p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
+    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default 1)")
+    p.add_argument("--threshold", choices=("adaptive", "fixed"), help="adaptive (Section 2.4) or fixed α")
+    p.add_argument("--fixed-threshold", type=float, help="α for --threshold fixed")
+    p.add_argument("--error", choices=("mean-of-errors", "error-of-mean"), help="how members form E")
+    p.add_argument("--noise", choices=("simplex", "gaussian"), help="override the model's noise family")
+    _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
+    p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
+    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = all at once")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_device(p)
+
+
+def _load_for_detection(args):
+    """Checkpoint → (cfg with the command's detect options applied, model, diffusion, device)."""
+    from .checkpoint import load_checkpoint
+    from .detect import resolve_device
+    from .diffusion import Diffusion
+
+    device = resolve_device(args.device)
+    seed = 0 if args.seed is None else args.seed
+    cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
+    d = cfg.detect
+    d.seed = seed
+    for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
+                        ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
+                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size)):
+        if value is not None:
+            setattr(d, name, value)
+    if args.noise and args.noise != cfg.diffusion.noise.kind:
+        print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
+              file=sys.stderr)
+        cfg.diffusion.noise.kind = args.noise
+        diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
+    return cfg, model, diffusion, device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,18 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lung", help="lung mask on the CT grid (default: automatic lung mask)")
     p.add_argument("--model", required=True, help="checkpoint from `sacdiff train`")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
-    p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
-    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default 1)")
-    p.add_argument("--threshold", choices=("adaptive", "fixed"), help="adaptive (Section 2.4) or fixed α")
-    p.add_argument("--fixed-threshold", type=float, help="α for --threshold fixed")
-    p.add_argument("--error", choices=("mean-of-errors", "error-of-mean"), help="how members form E")
-    p.add_argument("--noise", choices=("simplex", "gaussian"), help="override the model's noise family")
-    _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
-    p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
-    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = all at once")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_device(p)
+    _add_detect_options(p)
+
+    p = sub.add_parser("evaluate", help="detect on every case of a data folder and score it (Tables 1–2)")
+    p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
+    p.add_argument("--model", required=True, help="checkpoint from `sacdiff train`")
+    p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
+    _add_detect_options(p)
 
     p = sub.add_parser("threshold", help="re-binarise a finished run with another λ (no model run)")
     p.add_argument("run", help="output folder of `sacdiff detect`")
@@ -166,27 +200,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from .checkpoint import load_checkpoint
-    from .detect import detect_volume, resolve_device
-    from .diffusion import Diffusion
+    from .detect import detect_volume
     from .outputs import check_out_dir, write_run
 
     check_out_dir(args.out, args.overwrite)  # before any work
-    device = resolve_device(args.device)
-    seed = 0 if args.seed is None else args.seed
-    cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
+    cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect
-    d.seed = seed
-    for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
-                        ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
-                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size)):
-        if value is not None:
-            setattr(d, name, value)
-    if args.noise and args.noise != cfg.diffusion.noise.kind:
-        print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
-              file=sys.stderr)
-        cfg.diffusion.noise.kind = args.noise
-        diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
     bar = _ProgressBar("detect")
     try:
         result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar)
@@ -197,6 +216,23 @@ def cmd_detect(args) -> int:
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
           f"(λ = {d.lam}); {result.report['timings']['total_s']:.1f} s on {device}; outputs in {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+    from .outputs import check_out_dir
+
+    check_out_dir(args.out, args.overwrite)
+    cfg, model, diffusion, device = _load_for_detection(args)
+    bar = _ProgressBar("evaluate")
+    try:
+        summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
+                           log=lambda m: print(m, file=sys.stderr))
+    finally:
+        bar.close()
+    means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())
+    print(f"{len(summary['cases'])} case(s); mean: {means or 'no labelled cases'}; results in {args.out}")
     return 0
 
 
@@ -266,7 +302,7 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
-COMMANDS = {"benchmark": cmd_benchmark, "demo": cmd_demo, "phantom": cmd_phantom, "train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
+COMMANDS = {"benchmark": cmd_benchmark, "demo": cmd_demo, "evaluate": cmd_evaluate, "phantom": cmd_phantom, "train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,135 @@
+"""``sacdiff evaluate``: detection on every case of a data folder, scored as in Tables 1–2.
+
+Any folder in the layout of ``../shared/data`` works: ``cases.json`` + ``ct/<case>_ct.nii.gz`` and optionally
+``ct/<case>_lung.nii.gz`` (else the automatic lung mask), ``ct/<case>_lesion.nii.gz`` (voxel metrics, restricted to
+the lung as in the paper) and ``slice_label_infection`` in cases.json (slice AUROC; the per-slice score is the
+anomaly volume detected in the slice, in ml). Cases without labels report only their anomaly volume and the % of
+lung flagged (for normal cases: the false-positive burden).
+
+Writes ``cases.csv``, ``summary.json`` ({"cases", "medseg_covid", "mean"}) and ``summary.md`` into RESULTS, and each
+case's detection run under ``RESULTS/runs/<case>``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+from .config import SACDiffConfig
+from .detect import detect_volume
+from .errors import SACDiffError
+from .metrics import METRICS, auroc, segmentation_metrics, summarise
+from .outputs import write_run
+from .train import load_cases
+
+ALL_METRICS = METRICS + ("slice_auroc",)
+COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml")
+
+
+def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list]) -> dict:
+    """Metrics a case's labels allow, from a finished detection."""
+    q = result.report["quantification"]
+    row = {"anomaly_ml": q["anomaly_ml"], "anomaly_percent_of_lung": q["anomaly_percent_of_lung"],
+           "lung_ml": q["lung_ml"]}
+    if lesion is not None:
+        row.update(segmentation_metrics(result.mask, lesion, result.lung > 0))
+    if slice_labels is not None:
+        n = min(len(slice_labels), len(q["slice_anomaly_ml"]))
+        row["slice_auroc"] = auroc(q["slice_anomaly_ml"][:n], slice_labels[:n])
+    return row
+
+
+def evaluate(
+    cases_dir,
+    model,
+    diffusion,
+    cfg: SACDiffConfig,
+    out_dir,
+    device,
+    overwrite: bool = False,
+    progress: Optional[Callable] = None,
+    log=print,
+) -> dict:
+    cases_dir, out_dir = Path(cases_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SACDiffError(f"results folder {out_dir} already exists; choose another --out or pass --overwrite")
+    cases = load_cases(cases_dir)
+    todo = [name for name in sorted(cases) if (cases_dir / "ct" / f"{name}_ct.nii.gz").exists()]
+    if not todo:
+        raise SACDiffError(f"no case of {cases_dir / 'cases.json'} has its CT at ct/<case>_ct.nii.gz")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "runs").mkdir(parents=True)
+    rows, per_case = [], {}
+    try:
+        for i, name in enumerate(todo):
+            info = cases[name]
+            ct = cases_dir / "ct" / f"{name}_ct.nii.gz"
+            lung = cases_dir / "ct" / f"{name}_lung.nii.gz"
+            lesion_path = cases_dir / "ct" / f"{name}_lesion.nii.gz"
+            log(f"[{i + 1}/{len(todo)}] {name}")
+            step = (lambda f, m, i=i: progress((i + f) / len(todo), f"{name}: {m}")) if progress else None
+            result = detect_volume(ct, model, diffusion, cfg, lung if lung.exists() else None, device, step)
+            write_run(result, tmp / "runs" / name)
+            lesion = None
+            if lesion_path.exists():
+                lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(lesion_path))) > 0
+                if lesion.shape != result.mask.shape:
+                    raise SACDiffError(f"case {name}: lesion mask shape {lesion.shape} differs from the CT's")
+            row = score_case(result, lesion, info.get("slice_label_infection"))
+            per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly")}
+            rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), **row})
+        summary = {
+            "cases": per_case,
+            "medseg_covid": {},  # the MedSeg 2D slices are not evaluated yet (see README)
+            "mean": {m: s["mean"] for m, s in summarise(list(per_case.values()), ALL_METRICS).items()
+                     if s["n"] > 0},
+            "mean_std": {m: s for m, s in summarise(list(per_case.values()), ALL_METRICS).items() if s["n"] > 0},
+            "detect": {k: v for k, v in vars(cfg.detect).items()},
+        }
+        _write_csv(tmp / "cases.csv", rows)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        (tmp / "summary.md").write_text(_markdown(summary, rows))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _fmt(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (_fmt(r[k]) if isinstance(r.get(k), float) else r.get(k, "")) for k in COLUMNS})
+
+
+def _markdown(summary: dict, rows: list[dict]) -> str:
+    d = summary["detect"]
+    lines = [f"# SACDiff evaluation (T_s={d['steps']}, K={d['ensemble']}, λ={d['lam']}, "
+             f"threshold={d['threshold']}, CRF={'on' if d['crf'] else 'off'})", "",
+             "| case | diagnosis | " + " | ".join(ALL_METRICS) + " | anomaly ml | % lung |",
+             "|---|---|" + "---|" * (len(ALL_METRICS) + 2)]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['diagnosis']} | " + " | ".join(_fmt(r.get(m)) for m in ALL_METRICS)
+                     + f" | {r['anomaly_ml']:.1f} | {r['anomaly_percent_of_lung']:.2f} |")
+    ms = summary["mean_std"]
+    lines.append("| **mean (std)** | | " + " | ".join(
+        f"{ms[m]['mean']:.4f} ({ms[m]['std']:.4f})" if m in ms else "" for m in ALL_METRICS) + " | | |")
+    lines += ["", "Voxel metrics are restricted to the lung mask; slice AUROC scores each slice by its detected "
+              "anomaly volume (ml). Mean (std) over the cases that have the label (population std)."]
+    return "\n".join(lines) + "\n"
