@@ -27,7 +27,7 @@ from .config import SACDiffConfig
 from .detect import detect_volume
 from .errors import SACDiffError
 from .metrics import METRICS, auroc, segmentation_metrics, summarise
-from .outputs import write_run
+from .outputs import swap_into_place, write_run
 from .train import load_cases
 
 ALL_METRICS = METRICS + ("slice_auroc",)
@@ -87,20 +87,18 @@ def evaluate(
             row = score_case(result, lesion, info.get("slice_label_infection"))
             per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly")}
             rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), **row})
+        stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
         summary = {
             "cases": per_case,
             "medseg_covid": {},  # the MedSeg 2D slices are not evaluated yet (see README)
-            "mean": {m: s["mean"] for m, s in summarise(list(per_case.values()), ALL_METRICS).items()
-                     if s["n"] > 0},
-            "mean_std": {m: s for m, s in summarise(list(per_case.values()), ALL_METRICS).items() if s["n"] > 0},
+            "mean": {m: st["mean"] for m, st in stats.items()},
+            "mean_std": stats,
             "detect": {k: v for k, v in vars(cfg.detect).items()},
         }
         _write_csv(tmp / "cases.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         (tmp / "summary.md").write_text(_markdown(summary, rows))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary

@@ -75,14 +75,15 @@ def write_run(result: DetectionResult, out_dir, overwrite: bool = False) -> Path
         io.write_image(result.lung.astype(np.uint8), ref, tmp / FILES["lung_mask"])
         _write_report(result, tmp)
         write_overview(result, tmp / FILES["overview"])
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished temporary folder onto ``out_dir``, replacing any previous one."""
     old = None
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
