@@ -302,7 +302,10 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
-COMMANDS = {"benchmark": cmd_benchmark, "demo": cmd_demo, "evaluate": cmd_evaluate, "phantom": cmd_phantom, "train": cmd_train, "detect": cmd_detect, "threshold": cmd_threshold, "lungmask": cmd_lungmask}
+COMMANDS = {
+    "benchmark": cmd_benchmark, "demo": cmd_demo, "detect": cmd_detect, "evaluate": cmd_evaluate,
+    "lungmask": cmd_lungmask, "phantom": cmd_phantom, "threshold": cmd_threshold, "train": cmd_train,
+}
 
 
 def main(argv=None) -> int:

@@ -159,7 +159,7 @@ def preset(name: str) -> SACDiffConfig:
         cfg.train.steps = 20
         cfg.train.save_every = 10
         return cfg
-    raise SACDiffError(f"unknown preset {name!r}; choose one of: paper, fast, tiny")
+    raise SACDiffError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
 
 
 PRESETS = ("paper", "fast", "demo", "tiny")

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 from .checkpoint import load_checkpoint
 from .config import preset
 from .detect import detect_volume, resolve_device
-from .metrics import auroc, segmentation_metrics
+from .evaluate import score_case
 from .outputs import write_overview, write_run
 from .phantom import write_phantom_cases
 from .train import train
@@ -69,10 +69,10 @@ def run_demo(
                "anomaly_ml": result.report["quantification"]["anomaly_ml"]}
     if truth_path is not None:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
-        m = segmentation_metrics(result.mask, truth, result.lung > 0)
-        labels = truth.reshape(truth.shape[0], -1).any(1)[result.processed]
-        scores = result.error[result.processed].reshape(len(result.processed), -1).max(1)
-        summary.update({"dice": m["dice"], "iou": m["iou"], "slice_auroc": auroc(scores, labels)})
+        # Scored exactly as `sacdiff evaluate` scores a case (voxel metrics in the lung, slice AUROC over all slices
+        # with the per-slice anomaly volume as score).
+        scores = score_case(result, truth, truth.reshape(truth.shape[0], -1).any(1).astype(int).tolist())
+        summary.update({k: scores[k] for k in ("dice", "iou", "slice_auroc")})
         write_overview(result, run_dir / "overview.png", truth=truth)
     overview = out_dir / "overview.png"
     shutil.copyfile(run_dir / "overview.png", overview)
