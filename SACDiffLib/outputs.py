@@ -143,13 +143,12 @@ def load_run(run_dir) -> DetectionResult:
     det = DetectConfig(**report["detect"])
     processed = np.asarray(report["processed_slices"], dtype=np.int64)
     th = Threshold(**report["threshold"])
-    mask_path = run_dir / FILES["anomaly_mask"]
-    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))).astype(np.uint8) if mask_path.exists() else None
+    mask = _read_optional(run_dir / FILES["anomaly_mask"], np.uint8)
     uncertainty = _read_optional(run_dir / FILES["uncertainty"])
     # For the overview only: the original CT when it is still where it was, else the pseudo-healthy volume.
     ct = None
-    ct_source = Path(report.get("ct", ""))
-    if ct_source.exists():
+    ct_source = Path(report["ct"]) if report.get("ct") else None  # (Path("") would be the working folder)
+    if ct_source is not None and ct_source.exists():
         try:
             ct_img = io.read_image(ct_source)
             if not io.geometry_differences(error_img, ct_img):
@@ -161,8 +160,8 @@ def load_run(run_dir) -> DetectionResult:
     return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report)
 
 
-def _read_optional(path: Path) -> Optional[np.ndarray]:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32) if path.exists() else None
+def _read_optional(path: Path, dtype=np.float32) -> Optional[np.ndarray]:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(dtype) if path.exists() else None
 
 
 def write_threshold_update(result: DetectionResult, run_dir) -> None:
