@@ -102,3 +102,20 @@ def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 
         ) from None
     model.to(device).eval()
     return cfg, model, diffusion.to(device), payload
+
+
+SHIPPED_MODEL = "sacdiff-small.pt"
+
+
+def shipped_model_path() -> Path:
+    """The reference model shipped with SACDiff (``Resources/models`` of the source tree / extension, or
+    ``SACDiffLib/models`` where the library is installed alone). Raises with a clear fix when it is absent."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "Resources" / "models" / SHIPPED_MODEL, here / "models" / SHIPPED_MODEL]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise SACDiffError(
+        f"no model was named and the shipped model {SHIPPED_MODEL} is not installed (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}); pass --model CKPT or train one with `sacdiff train`"
+    )

@@ -35,8 +35,14 @@ def _add_detect_options(p):
     p.add_argument("--noise", choices=("simplex", "gaussian"), help="override the model's noise family")
     _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
     p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
-    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = all at once")
+    p.add_argument("--sampling-steps", type=int,
+                   help="respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)")
+    _bool_flag(p, "crop", None, "run the network on the lung's bounding box only (default on)")
+    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--progress", choices=("bar", "lines"), default="bar",
+                   help="bar (terminal) or lines: 'SACDIFF_PROGRESS <fraction> <message>' on stdout (for the "
+                   "Slicer module and other front ends)")
     _add_device(p)
 
 
@@ -48,12 +54,17 @@ def _load_for_detection(args):
 
     device = resolve_device(args.device)
     seed = 0 if args.seed is None else args.seed
+    if args.model is None:
+        from .checkpoint import shipped_model_path
+
+        args.model = str(shipped_model_path())
     cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
     d = cfg.detect
     d.seed = seed
     for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
                         ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
-                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size)):
+                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size),
+                        ("sampling_steps", args.sampling_steps), ("crop_to_lung", args.crop)):
         if value is not None:
             setattr(d, name, value)
     if args.noise and args.noise != cfg.diffusion.noise.kind:
@@ -98,13 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="detect anomalies in a CT (Algorithm 2 + Section 2.4)")
     p.add_argument("ct", help="CT volume (.nii.gz, .nrrd, .mha) or DICOM series folder, in HU")
     p.add_argument("--lung", help="lung mask on the CT grid (default: automatic lung mask)")
-    p.add_argument("--model", required=True, help="checkpoint from `sacdiff train`")
+    p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     _add_detect_options(p)
 
     p = sub.add_parser("evaluate", help="detect on every case of a data folder and score it (Tables 1–2)")
     p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
-    p.add_argument("--model", required=True, help="checkpoint from `sacdiff train`")
+    p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
     _add_detect_options(p)
 
@@ -143,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .seg.nrrd)")
     p.add_argument("--overwrite", action="store_true")
     return parser
+
+
+class _ProgressLines:
+    """Machine-readable progress for front ends: one flushed stdout line per update, at most every 0.2 s."""
+
+    def __init__(self):
+        self.last = 0.0
+
+    def __call__(self, fraction: float, message: str = "") -> bool:
+        now = time.monotonic()
+        if now - self.last >= 0.2 or fraction >= 1.0:
+            self.last = now
+            print(f"SACDIFF_PROGRESS {fraction:.4f} {message}", flush=True)
+        return True
+
+    def close(self):
+        pass
+
+
+def _progress(args, desc: str):
+    return _ProgressLines() if getattr(args, "progress", "bar") == "lines" else _ProgressBar(desc)
 
 
 class _ProgressBar:
@@ -206,7 +238,7 @@ def cmd_detect(args) -> int:
     check_out_dir(args.out, args.overwrite)  # before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect
-    bar = _ProgressBar("detect")
+    bar = _progress(args, "detect")
     try:
         result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar)
     finally:
@@ -225,7 +257,7 @@ def cmd_evaluate(args) -> int:
 
     check_out_dir(args.out, args.overwrite)
     cfg, model, diffusion, device = _load_for_detection(args)
-    bar = _ProgressBar("evaluate")
+    bar = _progress(args, "evaluate")
     try:
         summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
                            log=lambda m: print(m, file=sys.stderr))
@@ -270,7 +302,7 @@ def cmd_lungmask(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    bar = _ProgressBar("detect")
+    bar = _progress(args, "detect")
     try:
         summary = run_demo(args.out, args.ct, args.model, args.train_steps, args.seed, args.device, progress=bar,
                            detect_steps=args.steps, ensemble=args.ensemble)

@@ -6,6 +6,7 @@ dataclasses is refused. Presets:
 - ``paper``: the structure of Fig. 2 (7 down / 7 up modules of 3 residual blocks, a 2-block bottleneck) at the
   paper's 512² slices, T = 1000, T_s = 550, K = 7, λ = 1.
 - ``fast``: the same method with a lighter network at 256² (for CPU use and small GPUs).
+- ``small``: a 128² network that trains on 2 CPU cores in about an hour; the shipped reference model.
 - ``demo``: a small network at 64² that trains on 2 CPU cores in minutes (``sacdiff demo``).
 - ``tiny``: a few channels at 32², for tests only.
 """
@@ -106,7 +107,11 @@ class DetectConfig:
     crf_iterations: int = 5
     morphology_radius: int = 1  # in-plane radius (pixels) of the erosion-then-dilation
     seed: int = 0
-    batch_size: int = 0  # slices per forward chunk (× K members); 0 = all lung slices at once
+    batch_size: int = 0  # slices per forward chunk (× K members); 0 = automatic (all that fit in memory)
+    # Respaced reverse chain (guided-diffusion's respace): 0 = every step T_s, T_s − 1, …, 1; n > 0 = n evenly
+    # spaced steps from T_s to 1 with β recomputed from ᾱ at the kept steps. Fewer network evaluations.
+    sampling_steps: int = 0
+    crop_to_lung: bool = True  # run the UNet on the lung bounding box of the model grid only (+ margin)
 
 
 @dataclass
@@ -129,6 +134,22 @@ def preset(name: str) -> SACDiffConfig:
         cfg.preprocess.image_size = 256
         cfg.detect.steps = 250
         cfg.detect.ensemble = 3
+        return cfg
+    if name == "small":  # the shipped reference model (Resources/models): trains on CPU, detects in minutes
+        cfg = SACDiffConfig()
+        cfg.model.channels = (16, 32, 64, 64, 128)
+        cfg.model.blocks_per_module = 2
+        cfg.model.bottleneck_blocks = 1
+        cfg.preprocess.image_size = 128
+        cfg.detect.steps = 250
+        cfg.detect.ensemble = 3
+        cfg.detect.sampling_steps = 25
+        cfg.train.batch_size = 12
+        cfg.train.steps = 5000
+        cfg.train.lr = 5e-4
+        cfg.train.warmup_steps = 100
+        cfg.train.ema_decay = 0.995
+        cfg.train.save_every = 250
         return cfg
     if name == "demo":  # small enough to train on 2 CPU cores in a couple of minutes (sacdiff demo)
         cfg = SACDiffConfig()
@@ -162,7 +183,7 @@ def preset(name: str) -> SACDiffConfig:
     raise SACDiffError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
 
 
-PRESETS = ("paper", "fast", "demo", "tiny")
+PRESETS = ("paper", "fast", "small", "demo", "tiny")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -43,6 +43,45 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+CROP_MARGIN = 8  # model-grid pixels kept around the lung bounding box (covers the UNet's first receptive field)
+
+
+def lung_box(cond: torch.Tensor, multiple: int, margin: int = CROP_MARGIN) -> tuple[slice, slice]:
+    """In-plane bounding box of the lung over all slices (S, 1, H, W), widened by ``margin`` and to a multiple of
+    ``multiple`` (the UNet's size multiple), kept inside the grid. The whole grid when there is no lung."""
+    h, w = cond.shape[-2:]
+    rows = torch.nonzero(cond.amax(dim=(0, 1, 3)) > 0).flatten()
+    cols = torch.nonzero(cond.amax(dim=(0, 1, 2)) > 0).flatten()
+    if rows.numel() == 0:
+        return slice(0, h), slice(0, w)
+
+    def span(lo: int, hi: int, size: int) -> slice:
+        lo, hi = max(0, lo - margin), min(size, hi + 1 + margin)
+        length = min(size, -(-(hi - lo) // multiple) * multiple)
+        lo = max(0, min(lo - (length - (hi - lo)) // 2, size - length))
+        return slice(lo, lo + length)
+
+    return span(int(rows[0]), int(rows[-1]), h), span(int(cols[0]), int(cols[-1]), w)
+
+
+def auto_chunk(slices: int, ensemble: int, height: int, width: int, base_channels: int, device: torch.device) -> int:
+    """Slices per forward chunk so that the K × chunk batch fits: about 24 activations of the first level's width
+    live at once (measured peak of the UNet forward, bf16 on CUDA / fp32 on CPU). Budget: half the free CUDA
+    memory, or 2 GiB of host memory on the CPU (larger batches do not run faster there)."""
+    bytes_per = 2 if device.type == "cuda" else 4
+    per_slice = ensemble * height * width * base_channels * bytes_per * 24
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 2
+    else:
+        budget = 2 << 30
+    return int(max(1, min(slices, budget // max(per_slice, 1))))
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 @torch.inference_mode()
 def reconstruct_ensemble(
     model: torch.nn.Module,
@@ -54,40 +93,91 @@ def reconstruct_ensemble(
     seed: int,
     batch_size: int = 0,
     progress: Optional[Progress] = None,
+    sampling_steps: int = 0,
+    box: Optional[tuple[slice, slice]] = None,
+    stats: Optional[dict] = None,
 ) -> torch.Tensor:
-    """K pseudo-healthy reconstructions of every slice: x (S, 1, H, W) in [−1, 1] → (K, S, 1, H, W)."""
+    """K pseudo-healthy reconstructions of every slice: x (S, 1, H, W) in [−1, 1] → (K, S, 1, H, W).
+
+    ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
+    H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
+    the query itself (no error). ``batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``); a CUDA
+    out-of-memory error halves the chunk and redoes it (each chunk re-seeds the generator, so the result does not
+    depend on the chunk size). ``stats`` receives the chunk size used and the number of retries.
+    """
     s, _, h, w = x.shape
     k = ensemble
-    chunk = s if batch_size <= 0 else max(1, min(batch_size, s))
+    rows, cols = box if box is not None else (slice(0, h), slice(0, w))
+    xc = x[:, :, rows, cols]
+    cc = None if cond is None else cond[:, :, rows, cols]
+    hc, wc = xc.shape[-2:]
     device = x.device
+    if batch_size > 0:
+        chunk = max(1, min(batch_size, s))
+    else:
+        chunk = auto_chunk(s, k, hc, wc, getattr(getattr(model, "cfg", None), "channels", (32,))[0], device)
+    retries = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    out = torch.empty((k, s, 1, h, w), dtype=torch.float32, device=device)
-    n_chunks = (s + chunk - 1) // chunk
-    for ci, start in enumerate(range(0, s, chunk)):
+    out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
+
+    def eps_model(x_t, c, t):
+        with autocast:
+            return model(x_t, c, t).float()
+
+    start = 0
+    while start < s:
         stop = min(start + chunk, s)
         n = stop - start
         generator = torch.Generator(device=device).manual_seed(seed)
 
         def noise(_t: int) -> torch.Tensor:  # (K, 1, H, W) → the same field for every slice of member k
-            z = diffusion.sample_noise(k, h, w, generator, device=device)
-            return z.unsqueeze(1).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
+            z = diffusion.sample_noise(k, h, w, generator, device=device)[:, :, rows, cols]
+            return z.unsqueeze(1).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
 
-        xb = x[start:stop].unsqueeze(0).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
-        cb = None if cond is None else cond[start:stop].unsqueeze(0).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
+        xb = xc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
+        cb = None if cc is None else cc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
 
-        def eps_model(x_t, c, t):
-            with autocast:
-                return model(x_t, c, t).float()
-
-        def on_step(t: int, ci=ci):
+        def on_step(i: int, total: int, start=start, n=n):
             if progress is None:
                 return True
-            done = ci * steps + (steps - t + 1)
-            return progress(done / (n_chunks * steps), f"reverse step {steps - t + 1}/{steps}, chunk {ci + 1}/{n_chunks}")
+            return progress((start + n * i / total) / s, f"reverse step {i}/{total}, slices {start + 1}-{start + n} of {s}")
 
-        recon = diffusion.partial_chain(eps_model, xb, cb, steps, noise, on_step)
-        out[:, start:stop] = recon.view(k, n, 1, h, w)
+        try:
+            recon = diffusion.partial_chain(eps_model, xb, cb, steps, noise, on_step, sampling_steps)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if not _is_oom(exc) or chunk == 1:
+                raise
+            del exc
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            chunk = max(1, chunk // 2)
+            retries += 1
+            continue
+        out[:, start:stop, :, rows, cols] = recon.view(k, n, 1, hc, wc)
+        start = stop
+    if stats is not None:
+        stats.update({"chunk_slices": chunk, "oom_retries": retries})
     return out
+
+
+def network_evaluations(det: DetectConfig) -> int:
+    """UNet evaluations per slice: K members × the reverse steps actually run."""
+    return det.ensemble * (len(Diffusion.sampling_timesteps(det.steps, det.sampling_steps)) - 1)
+
+
+def _box_fraction(box, size: int) -> float:
+    return (box[0].stop - box[0].start) * (box[1].stop - box[1].start) / size**2
+
+
+def _box_on_ct_grid(box: tuple[slice, slice], size: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The model-grid box mapped back through ``io.from_model_grid``: (y0, y1, x0, x1) on the CT's in-plane grid."""
+    grid = torch.zeros((1, 1, size, size))
+    grid[..., box[0], box[1]] = 1.0
+    inside = io.from_model_grid(grid, shape)[0] > 0.5
+    ys, xs = torch.nonzero(inside.any(1)).flatten(), torch.nonzero(inside.any(0)).flatten()
+    if ys.numel() == 0:
+        return (0, shape[0], 0, shape[1])
+    return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
 
 
 def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors"):
@@ -119,6 +209,7 @@ class DetectionResult:
     threshold: Threshold
     detect: DetectConfig
     report: dict = field(default_factory=dict)
+    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: lung box of the analysis
 
 
 def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None) -> tuple[np.ndarray, str]:
@@ -156,8 +247,11 @@ def detect_volume(
     x = io.to_model_grid(torch.from_numpy(io.window(hu[processed], pre)), pre.image_size, pad_value=-1.0).to(device)
     c = io.to_model_grid(torch.from_numpy(lung[processed] > 0), pre.image_size, 0.0, mask=True).to(device)
     cond = c if cfg.model.conditional else None
+    box = lung_box(c, cfg.model.size_multiple)
+    chunk_stats: dict = {}
     members = reconstruct_ensemble(
-        model, diffusion, x, cond, det.steps, det.ensemble, det.seed, det.batch_size, progress
+        model, diffusion, x, cond, det.steps, det.ensemble, det.seed, det.batch_size, progress,
+        det.sampling_steps, box if det.crop_to_lung else None, chunk_stats,
     )
     err, std, mean = error_maps(x, members, det.error)
     shape = hu.shape[1:]
@@ -172,7 +266,8 @@ def detect_volume(
     uncertainty[processed] = std_ct * io.hu_per_unit(pre)
     pseudo = hu.copy()
     pseudo[processed] = io.unwindow(mean_ct.clip(-1, 1), pre)
-    result = DetectionResult(ct, hu, lung, processed, error, uncertainty, pseudo, None, None, det)
+    result = DetectionResult(ct, hu, lung, processed, error, uncertainty, pseudo, None, None, det,
+                             box=_box_on_ct_grid(box, pre.image_size, shape))
     t2 = time.perf_counter()
     rethreshold(result, det.lam)
     timings["postprocess_s"] = time.perf_counter() - t2
@@ -183,7 +278,11 @@ def detect_volume(
             "lung_mask": lung_source,
             "device": str(device),
             "timings": {k: round(v, 3) for k, v in timings.items()},
-            "network_evaluations": int(det.steps * det.ensemble * processed.size),
+            "network_evaluations": int(network_evaluations(det) * processed.size),
+            # fraction of the CT's voxels the network ran on (lung slices × in-plane box on the model grid)
+            "processed_voxel_fraction": round(
+                processed.size / hu.shape[0] * (_box_fraction(box, pre.image_size) if det.crop_to_lung else 1.0), 4),
+            "chunk": chunk_stats,
             "config": dataclasses.asdict(cfg),
         }
     )
@@ -194,9 +293,9 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
     """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
     det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
     if det.threshold == "adaptive":
-        threshold = background_threshold(result.error, result.lung, result.processed, det.lam)
+        threshold = background_threshold(result.error, result.lung, result.processed, det.lam, result.box)
     else:
-        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold)
+        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, result.box)
     result.mask = binarise(
         result.error, result.lung, result.processed, threshold, det.crf, det.crf_iterations, det.morphology_radius
     )
@@ -208,6 +307,7 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
             "threshold": dataclasses.asdict(threshold),
             "crf": det.crf,
             "processed_slices": result.processed.tolist(),
+            "analysis_box": None if result.box is None else list(result.box),
             "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing()),
         }
     )

@@ -52,6 +52,7 @@ class Diffusion(nn.Module):
         }
         for name, value in buffers.items():
             self.register_buffer(name, value.float(), persistent=False)
+        self._alpha_bar64 = alpha_bar  # float64 on the CPU, for the coefficients of respaced steps
         self.noise = NoiseSampler(cfg.noise, seed=noise_seed)
 
     @staticmethod
@@ -82,17 +83,43 @@ class Diffusion(nn.Module):
             self.sqrt_alpha_bar, t, x_t
         )
 
-    def p_step(self, x_t: torch.Tensor, t: int, eps_hat: torch.Tensor, z: torch.Tensor):
-        """One reverse step of Alg. 2 at timestep ``t`` (1..T); returns (x_{t−1}, x̂₀).
+    def p_step(self, x_t: torch.Tensor, t: int, eps_hat: torch.Tensor, z: torch.Tensor, t_prev: Optional[int] = None):
+        """One reverse step of Alg. 2 from timestep ``t`` (1..T) to ``t_prev`` (default t − 1); returns (x_{t_prev}, x̂₀).
 
-        μ_θ = (x_t − (1 − α_t)/√(1 − ᾱ_t) · ε̂) / √α_t ;  x_{t−1} = μ_θ + σ_t z, with z = 0 at t = 1.
+        μ_θ = (x_t − (1 − α_t)/√(1 − ᾱ_t) · ε̂) / √α_t ;  x_{t−1} = μ_θ + σ_t z, with z = 0 when t_prev = 0.
+        A respaced step (t_prev < t − 1, guided-diffusion's respace) is the same update with the step's own
+        α = ᾱ_t / ᾱ_{t_prev}, β = 1 − α and β̃ = β (1 − ᾱ_{t_prev}) / (1 − ᾱ_t).
         """
+        t_prev = t - 1 if t_prev is None else int(t_prev)
+        if not 0 <= t_prev < t:
+            raise ValueError(f"t_prev must lie in [0, t); got t={t}, t_prev={t_prev}")
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
-        alpha = self._at(self.alphas, tt, x_t)
+        if t_prev == t - 1:
+            alpha = self._at(self.alphas, tt, x_t)
+            sigma = self._at(self.sigma, tt, x_t)
+        else:
+            a, a_prev = self._alpha_bar64[t], self._alpha_bar64[t_prev]
+            alpha_f = a / a_prev
+            beta = 1 - alpha_f
+            var = beta * (1 - a_prev) / (1 - a) if self.cfg.sigma == "posterior" else beta
+            alpha = torch.tensor(float(alpha_f), dtype=x_t.dtype, device=x_t.device)
+            sigma = torch.tensor(float(var.sqrt()), dtype=x_t.dtype, device=x_t.device)
         mean = (x_t - (1 - alpha) / self._at(self.sqrt_one_minus_alpha_bar, tt, x_t) * eps_hat) / alpha.sqrt()
-        if t > 1:
-            mean = mean + self._at(self.sigma, tt, x_t) * z
+        if t_prev > 0:
+            mean = mean + sigma * z
         return mean, self.predict_x0(x_t, tt, eps_hat)
+
+    @staticmethod
+    def sampling_timesteps(steps: int, sampling_steps: int = 0) -> list[int]:
+        """Timesteps visited by the reverse chain from T_s = ``steps``, ending at 0.
+
+        0 (or ≥ steps) = every step T_s, T_s − 1, …, 1, 0; n = n evenly spaced steps from T_s down to 1, then 0.
+        """
+        if sampling_steps <= 0 or sampling_steps >= steps:
+            return list(range(steps, -1, -1))
+        kept = sorted({int(round(v)) for v in torch.linspace(steps, 1, sampling_steps, dtype=torch.float64).tolist()},
+                      reverse=True)
+        return kept + [0]
 
     def partial_chain(
         self,
@@ -101,19 +128,23 @@ class Diffusion(nn.Module):
         cond: Optional[torch.Tensor],
         steps: int,
         noise: Callable[[int], torch.Tensor],
-        on_step: Optional[Callable[[int], bool]] = None,
+        on_step: Optional[Callable[[int, int], bool]] = None,
+        sampling_steps: int = 0,
     ) -> torch.Tensor:
         """Alg. 2: noise the query to x_{T_s} and run the reverse chain T_s → 0; returns the reconstruction.
 
-        ``noise(t)`` gives the ε used at timestep t (t = T_s for the forward corruption, then the z of each reverse
-        step), broadcastable to ``x0``. ``on_step(t)`` is called after each step; returning False cancels.
+        ``noise(t)`` gives the ε used at timestep t (t = T_s for the forward corruption, then the z of the step that
+        lands on t), broadcastable to ``x0``. ``sampling_steps`` > 0 respaces the chain (``sampling_timesteps``).
+        ``on_step(done, total)`` is called after each step; returning False cancels.
         """
         x = self.q_sample(x0, torch.full((x0.shape[0],), steps, device=x0.device), noise(steps).expand_as(x0))
-        for t in range(steps, 0, -1):
+        visited = self.sampling_timesteps(steps, sampling_steps)
+        total = len(visited) - 1
+        for i, (t, t_prev) in enumerate(zip(visited[:-1], visited[1:])):
             tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
             eps_hat = eps_model(x, cond, tt)
-            z = noise(t - 1).expand_as(x) if t > 1 else torch.zeros_like(x)
-            x, _ = self.p_step(x, t, eps_hat, z)
-            if on_step is not None and on_step(t) is False:
+            z = noise(t_prev).expand_as(x) if t_prev > 0 else torch.zeros_like(x)
+            x, _ = self.p_step(x, t, eps_hat, z, t_prev)
+            if on_step is not None and on_step(i + 1, total) is False:
                 raise Cancelled("detection cancelled")
         return x

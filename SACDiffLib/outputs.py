@@ -157,7 +157,9 @@ def load_run(run_dir) -> DetectionResult:
             ct = None
     if ct is None:
         ct = _read_optional(run_dir / FILES["pseudo_healthy"])
-    return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report)
+    box = report.get("analysis_box")
+    return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report,
+                           None if box is None else tuple(int(v) for v in box))
 
 
 def _read_optional(path: Path, dtype=np.float32) -> Optional[np.ndarray]:

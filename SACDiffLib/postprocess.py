@@ -25,17 +25,27 @@ class Threshold:
     mode: str  # "adaptive" or "fixed"
 
 
-def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, lam: float) -> Threshold:
-    """α_a = mean + λ·std of E outside the lung (c < 1) on the processed slices (Section 2.4)."""
-    background = error[processed][lung[processed] == 0]
+def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, box=None) -> np.ndarray:
+    """E outside the lung (c < 1) on the processed slices, within the in-plane ``box`` (y0, y1, x0, x1) when given."""
+    if box is not None:
+        y0, y1, x0, x1 = box
+        error, lung = error[:, y0:y1, x0:x1], lung[:, y0:y1, x0:x1]
+    return error[processed][lung[processed] == 0]
+
+
+def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, lam: float, box=None) -> Threshold:
+    """α_a = mean + λ·std of E outside the lung (c < 1) on the processed slices (Section 2.4), within ``box``
+    (detection passes the lung's bounding box + margin, so that air outside the body does not dilute the
+    statistics and the cropped and uncropped paths share one definition)."""
+    background = _background(error, lung, processed, box)
     if background.size == 0:
         raise SACDiffError("no voxels outside the lung on the processed slices; the lung mask covers whole slices")
     mean, std = float(background.mean()), float(background.std())
     return Threshold(mean + lam * std, mean, std, float(lam), "adaptive")
 
 
-def fixed_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, alpha: float) -> Threshold:
-    background = error[processed][lung[processed] == 0]
+def fixed_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, alpha: float, box=None) -> Threshold:
+    background = _background(error, lung, processed, box)
     mean = float(background.mean()) if background.size else 0.0
     std = float(background.std()) if background.size else 0.0
     return Threshold(float(alpha), mean, std, float("nan"), "fixed")

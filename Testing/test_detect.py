@@ -116,3 +116,94 @@ def test_real_512_ct_keeps_its_geometry(tiny_checkpoint, tmp_path):
             np.testing.assert_allclose(img.GetDirection(), ct.GetDirection(), atol=1e-6)
     q = result.report["quantification"]
     assert 1500 < q["lung_ml"] < 9000  # adult lungs
+
+
+def test_lung_box_covers_the_lung_with_margin_and_fits_the_unet():
+    from SACDiffLib.detect import lung_box
+
+    cond = torch.zeros(2, 1, 64, 64)
+    cond[0, 0, 20:30, 10:15] = 1
+    cond[1, 0, 25:41, 40:44] = 1  # union over slices: rows 20..40, cols 10..43
+    rows, cols = lung_box(cond, multiple=8, margin=4)
+    assert rows.start <= 16 and rows.stop >= 45 and cols.start <= 6 and cols.stop >= 48
+    assert (rows.stop - rows.start) % 8 == 0 and (cols.stop - cols.start) % 8 == 0
+    assert 0 <= rows.start and rows.stop <= 64 and 0 <= cols.start and cols.stop <= 64
+    assert lung_box(torch.zeros(1, 1, 32, 32), 8) == (slice(0, 32), slice(0, 32))
+
+
+def test_cropped_path_matches_the_plain_path_inside_the_lung(data_dir, tiny_checkpoint):
+    """Cropping changes only what the UNet sees at the box border; inside the lung the error map agrees."""
+    plain = _detect(data_dir, tiny_checkpoint, crop_to_lung=False, crf=False)
+    cropped = _detect(data_dir, tiny_checkpoint, crop_to_lung=True, crf=False)
+    assert plain.box == cropped.box  # one definition of the background region
+    lung = plain.lung > 0
+    diff = np.abs(plain.error[lung] - cropped.error[lung])
+    assert np.median(diff) < 1e-3 * max(float(np.median(plain.error[lung])), 1e-6) + 1e-7
+    assert diff.max() < 0.05 * float(plain.error[lung].max()) + 1e-6
+    both = (plain.mask > 0) | (cropped.mask > 0)
+    agree = ((plain.mask > 0) & (cropped.mask > 0)).sum() / max(both.sum(), 1)
+    assert agree > 0.9
+    assert cropped.report["processed_voxel_fraction"] <= plain.report["processed_voxel_fraction"] <= 1.0
+
+
+def test_cropped_reconstruction_matches_the_uncropped_one_away_from_the_box_border(tiny_checkpoint):
+    from SACDiffLib.detect import lung_box
+
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 64, 64, generator=g) * 2 - 1
+    c = torch.zeros_like(x)
+    c[:, :, 24:40, 20:44] = 1
+    box = lung_box(c, cfg.model.size_multiple)
+    assert (box[0].stop - box[0].start) < 64 and (box[1].stop - box[1].start) < 64
+    full = reconstruct_ensemble(model, diffusion, x, c, 5, 2, seed=0)
+    crop = reconstruct_ensemble(model, diffusion, x, c, 5, 2, seed=0, box=box)
+    inside = (slice(None), slice(None), slice(None), slice(24, 40), slice(20, 44))
+    gap = (full[inside] - crop[inside]).abs()
+    assert float(gap.mean()) < 0.02 and float(gap.max()) < 0.2  # border effects only reach a few pixels in
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[box] = False
+    torch.testing.assert_close(crop[..., outside], x.unsqueeze(0).expand(2, -1, -1, -1, -1)[..., outside])
+
+
+class _OOMBelow(torch.nn.Module):
+    """Stand-in for a GPU that runs out of memory above ``limit`` images per forward."""
+
+    def __init__(self, model, limit):
+        super().__init__()
+        self.model, self.limit, self.cfg, self.batches = model, limit, model.cfg, []
+
+    def forward(self, x, c, t):
+        self.batches.append(x.shape[0])
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return self.model(x, c, t)
+
+
+def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(tiny_checkpoint):
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    c = torch.ones_like(x)
+    plain = reconstruct_ensemble(model, diffusion, x, c, 4, 2, seed=0, batch_size=6)
+    flaky = _OOMBelow(model, limit=5)  # K = 2: 6 slices → 12 images fail, 3 → 6 fail, 1 → 2 pass... 2 → 4 pass
+    stats = {}
+    retried = reconstruct_ensemble(flaky, diffusion, x, c, 4, 2, seed=0, batch_size=6, stats=stats)
+    assert stats["oom_retries"] == 2 and stats["chunk_slices"] == 1
+    assert max(b for b in flaky.batches[-4:]) <= 5
+    torch.testing.assert_close(retried, plain, rtol=1e-4, atol=1e-5)
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to halve: the error reaches the caller
+        reconstruct_ensemble(_OOMBelow(model, limit=1), diffusion, x, c, 4, 2, seed=0, batch_size=6)
+
+
+def test_respaced_detection_runs_fewer_network_evaluations(tiny_checkpoint):
+    from SACDiffLib.detect import network_evaluations
+
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    counter = _OOMBelow(model, limit=10**9)
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    reconstruct_ensemble(counter, diffusion, x, torch.ones_like(x), 10, 2, seed=0, sampling_steps=4)
+    assert len(counter.batches) == 4
+    cfg.detect.steps, cfg.detect.ensemble, cfg.detect.sampling_steps = 550, 7, 25
+    assert network_evaluations(cfg.detect) == 7 * 25
+    cfg.detect.sampling_steps = 0
+    assert network_evaluations(cfg.detect) == 7 * 550

@@ -83,9 +83,42 @@ def test_partial_chain_with_oracle_denoiser_returns_the_query():
 
     noise = lambda t: torch.randn(2, 1, 8, 8, dtype=torch.float64) if t == 120 else torch.zeros(2, 1, 8, 8, dtype=torch.float64)
     calls = []
-    out = d.partial_chain(oracle, x0, None, 120, noise, on_step=lambda t: calls.append(t))
-    assert calls == list(range(120, 0, -1))
+    out = d.partial_chain(oracle, x0, None, 120, noise, on_step=lambda i, n: calls.append((i, n)))
+    assert calls == [(i, 120) for i in range(1, 121)]
     np.testing.assert_allclose(out.numpy(), x0.numpy(), atol=1e-4)
+
+    calls.clear()  # respaced (guided-diffusion's respace): 12 steps, each still the exact posterior mean
+    out = d.partial_chain(oracle, x0, None, 120, noise, on_step=lambda i, n: calls.append((i, n)), sampling_steps=12)
+    assert calls == [(i, 12) for i in range(1, 13)]
+    np.testing.assert_allclose(out.numpy(), x0.numpy(), atol=1e-4)
+
+
+def test_sampling_timesteps_span_t_s_to_zero_evenly():
+    assert Diffusion.sampling_timesteps(5) == [5, 4, 3, 2, 1, 0]
+    assert Diffusion.sampling_timesteps(5, 10) == [5, 4, 3, 2, 1, 0]
+    assert Diffusion.sampling_timesteps(550, 25)[:2] == [550, 527]  # 549/24 = 22.875 per step, rounded
+    ts = Diffusion.sampling_timesteps(250, 25)
+    assert len(ts) == 26 and ts[0] == 250 and ts[-2:] == [1, 0] and all(a > b for a, b in zip(ts, ts[1:]))
+
+
+def test_respaced_step_is_the_closed_form_posterior_between_its_timesteps():
+    """q(x_s | x_t, x₀) has mean √ᾱ_s β/(1−ᾱ_t) x₀ + √α (1−ᾱ_s)/(1−ᾱ_t) x_t with α = ᾱ_t/ᾱ_s, β = 1 − α and
+    variance β (1−ᾱ_s)/(1−ᾱ_t) (Ho et al. eq. 7 with the step's own α)."""
+    d = Diffusion(DiffusionConfig(timesteps=1000)).double()
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    t, s = 400, 350
+    a_t, a_s = ab[t - 1], ab[s - 1]
+    alpha = a_t / a_s
+    beta = 1 - alpha
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    x_t = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+    z = torch.randn_like(x0)
+    out, x0_hat = d.p_step(x_t, t, eps, z, t_prev=s)
+    mean = a_s.sqrt() * beta / (1 - a_t) * x0 + alpha.sqrt() * (1 - a_s) / (1 - a_t) * x_t
+    std = (beta * (1 - a_s) / (1 - a_t)).sqrt()
+    np.testing.assert_allclose(out.numpy(), (mean + std * z).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(x0_hat.numpy(), x0.numpy(), atol=1e-4)
 
 
 def test_training_loss_draws_t_from_all_of_1_to_T():
