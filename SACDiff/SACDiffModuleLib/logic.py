@@ -1,0 +1,468 @@
+"""SACDiff module logic: moves data between the MRML scene and SACDiffLib. No algorithm lives here.
+
+Detection runs in a separate Python process (``python -m SACDiffLib detect … --progress lines``), the way
+SlicerMONAIAuto3DSeg runs its inference: the GUI stays responsive, a reader thread feeds progress lines into a
+queue that the widget polls with a QTimer, and Cancel kills the process tree. The scene is touched only when a
+finished run folder is loaded (``loadResults``), so a cancelled or failed run leaves the scene as it was.
+Re-thresholding (the λ slider) is an in-process library call on the cached maps.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+
+def _library_parent() -> Path:
+    """Folder that holds SACDiffLib: the repository (source tree) or the scripted-modules folder (installed)."""
+    here = Path(__file__).resolve()
+    for parent in (here.parents[1], here.parents[2]):
+        if (parent / "SACDiffLib" / "__init__.py").is_file():
+            return parent
+    raise RuntimeError(f"SACDiffLib not found beside {here.parents[1]}; reinstall the SACDiff extension")
+
+
+LIBRARY_PARENT = _library_parent()
+if str(LIBRARY_PARENT) not in sys.path:
+    sys.path.insert(0, str(LIBRARY_PARENT))
+
+# Python packages SACDiffLib needs (import name → pip requirement). torch comes from SlicerPyTorch.
+REQUIREMENTS = {
+    "torch": None,
+    "SimpleITK": "SimpleITK",
+    "skimage": "scikit-image",
+    "scipy": "scipy",
+    "opensimplex": "opensimplex",
+    "pydensecrf": "pydensecrf2",
+    "tqdm": "tqdm",
+}
+
+PROGRESS_PREFIX = "SACDIFF_PROGRESS "
+
+# DICOM-coded terminology of the anomaly segment (Slicer terminology entry string): category "Morphologically
+# Altered Structure" (SCT 49755003), type "Lesion" (SCT 52988006), anatomic region "Lung" (SCT 39607008).
+ANOMALY_TERMINOLOGY = (
+    "Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
+    "~SCT^52988006^Lesion~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^"
+)
+ANOMALY_COLOR = (0.95, 0.75, 0.1)  # amber: visible over lung parenchyma and over the red/blue lung segments
+
+OUTPUT_NAMES = {
+    "segmentation": "Anomaly",
+    "anomaly_map": "Anomaly map",
+    "uncertainty": "Uncertainty",
+    "pseudo_healthy": "Pseudo-healthy",
+}
+COLOR_NODES = {  # Slicer's built-in colour tables
+    "anomaly_map": "vtkMRMLColorTableNodeFileInferno.txt",
+    "uncertainty": "vtkMRMLColorTableNodeFileViridis.txt",
+    "pseudo_healthy": "vtkMRMLColorTableNodeGrey",
+}
+
+
+class SACDiffInputError(ValueError):
+    """A problem with what the user selected; the message says what to do."""
+
+
+class _NoNewNodes:
+    """Removes every node added to the scene inside the block (slicer.util's segment export leaves a labelmap
+    display node behind), so that reading the inputs leaves the scene exactly as it was."""
+
+    def __enter__(self):
+        scene = slicer.mrmlScene
+        self.before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        return self
+
+    def __exit__(self, *exc):
+        scene = slicer.mrmlScene
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node is not None and node.GetID() not in self.before and scene.IsNodePresent(node):
+                scene.RemoveNode(node)
+        return False
+
+
+def missingDependencies() -> list[str]:
+    import importlib.util
+
+    return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
+
+
+def pythonExecutable() -> str:
+    """PythonSlicer inside Slicer (the launcher sets up Slicer's environment), else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+class DetectionProcess:
+    """``sacdiff detect`` in a child process. ``poll()`` returns the events read so far; ``cancel()`` stops it."""
+
+    def __init__(self, command: list[str], runDir: Path, workDir: Path, env: dict):
+        self.command = command
+        self.runDir = runDir
+        self.workDir = workDir
+        self.fraction = 0.0
+        self.log: list[str] = []
+        self.cancelled = False
+        self._events: "queue.Queue[tuple]" = queue.Queue()
+        popen = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        if os.name == "posix":
+            popen["start_new_session"] = True  # own process group: cancel reaches every child
+        else:
+            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        self._process = subprocess.Popen(command, **popen)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self._process.stdout:
+            line = line.rstrip("\n")
+            for part in line.split("\r"):  # a tqdm bar may share the line
+                if part.startswith(PROGRESS_PREFIX):
+                    fraction, _, message = part[len(PROGRESS_PREFIX):].partition(" ")
+                    self._events.put(("progress", float(fraction), message))
+                elif part.strip():
+                    self._events.put(("log", part))
+        self._process.stdout.close()
+        self._events.put(("exit", self._process.wait()))
+
+    def poll(self) -> list[tuple]:
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return events
+            if event[0] == "progress":
+                self.fraction = event[1]
+            elif event[0] == "log":
+                self.log.append(event[1])
+            events.append(event)
+
+    @property
+    def running(self) -> bool:
+        return self._process.poll() is None or self._reader.is_alive()
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self.running else self._process.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._process.wait(timeout)
+        self._reader.join(timeout)
+        return self._process.returncode
+
+    def errorMessage(self) -> str:
+        """The library's one-line error (``sacdiff: error: …``) or the last lines of output."""
+        errors = [line for line in self.log if "error:" in line]
+        return errors[-1] if errors else "\n".join(self.log[-5:]) or f"exit status {self._process.returncode}"
+
+    def cancel(self):
+        """Kill the process tree and remove the work folder; nothing reaches the scene."""
+        self.cancelled = True
+        if self._process.poll() is None:
+            try:
+                if os.name == "posix":
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                else:
+                    self._process.kill()
+            except ProcessLookupError:
+                pass
+        self.wait(30)
+        self.cleanup()
+
+    def cleanup(self):
+        shutil.rmtree(self.workDir, ignore_errors=True)
+
+
+class SACDiffLogic(ScriptedLoadableModuleLogic):
+    """Scene ↔ SACDiffLib. Holds the last result so that λ can be changed without running the model."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.result = None  # SACDiffLib.detect.DetectionResult of the loaded run
+        self.runDir: Optional[Path] = None
+        self.ctNode = None
+        self.outputNodes: dict = {}
+
+    # --- inputs -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def checkCT(ctNode):
+        if ctNode is None:
+            raise SACDiffInputError("Select a CT volume first (Input CT).")
+        if not ctNode.IsA("vtkMRMLScalarVolumeNode") or ctNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise SACDiffInputError(f"'{ctNode.GetName()}' is not a scalar CT volume; select the CT image.")
+        image = ctNode.GetImageData()
+        if image is None or min(image.GetDimensions()) < 1:
+            raise SACDiffInputError(f"'{ctNode.GetName()}' holds no image data; load the CT again.")
+        if image.GetDimensions()[2] < 2:
+            raise SACDiffInputError(f"'{ctNode.GetName()}' is a single slice; SACDiff needs a 3D chest CT.")
+
+    def lungArray(self, ctNode, lungNode) -> np.ndarray:
+        """The lung mask as uint8 (k, j, i) on the CT's voxel grid (any non-zero label / any segment = lung)."""
+        self.checkCT(ctNode)
+        if lungNode is None:
+            raise SACDiffInputError("Select a lung segmentation, or press 'Create lung mask' to make one.")
+        if lungNode.IsA("vtkMRMLSegmentationNode"):
+            segmentation = lungNode.GetSegmentation()
+            if segmentation.GetNumberOfSegments() == 0:
+                raise SACDiffInputError(f"Lung segmentation '{lungNode.GetName()}' has no segments.")
+            lung = np.zeros(slicer.util.arrayFromVolume(ctNode).shape, np.uint8)
+            with _NoNewNodes():
+                for index in range(segmentation.GetNumberOfSegments()):
+                    segmentId = segmentation.GetNthSegmentID(index)
+                    # resampled onto the CT's geometry by Slicer (any segmentation geometry is accepted)
+                    lung |= slicer.util.arrayFromSegmentBinaryLabelmap(lungNode, segmentId, ctNode) > 0
+        elif lungNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            if not self._sameGeometry(ctNode, lungNode):
+                raise SACDiffInputError(
+                    f"Lung labelmap '{lungNode.GetName()}' does not share the CT's geometry (size, spacing, origin "
+                    "or orientation differ); resample it to the CT (Resample Scalar/Vector/DWI Volume) or use a "
+                    "segmentation node."
+                )
+            lung = (slicer.util.arrayFromVolume(lungNode) > 0).astype(np.uint8)
+        else:
+            raise SACDiffInputError(f"'{lungNode.GetName()}' is neither a segmentation nor a labelmap volume.")
+        if not lung.any():
+            raise SACDiffInputError(
+                f"Lung mask '{lungNode.GetName()}' is empty on this CT; check that it belongs to the CT or press "
+                "'Create lung mask'."
+            )
+        return lung
+
+    @staticmethod
+    def _sameGeometry(a, b) -> bool:
+        ma, mb = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        a.GetIJKToRASMatrix(ma)
+        b.GetIJKToRASMatrix(mb)
+        same_matrix = all(abs(ma.GetElement(r, c) - mb.GetElement(r, c)) < 1e-4 for r in range(4) for c in range(4))
+        return same_matrix and a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions()
+
+    @staticmethod
+    def writeVolume(node, path: Path) -> Path:
+        """Write a volume node with Slicer's own writer (geometry exactly as Slicer holds it). The storage node
+        is not added to the scene, so the scene is unchanged."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(0)
+        if not storage.WriteData(node):
+            raise RuntimeError(f"could not write '{node.GetName()}' to {path}")
+        return path
+
+    def writeInputs(self, ctNode, lungNode, folder: Path) -> tuple[Path, Path]:
+        """CT and lung mask as NRRD files on the CT's grid, for the detection process."""
+        import SimpleITK as sitk
+
+        lung = self.lungArray(ctNode, lungNode)
+        folder.mkdir(parents=True, exist_ok=True)
+        ctPath = self.writeVolume(ctNode, folder / "ct.nrrd")
+        reference = sitk.ReadImage(str(ctPath))
+        lungImage = sitk.GetImageFromArray(lung)
+        lungImage.CopyInformation(reference)
+        lungPath = folder / "lung.nrrd"
+        sitk.WriteImage(lungImage, str(lungPath))
+        return ctPath, lungPath
+
+    # --- detection ----------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def detectionCommand(ctPath, lungPath, runDir, modelPath: str = "", device: str = "auto", ensemble: int = 0,
+                         steps: int = 0, samplingSteps: int = -1, seed: int = 0, crf: bool = True,
+                         lam: float = 1.0) -> list[str]:
+        """The ``sacdiff detect`` command line; 0 / −1 / "" keep the model's own setting."""
+        command = [pythonExecutable(), "-m", "SACDiffLib", "detect", str(ctPath), "--lung", str(lungPath),
+                   "--out", str(runDir), "--progress", "lines", "--device", device, "--seed", str(int(seed)),
+                   "--lambda", repr(float(lam)), "--crf" if crf else "--no-crf"]
+        if modelPath:
+            command += ["--model", str(modelPath)]
+        if ensemble > 0:
+            command += ["--ensemble", str(int(ensemble))]
+        if steps > 0:
+            command += ["--steps", str(int(steps))]
+        if samplingSteps >= 0:
+            command += ["--sampling-steps", str(int(samplingSteps))]
+        return command
+
+    def startDetection(self, ctNode, lungNode, **options) -> DetectionProcess:
+        """Write the inputs to a work folder and start ``sacdiff detect`` on them. Returns at once."""
+        self.checkCT(ctNode)
+        workDir = Path(tempfile.mkdtemp(prefix="SACDiff-", dir=self._temporaryFolder()))
+        try:
+            ctPath, lungPath = self.writeInputs(ctNode, lungNode, workDir)
+        except Exception:
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
+        runDir = workDir / "run"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env["PYTHONUNBUFFERED"] = "1"
+        command = self.detectionCommand(ctPath, lungPath, runDir, **options)
+        return DetectionProcess(command, runDir, workDir, env)
+
+    @staticmethod
+    def _temporaryFolder() -> Optional[str]:
+        app = getattr(slicer, "app", None)
+        return app.temporaryPath if app is not None and hasattr(app, "temporaryPath") else None
+
+    # --- results into the scene ---------------------------------------------------------------------------------
+
+    def loadResults(self, ctNode, runDir) -> dict:
+        """Read a finished run folder and show it: segmentation 'Anomaly' and volumes 'Anomaly map',
+        'Uncertainty', 'Pseudo-healthy' with the CT's exact geometry, under the CT's study. Re-running replaces
+        the arrays of the nodes of the previous run."""
+        import SimpleITK as sitk
+        from SACDiffLib.outputs import FILES, load_run
+
+        result = load_run(runDir)
+        if result.error.shape != slicer.util.arrayFromVolume(ctNode).shape:
+            raise SACDiffInputError("the run's maps do not have the CT's size; run detection again on this CT")
+        self.result, self.runDir, self.ctNode = result, Path(runDir), ctNode
+        ijkToRAS = vtk.vtkMatrix4x4()
+        ctNode.GetIJKToRASMatrix(ijkToRAS)
+        arrays = {
+            "anomaly_map": result.error,
+            "uncertainty": result.uncertainty_hu,
+            "pseudo_healthy": sitk.GetArrayFromImage(sitk.ReadImage(str(Path(runDir) / FILES["pseudo_healthy"]))),
+        }
+        for key, array in arrays.items():
+            node = self._reuse(key, "vtkMRMLScalarVolumeNode")
+            if node is None:
+                node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", OUTPUT_NAMES[key])
+            node.SetIJKToRASMatrix(ijkToRAS)
+            slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array, dtype=np.float32))
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            if display is not None:
+                display.SetAndObserveColorNodeID(COLOR_NODES[key])
+                display.AutoWindowLevelOn()
+            self.outputNodes[key] = node
+
+        segmentation = self._reuse("segmentation", "vtkMRMLSegmentationNode")
+        if segmentation is None:
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", OUTPUT_NAMES["segmentation"])
+            segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)  # DICOM SEG export needs it
+        segmentation.SetNodeReferenceID(segmentation.GetReferenceImageGeometryReferenceRole(), ctNode.GetID())
+        self.outputNodes["segmentation"] = segmentation
+        self._updateSegment()
+        self._placeUnderStudy(ctNode, self.outputNodes.values())
+        return dict(self.outputNodes)
+
+    def _reuse(self, key: str, className: str):
+        node = self.outputNodes.get(key)
+        if node is not None and node.GetScene() is slicer.mrmlScene and node.IsA(className):
+            return node
+        return None
+
+    def anomalySegmentId(self) -> str:
+        segmentation = self.outputNodes["segmentation"].GetSegmentation()
+        segmentId = segmentation.GetSegmentIdBySegmentName("Anomaly")
+        if not segmentId:
+            segmentId = segmentation.AddEmptySegment("anomaly", "Anomaly", ANOMALY_COLOR)
+            segment = segmentation.GetSegment(segmentId)
+            segment.SetTag(segment.GetTerminologyEntryTagName(), ANOMALY_TERMINOLOGY)
+        return segmentId
+
+    def _updateSegment(self):
+        segmentationNode = self.outputNodes["segmentation"]
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            self.result.mask.astype(np.uint8), segmentationNode, self.anomalySegmentId(), self.ctNode
+        )
+
+    @staticmethod
+    def _placeUnderStudy(ctNode, nodes):
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        if shNode is None:
+            return
+        ctItem = shNode.GetItemByDataNode(ctNode)
+        parent = shNode.GetItemParent(ctItem) if ctItem else shNode.GetSceneItemID()
+        for node in nodes:
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, parent)
+            else:  # Slicer's subject hierarchy plugins add items for new nodes; without them, add it here
+                shNode.CreateItem(parent, node)
+
+    # --- λ and quantification -----------------------------------------------------------------------------------
+
+    def setLambda(self, lam: float, crf: Optional[bool] = None) -> dict:
+        """Re-binarise the cached error map with λ (no diffusion) and update the 'Anomaly' segment."""
+        from SACDiffLib.detect import rethreshold
+
+        if self.result is None:
+            raise SACDiffInputError("Run detection first; λ re-thresholds the last result.")
+        rethreshold(self.result, lam, crf)
+        self._updateSegment()
+        return self.summary()
+
+    def summary(self) -> dict:
+        q = self.result.report["quantification"]
+        return {
+            "alpha": self.result.threshold.alpha,
+            "lambda": self.result.threshold.lam,
+            "anomaly_ml": q["anomaly_ml"],
+            "anomaly_percent": q["anomaly_percent_of_lung"],
+            "right_percent": q["right_anomaly_percent"],
+            "left_percent": q["left_anomaly_percent"],
+            "right_ml": q["right_anomaly_ml"],
+            "left_ml": q["left_anomaly_ml"],
+        }
+
+    # --- lung mask fallback -------------------------------------------------------------------------------------
+
+    def createLungSegmentation(self, ctNode):
+        """The library's classical lung mask as a segmentation with 'Right lung' and 'Left lung'."""
+        from SACDiffLib import io
+        from SACDiffLib.lung import segment_lungs
+
+        self.checkCT(ctNode)
+        with tempfile.TemporaryDirectory(prefix="SACDiff-lung-", dir=self._temporaryFolder()) as folder:
+            ct = io.read_ct(self.writeVolume(ctNode, Path(folder) / "ct.nrrd"))
+            labels = segment_lungs(io.ct_array(ct), ct)
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{ctNode.GetName()} lungs (SACDiff)")
+        node.CreateDefaultDisplayNodes()
+        node.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)
+        for label, name, color in ((1, "Right lung", (0.5, 0.68, 0.5)), (2, "Left lung", (0.37, 0.55, 0.37))):
+            segmentId = node.GetSegmentation().AddEmptySegment(name.lower().replace(" ", "_"), name, color)
+            slicer.util.updateSegmentBinaryLabelmapFromArray((labels == label).astype(np.uint8), node, segmentId,
+                                                             ctNode)
+        self._placeUnderStudy(ctNode, [node])
+        return node
+
+    # --- export -------------------------------------------------------------------------------------------------
+
+    def exportResults(self, folder) -> list[Path]:
+        """Write anomaly.seg.nrrd (Slicer segmentation, for annotation tools), the NIfTI masks and maps and
+        report.json of the current λ into ``folder``, assembled under a temporary name and renamed when complete."""
+        from SACDiffLib.outputs import swap_into_place, write_threshold_update
+
+        if self.result is None or self.runDir is None:
+            raise SACDiffInputError("Nothing to export yet; run detection first.")
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_threshold_update(self.result, self.runDir)  # mask / report / overview of the current λ
+            shutil.copytree(self.runDir, tmp)
+            storage = slicer.vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(str(tmp / "anomaly.seg.nrrd"))
+            if not storage.WriteData(self.outputNodes["segmentation"]):
+                raise RuntimeError("writing anomaly.seg.nrrd failed")
+            swap_into_place(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return sorted(folder.iterdir())

@@ -1,0 +1,242 @@
+"""The SACDiff module's Logic against the REAL MRML scene of ``slicer-core`` (no Slicer application in CI).
+
+Only ``Testing/slicer_standins.py`` stands in for Slicer: the application's scene set-up and the one-class
+``ScriptedLoadableModuleLogic``. Volumes, segmentations, storage nodes, subject hierarchy and ``slicer.util`` are
+Slicer's own code.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is not installed; pip install -e .[test]")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package is not slicer-core", allow_module_level=True)
+
+import vtk  # noqa: E402
+
+from conftest import ROOT, make_chest  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "SACDiff"))
+import slicer_standins  # noqa: E402
+
+SPACING = (1.5, 1.5, 2.5)
+# A CT as Slicer holds a DICOM/NIfTI series in LPS: the IJK→RAS matrix flips x and y.
+IJK_TO_RAS = np.array([[-SPACING[0], 0, 0, 40.0], [0, -SPACING[1], 0, 55.0], [0, 0, SPACING[2], -120.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture()
+def scene():
+    return slicer_standins.new_scene()
+
+
+@pytest.fixture()
+def logic(scene):
+    from SACDiffModuleLib.logic import SACDiffLogic
+
+    return SACDiffLogic()
+
+
+def _ct_and_lung(scene, seed=3, lesion=True, labelmap=False):
+    hu, labels, lesion_mask = make_chest(64, 12, seed, lesion)
+    ct = slicer.util.addVolumeFromArray(hu.astype(np.int16), IJK_TO_RAS, "chest CT")
+    if labelmap:
+        lung = slicer.util.addVolumeFromArray(labels, IJK_TO_RAS, "lung labelmap", "vtkMRMLLabelMapVolumeNode")
+    else:
+        lung = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lungs")
+        lung.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+        for label, name in ((1, "right"), (2, "left")):
+            sid = lung.GetSegmentation().AddEmptySegment(name, name)
+            slicer.util.updateSegmentBinaryLabelmapFromArray((labels == label).astype(np.uint8), lung, sid, ct)
+    return ct, lung, hu, labels, lesion_mask
+
+
+def _matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _run(logic, ct, lung, model, **options):
+    process = logic.startDetection(ct, lung, modelPath=str(model), device="cpu", **options)
+    fractions = []
+    while process.running:
+        fractions += [e[1] for e in process.poll() if e[0] == "progress"]
+        time.sleep(0.05)
+    fractions += [e[1] for e in process.poll() if e[0] == "progress"]
+    assert process.returncode == 0, process.errorMessage()
+    return process, fractions
+
+
+def test_inputs_leave_the_scene_with_slicer_geometry(scene, logic, tmp_path):
+    ct, lung, hu, labels, _ = _ct_and_lung(scene)
+    nodes_before = scene.GetNumberOfNodes()
+    ct_path, lung_path = logic.writeInputs(ct, lung, tmp_path)
+    assert scene.GetNumberOfNodes() == nodes_before  # writing adds no storage node to the scene
+    image = sitk.ReadImage(str(ct_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), hu.astype(np.int16))
+    # ITK's LPS geometry of Slicer's RAS matrix: origin and direction of x and y change sign.
+    np.testing.assert_allclose(image.GetSpacing(), SPACING)
+    np.testing.assert_allclose(image.GetOrigin(), (-40.0, -55.0, -120.0))
+    np.testing.assert_allclose(np.array(image.GetDirection()).reshape(3, 3), np.eye(3))
+    lung_image = sitk.ReadImage(str(lung_path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(lung_image), (labels > 0).astype(np.uint8))
+    assert lung_image.GetOrigin() == image.GetOrigin()
+
+
+def test_detection_creates_segmentation_and_volumes_with_the_ct_geometry(scene, logic, tiny_checkpoint):
+    ct, lung, *_ = _ct_and_lung(scene)
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.GetSceneItemID(), "Study 1")
+    if sh.GetItemByDataNode(ct):
+        sh.SetItemParent(sh.GetItemByDataNode(ct), study)
+    else:  # no subject hierarchy plugins without the application: file the CT as Slicer's DICOM loader would
+        sh.CreateItem(study, ct)
+    assert sh.GetItemParent(sh.GetItemByDataNode(ct)) == study
+    process, fractions = _run(logic, ct, lung, tiny_checkpoint, seed=1, crf=False)
+    assert fractions and fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    nodes = logic.loadResults(ct, process.runDir)
+
+    from SACDiffLib.outputs import FILES
+
+    run_arrays = {k: sitk.GetArrayFromImage(sitk.ReadImage(str(process.runDir / FILES[k])))
+                  for k in ("anomaly_map", "uncertainty", "pseudo_healthy", "anomaly_mask")}
+    for key, name in (("anomaly_map", "Anomaly map"), ("uncertainty", "Uncertainty"),
+                      ("pseudo_healthy", "Pseudo-healthy")):
+        node = nodes[key]
+        assert node.GetName() == name and node.IsA("vtkMRMLScalarVolumeNode")
+        np.testing.assert_allclose(_matrix(node), _matrix(ct))
+        assert node.GetImageData().GetDimensions() == ct.GetImageData().GetDimensions()
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), run_arrays[key], rtol=1e-6)
+        assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
+    segmentation = nodes["segmentation"]
+    assert segmentation.GetName() == "Anomaly" and sh.GetItemParent(sh.GetItemByDataNode(segmentation)) == study
+    assert segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole()) is ct
+    segment_id = logic.anomalySegmentId()
+    segment = segmentation.GetSegmentation().GetSegment(segment_id)
+    entry = vtk.reference("")
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), entry)
+    assert "SCT^52988006^Lesion" in str(entry)
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, ct)
+    np.testing.assert_array_equal(mask > 0, run_arrays["anomaly_mask"] > 0)
+    assert logic.summary()["anomaly_ml"] == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, rel=1e-6)
+
+    # A second run updates the same nodes instead of adding new ones.
+    count = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    process2, _ = _run(logic, ct, lung, tiny_checkpoint, seed=2, crf=False)
+    assert logic.loadResults(ct, process2.runDir)["anomaly_map"] is nodes["anomaly_map"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == count
+
+
+def test_lambda_rethresholds_the_segment_and_export_reads_back_equal(scene, logic, tiny_checkpoint, tmp_path):
+    ct, lung, *_ = _ct_and_lung(scene)
+    process, _ = _run(logic, ct, lung, tiny_checkpoint, crf=False)
+    logic.loadResults(ct, process.runDir)
+    segmentation = logic.outputNodes["segmentation"]
+    counts = {}
+    for lam in (-1.0, 0.0, 3.0):
+        summary = logic.setLambda(lam, crf=False)
+        mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, logic.anomalySegmentId(), ct)
+        counts[lam] = int(mask.sum())
+        np.testing.assert_array_equal(mask > 0, logic.result.mask > 0)
+        t = logic.result.threshold
+        assert summary["alpha"] == pytest.approx(t.background_mean + lam * t.background_std)
+    assert counts[-1.0] > counts[3.0]  # a lower λ flags more
+
+    files = logic.exportResults(tmp_path / "export")
+    names = {p.name for p in files}
+    assert {"anomaly.seg.nrrd", "anomaly_mask.nii.gz", "anomaly_map.nii.gz", "uncertainty.nii.gz",
+            "report.json"} <= names
+    reread = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reread")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(tmp_path / "export" / "anomaly.seg.nrrd"))
+    assert storage.ReadData(reread)
+    seg_id = reread.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+    back = slicer.util.arrayFromSegmentBinaryLabelmap(reread, seg_id, ct)
+    np.testing.assert_array_equal(back > 0, logic.result.mask > 0)
+    nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "export" / "anomaly_mask.nii.gz")))
+    np.testing.assert_array_equal(nifti > 0, logic.result.mask > 0)  # the exported mask is the λ = 3 one
+    assert not list(tmp_path.glob(".export.tmp*"))
+
+
+def test_cancel_stops_the_process_and_leaves_the_scene_as_it_was(scene, logic, tiny_checkpoint):
+    ct, lung, *_ = _ct_and_lung(scene)
+    nodes_before = scene.GetNumberOfNodes()
+    process = logic.startDetection(ct, lung, modelPath=str(tiny_checkpoint), device="cpu", steps=90, ensemble=2,
+                                   samplingSteps=0)
+    deadline = time.time() + 120
+    while process.fraction == 0 and process.running and time.time() < deadline:
+        process.poll()
+        time.sleep(0.02)
+    assert process.running, process.errorMessage()
+    process.cancel()
+    assert not process.running and process.returncode != 0
+    assert not process.workDir.exists() and not process.runDir.exists()
+    assert scene.GetNumberOfNodes() == nodes_before and logic.result is None
+
+
+def test_bad_inputs_give_clear_errors(scene, logic, tmp_path):
+    from SACDiffModuleLib.logic import SACDiffInputError
+
+    ct, lung, *_ = _ct_and_lung(scene)
+    with pytest.raises(SACDiffInputError, match="Select a CT volume"):
+        logic.startDetection(None, lung)
+    with pytest.raises(SACDiffInputError, match="Select a lung segmentation"):
+        logic.writeInputs(ct, None, tmp_path)
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty lungs")
+    with pytest.raises(SACDiffInputError, match="has no segments"):
+        logic.writeInputs(ct, empty, tmp_path)
+    empty.GetSegmentation().AddEmptySegment("lung", "lung")
+    with pytest.raises(SACDiffInputError, match="is empty on this CT"):
+        logic.writeInputs(ct, empty, tmp_path)
+    shifted = slicer.util.addVolumeFromArray(np.ones((12, 64, 64), np.uint8), np.diag([0.7, 0.7, 2.5, 1.0]),
+                                             "other labelmap", "vtkMRMLLabelMapVolumeNode")
+    with pytest.raises(SACDiffInputError, match="does not share the CT's geometry"):
+        logic.writeInputs(ct, shifted, tmp_path)
+    with pytest.raises(SACDiffInputError, match="not a scalar CT volume"):
+        logic.checkCT(shifted)
+    with pytest.raises(SACDiffInputError, match="Run detection first"):
+        logic.setLambda(1.0)
+    nodes_before = scene.GetNumberOfNodes()
+    with pytest.raises(SACDiffInputError):
+        logic.startDetection(ct, empty)
+    assert scene.GetNumberOfNodes() == nodes_before
+
+
+def test_labelmap_lung_on_the_ct_grid_is_accepted(scene, logic, tmp_path):
+    ct, lung, _, labels, _ = _ct_and_lung(scene, labelmap=True)
+    _, lung_path = logic.writeInputs(ct, lung, tmp_path)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(lung_path))), (labels > 0).astype(np.uint8))
+
+
+def test_failed_detection_reports_the_library_error(scene, logic, tmp_path):
+    ct, lung, *_ = _ct_and_lung(scene)
+    bogus = tmp_path / "not-a-model.pt"
+    bogus.write_bytes(b"nothing")
+    process = logic.startDetection(ct, lung, modelPath=str(bogus), device="cpu")
+    assert process.wait(120) == 2
+    process.poll()
+    assert "not a SACDiff checkpoint" in process.errorMessage() or "corrupt" in process.errorMessage()
+    process.cleanup()
+
+
+def test_create_lung_mask_makes_right_and_left_segments(scene, logic):
+    ct, _, _, labels, _ = _ct_and_lung(scene, lesion=False)
+    node = logic.createLungSegmentation(ct)
+    segmentation = node.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert names == ["Right lung", "Left lung"]
+    right = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentation.GetSegmentIdBySegmentName("Right lung"), ct)
+    left = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentation.GetSegmentIdBySegmentName("Left lung"), ct)
+    truth = labels > 0
+    for found in (right, left):
+        assert found.sum() > 0.2 * truth.sum() / 2
+    found = (right > 0) | (left > 0)
+    dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
+    assert dice > 0.8
