@@ -13,6 +13,10 @@ if [[ ! -x "$venv/bin/sacdiff" ]]; then
   "$venv/bin/python" -m pip install -q --upgrade pip
   # The pinned CPU build first: an unpinned torch would pull a multi-GB CUDA build.
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
+  "$venv/bin/python" -m pip install -q -e "$here"
+fi
+if [[ "${1:-}" == "test" ]] && ! "$venv/bin/python" -c "import pytest, slicer.util, PySide6" 2>/dev/null; then
+  echo "[sacdiff] installing the test tools (pytest, slicer-core, PySide6)" >&2
   "$venv/bin/python" -m pip install -q -e "$here[test]"
 fi
 cmd="${1:-demo}"

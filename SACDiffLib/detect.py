@@ -33,6 +33,10 @@ from .postprocess import Threshold, background_threshold, binarise, fixed_thresh
 Progress = Callable[[float, str], Optional[bool]]
 
 
+def cuda_available() -> bool:
+    return bool(torch.cuda.is_available())
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

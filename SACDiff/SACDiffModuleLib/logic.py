@@ -101,6 +101,12 @@ def missingDependencies() -> list[str]:
     return [name for name in REQUIREMENTS if importlib.util.find_spec(name) is None]
 
 
+def cudaAvailable() -> bool:
+    from SACDiffLib.detect import cuda_available
+
+    return cuda_available()
+
+
 def pythonExecutable() -> str:
     """PythonSlicer inside Slicer (the launcher sets up Slicer's environment), else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
@@ -195,7 +201,10 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         self.result = None  # SACDiffLib.detect.DetectionResult of the loaded run
         self.runDir: Optional[Path] = None
         self.ctNode = None
+        self.runCrf = True
         self.outputNodes: dict = {}
+
+    cudaAvailable = staticmethod(cudaAvailable)
 
     # --- inputs -------------------------------------------------------------------------------------------------
 
@@ -330,6 +339,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         if result.error.shape != slicer.util.arrayFromVolume(ctNode).shape:
             raise SACDiffInputError("the run's maps do not have the CT's size; run detection again on this CT")
         self.result, self.runDir, self.ctNode = result, Path(runDir), ctNode
+        self.runCrf = result.detect.crf
         ijkToRAS = vtk.vtkMatrix4x4()
         ctNode.GetIJKToRASMatrix(ijkToRAS)
         arrays = {
@@ -399,12 +409,13 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     # --- λ and quantification -----------------------------------------------------------------------------------
 
     def setLambda(self, lam: float, crf: Optional[bool] = None) -> dict:
-        """Re-binarise the cached error map with λ (no diffusion) and update the 'Anomaly' segment."""
+        """Re-binarise the cached error map with λ (no diffusion) and update the 'Anomaly' segment. ``crf`` None
+        keeps the run's CRF setting; False is the fast path while the slider moves."""
         from SACDiffLib.detect import rethreshold
 
         if self.result is None:
             raise SACDiffInputError("Run detection first; λ re-thresholds the last result.")
-        rethreshold(self.result, lam, crf)
+        rethreshold(self.result, lam, self.runCrf if crf is None else crf)
         self._updateSegment()
         return self.summary()
 

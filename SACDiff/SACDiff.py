@@ -1,0 +1,349 @@
+"""SACDiff: unsupervised anomaly detection in chest CT (SAC-Diff, MIDL 2026) as a 3D Slicer module.
+
+GUI only. The scene ↔ library work lives in ``SACDiffModuleLib/logic.py``; the method lives in ``SACDiffLib``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional, Union
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from SACDiffModuleLib.logic import (
+    REQUIREMENTS,
+    SACDiffInputError,
+    SACDiffLogic,
+    missingDependencies,
+)
+
+MODEL_SETTING = "SACDiff/ModelPath"
+EXPORT_SETTING = "SACDiff/ExportFolder"
+
+# Detection presets offered in the panel: None = keep the checkpoint's own setting.
+SPEED_PRESETS = {
+    "model": {"ensemble": 0, "steps": 0, "samplingSteps": -1},
+    "fast": {"ensemble": 3, "steps": 0, "samplingSteps": 25},
+    "paper": {"ensemble": 7, "steps": 550, "samplingSteps": 0},
+}
+
+
+class SACDiff(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SACDiff")
+        self.parent.categories = [_("Segmentation")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SACDiff developers"]
+        self.parent.helpText = _(
+            "Unsupervised anomaly detection in chest CT: a diffusion model trained on healthy lungs reconstructs a "
+            "pseudo-healthy CT; the reconstruction error, thresholded per scan (mean + λ·std outside the lung), a "
+            "dense CRF and morphology give the anomaly segmentation; the spread of K reconstructions is the "
+            "uncertainty. Research software, not for clinical use."
+        )
+        self.parent.acknowledgementText = _(
+            "Implements SAC-Diff (MIDL 2026). Detection runs in a separate process so Slicer stays responsive."
+        )
+
+
+@parameterNodeWrapper
+class SACDiffParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    preset: Annotated[str, Choice(list(SPEED_PRESETS))] = "fast"
+    ensemble: Annotated[int, WithinRange(0, 32)] = 3
+    steps: Annotated[int, WithinRange(0, 1000)] = 0
+    samplingSteps: Annotated[int, WithinRange(-1, 1000)] = 25
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
+    crf: bool = True
+    lam: Annotated[float, WithinRange(-2.0, 4.0)] = 1.0
+
+
+class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: Optional[SACDiffLogic] = None
+        self._parameterNode: Optional[SACDiffParameterNode] = None
+        self._parameterNodeGuiTag = None
+        self._process = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.timeout.connect(self.onPoll)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SACDiff.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = SACDiffLogic()
+
+        settings = qt.QSettings()
+        self.ui.modelPathLineEdit.currentPath = settings.value(MODEL_SETTING, "")
+        self.ui.exportDirectoryButton.directory = settings.value(EXPORT_SETTING, qt.QDir.homePath())
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.createLungButton.connect("clicked(bool)", self.onCreateLungMask)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
+        # While the slider is dragged only the threshold moves (no CRF, fast); when it is released (valueChanged,
+        # tracking off) the run's CRF setting applies once.
+        self.ui.lambdaSlider.tracking = False
+        self.ui.lambdaSlider.connect("valueIsChanging(double)", self.onLambdaChanging)
+        self.ui.lambdaSlider.connect("valueChanged(double)", self.onLambdaChanged)
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._process is not None:
+            self._process.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._process is not None:
+            self._process.cancel()
+            self._process = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(SACDiffParameterNode(self.logic.getParameterNode()))
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode: Optional[SACDiffParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self._checkCanApply()
+
+    def _checkCanApply(self, caller=None, event=None) -> None:
+        if self._process is not None:
+            return  # the button is "Cancel" while running
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self._parameterNode.lungMask)
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Run detection") if ready else _("Select a CT and a lung mask")
+        self.ui.createLungButton.enabled = bool(self._parameterNode and self._parameterNode.inputVolume)
+
+    # --- dependencies ---------------------------------------------------------------------------------------------
+
+    def ensureDependencies(self) -> bool:
+        missing = missingDependencies()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+            _("SACDiff needs these Python packages, which will be downloaded and installed now: ")
+            + ", ".join(missing) + _(". PyTorch comes from the PyTorch extension (SlicerPyTorch)."),
+            windowTitle=_("SACDiff: install dependencies"),
+        ):
+            return False
+        with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
+            if "torch" in missing:
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    raise RuntimeError(
+                        "the PyTorch extension is not installed: install 'PyTorch' from the Extensions Manager, "
+                        "restart Slicer and try again"
+                    ) from None
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if not torchLogic.torchInstalled():
+                    torchLogic.installTorch(askConfirmation=False)
+            packages = [REQUIREMENTS[name] for name in missing if REQUIREMENTS[name]]
+            if packages:
+                slicer.util.pip_install(" ".join(packages))
+        return not missingDependencies()
+
+    # --- actions --------------------------------------------------------------------------------------------------
+
+    def onPresetChanged(self, index=None) -> None:
+        if self._parameterNode is None:
+            return
+        values = SPEED_PRESETS.get(self._parameterNode.preset, SPEED_PRESETS["model"])
+        self._parameterNode.ensemble = values["ensemble"]
+        self._parameterNode.steps = values["steps"]
+        self._parameterNode.samplingSteps = values["samplingSteps"]
+
+    def onModelPathChanged(self, path) -> None:
+        qt.QSettings().setValue(MODEL_SETTING, path)
+
+    def onApplyButton(self) -> None:
+        if self._process is not None:  # the button says Cancel
+            self._process.cancel()
+            self._finish(_("Cancelled; the scene is unchanged."))
+            return
+        if not self.ensureDependencies():
+            return
+        p = self._parameterNode
+        if p.device == "cuda":
+            if not self.logic.cudaAvailable():
+                if not slicer.util.confirmOkCancelDisplay(
+                    _("PyTorch sees no CUDA GPU on this computer. Run on the CPU instead (slower)?")
+                ):
+                    return
+                p.device = "cpu"
+        with slicer.util.tryWithErrorDisplay(_("Could not start detection."), waitCursor=True):
+            self._process = self.logic.startDetection(
+                p.inputVolume, p.lungMask, modelPath=self.ui.modelPathLineEdit.currentPath, device=p.device,
+                ensemble=p.ensemble, steps=p.steps, samplingSteps=p.samplingSteps, seed=p.seed, crf=p.crf,
+                lam=p.lam,
+            )
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.enabled = True
+            self.ui.progressBar.visible = True
+            self.ui.progressBar.value = 0
+            self.ui.logTextEdit.clear()
+            self.ui.statusLabel.text = _("Starting…")
+            self._timer.start()
+
+    def onPoll(self) -> None:
+        process = self._process
+        if process is None:
+            self._timer.stop()
+            return
+        for event in process.poll():
+            if event[0] == "progress":
+                self.ui.progressBar.value = int(round(100 * event[1]))
+                self.ui.statusLabel.text = event[2]
+            elif event[0] == "log":
+                self.ui.logTextEdit.appendPlainText(event[1])
+        if process.running:
+            return
+        if process.returncode != 0:
+            message = process.errorMessage()
+            process.cleanup()
+            self._finish(_("Detection failed."))
+            if "out of memory" in message.lower():
+                message += _("\n\nThe GPU ran out of memory: choose Device = cpu, or a smaller ensemble K.")
+            slicer.util.errorDisplay(_("Detection failed: ") + message)
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not load the results."), waitCursor=True):
+            self.logic.loadResults(self._parameterNode.inputVolume, process.runDir)
+            self._showResults()
+        self._finish(_("Done."))
+
+    def _finish(self, message: str) -> None:
+        self._timer.stop()
+        self._process = None
+        self.ui.applyButton.text = _("Apply")
+        self.ui.progressBar.visible = False
+        self.ui.statusLabel.text = message
+        self._checkCanApply()
+
+    def _showResults(self) -> None:
+        nodes = self.logic.outputNodes
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=nodes["anomaly_map"],
+                                         foregroundOpacity=0.4)
+        self.ui.exportButton.enabled = True
+        self._showSummary(self.logic.summary())
+
+    def _showSummary(self, s: dict) -> None:
+        self.ui.thresholdLabel.text = f"{s['alpha']:.4g}  (λ = {s['lambda']:.2f})"
+        self.ui.volumeLabel.text = _("{total:.1f} ml ({pct:.2f} % of lung) — right {r:.1f} ml ({rp:.2f} %), left "
+                                     "{l:.1f} ml ({lp:.2f} %)").format(
+            total=s["anomaly_ml"], pct=s["anomaly_percent"], r=s["right_ml"], rp=s["right_percent"],
+            l=s["left_ml"], lp=s["left_percent"])
+
+    def onLambdaChanging(self, value: float) -> None:
+        self._rethreshold(value, crf=False)
+
+    def onLambdaChanged(self, value: float) -> None:
+        self._rethreshold(value, crf=self._parameterNode.crf if self._parameterNode else None)
+
+    def _rethreshold(self, value: float, crf) -> None:
+        if self.logic is None or self.logic.result is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Re-thresholding failed.")):
+            self._showSummary(self.logic.setLambda(value, crf=crf))
+
+    def onCreateLungMask(self) -> None:
+        if not self.ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Creating the lung mask failed."), waitCursor=True):
+            node = self.logic.createLungSegmentation(self._parameterNode.inputVolume)
+            self._parameterNode.lungMask = node
+
+    def onExport(self) -> None:
+        folder = os.path.join(self.ui.exportDirectoryButton.directory,
+                              f"{self._parameterNode.inputVolume.GetName()}-SACDiff")
+        qt.QSettings().setValue(EXPORT_SETTING, self.ui.exportDirectoryButton.directory)
+        with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
+            files = self.logic.exportResults(folder)
+            self.ui.statusLabel.text = _("Exported {n} files to {folder}").format(n=len(files), folder=folder)
+
+
+class SACDiffTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (Developer mode → Reload and Test); not run in CI, where the Logic is tested against
+    slicer-core's real MRML instead (Testing/test_slicer_logic.py)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SACDiffOnSyntheticChest()
+
+    def test_SACDiffOnSyntheticChest(self):
+        import tempfile
+        import time
+
+        import numpy as np
+
+        from SACDiffLib.phantom import chest_phantom
+
+        self.delayDisplay("Creating a synthetic chest CT")
+        hu, lungs, lesion, spacing = chest_phantom(size=128, slices=24, kind="covid", seed=0)
+        ijkToRAS = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        ct = slicer.util.addVolumeFromArray(hu, ijkToRAS, "phantom CT")
+        logic = SACDiffLogic()
+        lung = logic.createLungSegmentation(ct)
+        self.delayDisplay("Running detection with the shipped model (fast settings)")
+        process = logic.startDetection(ct, lung, device="auto", ensemble=2, samplingSteps=10)
+        while process.running:
+            process.poll()
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertEqual(process.returncode, 0, process.errorMessage())
+        nodes = logic.loadResults(ct, process.runDir)
+        self.assertEqual(nodes["anomaly_map"].GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
+        before = logic.summary()["anomaly_ml"]
+        after = logic.setLambda(3.0, crf=False)["anomaly_ml"]
+        self.assertLessEqual(after, before + 1e-9)
+        with tempfile.TemporaryDirectory() as folder:
+            files = logic.exportResults(os.path.join(folder, "export"))
+            self.assertTrue(any(f.name == "anomaly.seg.nrrd" for f in files))
+        self.delayDisplay("Test passed")
