@@ -293,10 +293,23 @@ def detect_volume(
     return result
 
 
+def _lung_counts(result: DetectionResult) -> np.ndarray:
+    counts = result.report.get("_lung_voxels")
+    if counts is None or len(counts) < 3:
+        counts = np.bincount(result.lung.ravel(), minlength=3)
+        result.report["_lung_voxels"] = counts  # cached for the λ slider; not written to report.json
+    return np.asarray(counts)
+
+
 def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
     """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
     det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
-    if det.threshold == "adaptive":
+    previous = result.threshold
+    if det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive":
+        # mean and std of the background do not depend on λ: α = mean + λ·std from the cached statistics
+        threshold = Threshold(previous.background_mean + det.lam * previous.background_std,
+                              previous.background_mean, previous.background_std, det.lam, "adaptive")
+    elif det.threshold == "adaptive":
         threshold = background_threshold(result.error, result.lung, result.processed, det.lam, result.box)
     else:
         threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, result.box)
@@ -312,7 +325,7 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
             "crf": det.crf,
             "processed_slices": result.processed.tolist(),
             "analysis_box": None if result.box is None else list(result.box),
-            "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing()),
+            "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing(), _lung_counts(result)),
         }
     )
     return result

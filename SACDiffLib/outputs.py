@@ -94,7 +94,7 @@ def swap_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _write_report(result: DetectionResult, folder: Path) -> None:
-    report = dict(result.report)
+    report = {k: v for k, v in result.report.items() if not k.startswith("_")}  # "_…": in-memory caches
     report["sacdiff_report_version"] = 1
     report["seed"] = result.detect.seed
     report["detect"] = {k: v for k, v in vars(result.detect).items()}

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import SACDiffError
 from .lung import LEFT, RIGHT
@@ -76,40 +75,84 @@ def binarise(
     crf_iterations: int = 5,
     morphology_radius: int = 1,
 ) -> np.ndarray:
-    """Anomaly mask (uint8, z y x) from the error map: threshold, optional CRF, opening, restricted to the lung."""
-    mask = np.zeros(error.shape, bool)
-    candidates = error > threshold.alpha
-    inside = lung > 0
-    for z in processed:
+    """Anomaly mask (uint8, z y x) from the error map: threshold, optional CRF, opening, restricted to the lung.
+
+    Works on the lung's bounding box (processed slices × in-plane lung box + 2r + 1 pixels): the opening of a
+    pixel depends only on pixels within 2r of it, so the result inside the lung equals the whole-volume result
+    (a test compares both) at a fraction of the cost — this is the λ slider's path."""
+    out = np.zeros(error.shape, np.uint8)
+    inside_all = lung > 0
+    if processed.size == 0 or not inside_all[processed].any():
+        return out
+    r = max(int(morphology_radius), 0)
+    margin = 2 * r + 1 + (8 if crf else 0)  # + the CRF's own 8-pixel margin around each slice's lung
+    z0, z1 = int(processed.min()), int(processed.max()) + 1
+    footprint = inside_all[z0:z1].any(axis=0)  # (a superset box is still exact)
+    ys, xs = np.nonzero(footprint.any(axis=1))[0], np.nonzero(footprint.any(axis=0))[0]
+    y0, y1 = max(ys[0] - margin, 0), min(ys[-1] + 1 + margin, error.shape[1])
+    x0, x1 = max(xs[0] - margin, 0), min(xs[-1] + 1 + margin, error.shape[2])
+    err = error[z0:z1, y0:y1, x0:x1]
+    inside = inside_all[z0:z1, y0:y1, x0:x1]
+    mask = np.zeros(err.shape, bool)
+    candidates = err > threshold.alpha
+    for z in processed - z0:
         if not (candidates[z] & inside[z]).any():
             continue  # with Potts pairwise terms the CRF cannot create foreground where no unary favours it
         if crf:
-            ys, xs = np.nonzero(inside[z])  # the CRF runs on the lung's bounding box (+ margin) only
-            y0, y1 = max(ys.min() - 8, 0), min(ys.max() + 9, error.shape[1])
-            x0, x1 = max(xs.min() - 8, 0), min(xs.max() + 9, error.shape[2])
+            ys, xs = np.nonzero(inside[z])  # the CRF runs on the slice's lung bounding box (+ 8 px) only
+            a0, a1 = max(ys.min() - 8, 0), min(ys.max() + 9, err.shape[1])
+            b0, b1 = max(xs.min() - 8, 0), min(xs.max() + 9, err.shape[2])
             scale = threshold.background_std if threshold.background_std > 0 else 1.0
-            mask[z, y0:y1, x0:x1] = crf_refine(error[z, y0:y1, x0:x1], threshold.alpha, scale, crf_iterations)
+            mask[z, a0:a1, b0:b1] = crf_refine(err[z, a0:a1, b0:b1], threshold.alpha, scale, crf_iterations)
         else:
             mask[z] = candidates[z]
-    if morphology_radius > 0:  # erosion then dilation, in-plane (slices are thick)
-        r = morphology_radius
-        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-        disk = (yy**2 + xx**2 <= r * r)[None]
-        mask = ndimage.binary_opening(mask, structure=disk)
-    return (mask & inside).astype(np.uint8)
+    if r > 0:  # erosion then dilation, in-plane (slices are thick)
+        mask = opening_in_plane(mask, r)
+    out[z0:z1, y0:y1, x0:x1] = mask & inside
+    return out
 
 
-def quantify(mask: np.ndarray, lung_labels: np.ndarray, spacing_xyz) -> dict:
-    """Anomaly volume in ml, overall and per lung (% of that lung), and the per-slice anomaly volume (ml)."""
+def _shifted(a: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """b[:, y, x] = a[:, y + dy, x + dx], False outside the array."""
+    h, w = a.shape[-2:]
+    b = np.zeros_like(a)
+    b[:, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)] = a[:, max(dy, 0) : h - max(-dy, 0),
+                                                                         max(dx, 0) : w - max(-dx, 0)]
+    return b
+
+
+def opening_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary opening of every slice with a disk of ``radius`` pixels: the same result as
+    ``scipy.ndimage.binary_opening(mask, disk[None])`` (tested), as AND/OR over shifted views (several times
+    faster on the λ slider's path)."""
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)
+               if dy * dy + dx * dx <= radius * radius]
+    eroded = mask.copy()
+    for dy, dx in offsets:
+        if dy or dx:
+            eroded &= _shifted(mask, dy, dx)
+    opened = eroded.copy()
+    for dy, dx in offsets:
+        if dy or dx:
+            opened |= _shifted(eroded, dy, dx)
+    return opened
+
+
+def quantify(mask: np.ndarray, lung_labels: np.ndarray, spacing_xyz, lung_counts=None) -> dict:
+    """Anomaly volume in ml, overall and per lung (% of that lung), and the per-slice anomaly volume (ml).
+    ``lung_counts`` (voxels per label, ``np.bincount(lung_labels.ravel())``) may be passed to skip that count."""
     voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
     anomaly = mask > 0
+    if lung_counts is None:
+        lung_counts = np.bincount(lung_labels.ravel(), minlength=3)
+    hits = np.bincount(lung_labels[anomaly], minlength=3)
     out = {
         "anomaly_ml": float(anomaly.sum() * voxel_ml),
-        "lung_ml": float((lung_labels > 0).sum() * voxel_ml),
+        "lung_ml": float(lung_counts[1:].sum() * voxel_ml),
     }
     for name, label in (("right", RIGHT), ("left", LEFT)):
-        lung_voxels = int((lung_labels == label).sum())
-        hit = int((anomaly & (lung_labels == label)).sum())
+        lung_voxels = int(lung_counts[label])
+        hit = int(hits[label])
         out[f"{name}_lung_ml"] = lung_voxels * voxel_ml
         out[f"{name}_anomaly_ml"] = hit * voxel_ml
         out[f"{name}_anomaly_percent"] = 100.0 * hit / lung_voxels if lung_voxels else 0.0

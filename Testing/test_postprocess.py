@@ -67,3 +67,53 @@ def test_quantify_volumes_hand_computed():
     assert q["right_anomaly_percent"] == pytest.approx(100 * 2 / 16)
     assert q["left_anomaly_percent"] == pytest.approx(100 * 1 / 16)
     assert q["slice_anomaly_ml"] == [0.03, 0.0]
+
+
+def _binarise_whole_volume(error, lung, processed, threshold, crf, radius):
+    """Reference: the straightforward whole-volume version (per-slice CRF on the slice's lung box + 8 px)."""
+    from scipy import ndimage
+
+    mask = np.zeros(error.shape, bool)
+    inside = lung > 0
+    for z in processed:
+        if not ((error[z] > threshold.alpha) & inside[z]).any():
+            continue
+        if crf:
+            ys, xs = np.nonzero(inside[z])
+            y0, y1 = max(ys.min() - 8, 0), min(ys.max() + 9, error.shape[1])
+            x0, x1 = max(xs.min() - 8, 0), min(xs.max() + 9, error.shape[2])
+            scale = threshold.background_std
+            mask[z, y0:y1, x0:x1] = crf_refine(error[z, y0:y1, x0:x1], threshold.alpha, scale)
+        else:
+            mask[z] = error[z] > threshold.alpha
+    yy, xx = np.mgrid[-radius: radius + 1, -radius: radius + 1]
+    mask = ndimage.binary_opening(mask, structure=(yy**2 + xx**2 <= radius**2)[None])
+    return (mask & inside).astype(np.uint8)
+
+
+@pytest.mark.parametrize("crf,radius", [(False, 1), (False, 2), (True, 1)])
+def test_binarise_on_the_lung_box_equals_the_whole_volume_reference(crf, radius):
+    rng = np.random.default_rng(1)
+    error = rng.gamma(2.0, 0.01, (9, 80, 96)).astype(np.float32)
+    error[3:6, 30:45, 20:35] += 0.1
+    lung = np.zeros(error.shape, np.uint8)
+    lung[1:8, 20:60, 12:44] = 1
+    lung[2:8, 22:58, 50:86] = 2
+    processed = np.arange(1, 8)
+    t = background_threshold(error, lung, processed, 0.5)
+    got = binarise(error, lung, processed, t, crf=crf, morphology_radius=radius)
+    np.testing.assert_array_equal(got, _binarise_whole_volume(error, lung, processed, t, crf, radius))
+    assert got.any()
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_fast_opening_equals_scipy(radius):
+    from scipy import ndimage
+
+    from SACDiffLib.postprocess import opening_in_plane
+
+    rng = np.random.default_rng(radius)
+    mask = rng.random((3, 40, 50)) > 0.35
+    yy, xx = np.mgrid[-radius: radius + 1, -radius: radius + 1]
+    expected = ndimage.binary_opening(mask, structure=(yy**2 + xx**2 <= radius**2)[None])
+    np.testing.assert_array_equal(opening_in_plane(mask, radius), expected)
