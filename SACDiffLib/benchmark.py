@@ -1,12 +1,20 @@
 """``sacdiff benchmark``: speed figures measured in one run, each next to its baseline.
 
-So far: simplex noise (torch, batched) against ``opensimplex`` on the same fields, and the cost of one detection
-step (K members × slices through the UNet + noise + reverse update) for a preset. Timings are medians of repeats.
+- noise: torch simplex (batched, on the device) against ``opensimplex`` on the same fields;
+- one detection step (K members × slices through the UNet + noise + reverse update) per preset, the UNet's FLOPs
+  per evaluation (torch's FLOP counter) and, on CUDA, achieved TFLOP/s against the bf16 matmul peak measured here;
+- whole-volume reconstruction: the batched, lung-cropped path against a naive loop (one slice and one member at a
+  time, noise from ``opensimplex`` on the CPU) on a shortened step count;
+- λ re-threshold of a 512 × 512 × 80 volume against the whole-volume path (target ≤ 100 ms on the CPU);
+- peak memory (host, and device on CUDA).
+Timings are medians of repeats.
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -15,8 +23,9 @@ import torch
 
 from .checkpoint import build
 from .config import preset
-from .detect import resolve_device
-from .noise import SimplexNoise
+from .config import DetectConfig
+from .detect import DetectionResult, lung_box, reconstruct_ensemble, resolve_device, rethreshold
+from .noise import RAW_OCTAVE_STD, SimplexNoise
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -87,6 +96,123 @@ def bench_detection_step(preset_name: str = "demo", slices: int = 8, device: str
             "volume_estimate_s": seconds * cfg.detect.steps}
 
 
+def unet_flops(cfg, device="cpu") -> int:
+    """FLOPs of one UNet evaluation on one slice (torch.utils.flop_counter; a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = build(cfg)
+    model.to(device).eval()
+    s = cfg.preprocess.image_size
+    x = torch.zeros(1, 1, s, s, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, torch.ones_like(x), torch.ones(1, dtype=torch.long, device=device))
+    return int(counter.get_total_flops())
+
+
+def matmul_peak_tflops(device: str) -> float:
+    """Achieved bf16 matmul TFLOP/s on this GPU (8192² × 8192², the practical peak for the FLOP floor)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    seconds = _median_time(lambda: (a @ b, torch.cuda.synchronize()), 10)
+    return 2 * 8192**3 / seconds / 1e12
+
+
+def _opensimplex_octaves(cfg, size: int, seed: int) -> np.ndarray:
+    """Baseline noise: one multi-octave field from the opensimplex package (CPU, per call)."""
+    n = cfg.diffusion.noise
+    opensimplex.seed(seed)
+    coords = np.arange(size, dtype=np.float64)
+    total = np.zeros((size, size))
+    for o in range(n.octaves):
+        f = n.base_frequency * 2**o
+        total += n.persistence**o * opensimplex.noise2array(coords * f + 17.0 * o, coords * f)
+    return total / RAW_OCTAVE_STD if n.normalise else total
+
+
+def bench_volume(preset_name: str, slices: int, steps: int, device: str, naive: bool = True) -> dict:
+    """Reconstruction of ``slices`` lung slices (a synthetic lung mask covering ~45 % of the grid) for ``steps``
+    reverse steps: the batched, cropped path against a naive loop over slices and members with opensimplex noise."""
+    cfg = preset(preset_name)
+    dev = torch.device(device)
+    model, diffusion = build(cfg)
+    model.to(dev).eval()
+    diffusion.to(dev)
+    k, s = cfg.detect.ensemble, cfg.preprocess.image_size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
+    lung = (((xx.abs() - 0.42) / 0.3) ** 2 + (yy / 0.6) ** 2 <= 1).float()
+    c = lung.expand(slices, 1, s, s).contiguous().to(dev)
+    x = (torch.rand(slices, 1, s, s, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dev)
+    box = lung_box(c, cfg.model.size_multiple)
+
+    def batched():
+        reconstruct_ensemble(model, diffusion, x, c, steps, k, 0, box=box)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    batched()
+    t_batched = _median_time(batched, 2)
+    out = {"preset": preset_name, "image_size": s, "ensemble": k, "slices": slices, "steps": steps,
+           "device": str(dev), "batched_s": t_batched,
+           "box_fraction": (box[0].stop - box[0].start) * (box[1].stop - box[1].start) / s**2}
+    if naive:
+        @torch.inference_mode()
+        def naive_loop():
+            for member in range(k):
+                for i in range(slices):
+                    xt = x[i : i + 1]
+                    for t in range(steps, 0, -1):
+                        z = torch.from_numpy(_opensimplex_octaves(cfg, s, member * 1000 + t)).float().to(dev)
+                        eps = model(xt, c[i : i + 1], torch.full((1,), t, device=dev))
+                        xt, _ = diffusion.p_step(xt, t, eps, z.view(1, 1, s, s))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+
+        t_naive = _median_time(naive_loop, 1)
+        out.update({"naive_s": t_naive, "speedup": t_naive / t_batched})
+    return out
+
+
+def bench_rethreshold(shape=(80, 512, 512), repeats: int = 5) -> dict:
+    """λ slider path on a synthetic 512 × 512 × 80 result (two lungs, a lesion) vs the whole-volume path."""
+    from scipy import ndimage
+
+    from .postprocess import background_threshold
+
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    z, h, w = shape
+    lung = np.zeros(shape, np.uint8)
+    lung[5 : z - 5, h // 5 : 4 * h // 5, w // 8 : 15 * w // 32] = 1
+    lung[5 : z - 5, h // 5 : 4 * h // 5, 17 * w // 32 : 7 * w // 8] = 2
+    err = rng.gamma(2.0, 0.01, shape).astype(np.float32)
+    err[z // 4 : z // 2, h // 3 : h // 2, w // 5 : w // 3] += 0.2
+    processed = np.arange(5, z - 5)
+    result = DetectionResult(sitk.Image(w, h, z, sitk.sitkUInt8), None, lung, processed, err, None, None, None,
+                             None, DetectConfig(crf=False), box=(h // 6, 5 * h // 6, w // 10, 9 * w // 10))
+    rethreshold(result, 1.0, crf=False)  # first call computes the background statistics
+    lams = iter(np.linspace(-1, 3, repeats + 1))
+    t_fast = _median_time(lambda: rethreshold(result, float(next(lams)), crf=False), repeats)
+
+    def whole_volume():
+        t = background_threshold(err, lung, processed, 1.0, result.box)
+        mask = np.zeros(shape, bool)
+        mask[processed] = err[processed] > t.alpha
+        yy, xx = np.mgrid[-1:2, -1:2]
+        ndimage.binary_opening(mask, structure=(yy**2 + xx**2 <= 1)[None]) & (lung > 0)
+
+    t_whole = _median_time(whole_volume, 3)
+    return {"shape": list(shape), "rethreshold_s": t_fast, "whole_volume_s": t_whole, "speedup": t_whole / t_fast}
+
+
+def peak_host_memory_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
 def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     dev = str(resolve_device(device))
     results = {"threads": torch.get_num_threads()}
@@ -103,7 +229,37 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     for name in (("tiny",) if quick else ("demo", "fast")):
         d = bench_detection_step(name, 4 if quick else 8, dev, 3)
         results[f"step_{name}"] = d
+        flops = unet_flops(preset(name))
+        d["gflops_per_evaluation"] = flops / 1e9
         log(f"detection step, preset {name} ({d['image_size']}², K={d['ensemble']} × {d['slices']} slices) on "
-            f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s "
-            f"(T_s steps ≈ {d['volume_estimate_s']:.0f} s for these slices)")
+            f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s, "
+            f"{flops / 1e9:.2f} GFLOP per evaluation → {flops * d['evaluations_per_s'] / 1e12:.3f} TFLOP/s")
+    if dev.startswith("cuda"):
+        peak = matmul_peak_tflops(dev)
+        results["bf16_matmul_peak_tflops"] = peak
+        d = bench_detection_step("paper", 8, dev, 3)
+        flops = unet_flops(preset("paper"), dev)
+        achieved = flops * d["evaluations_per_s"] / 1e12
+        results["step_paper"] = dict(d, gflops_per_evaluation=flops / 1e9, achieved_tflops=achieved)
+        evals = 550 * 7 * 80
+        log(f"paper preset 512² on {dev}: {d['evaluations_per_s']:.0f} evaluations/s, {achieved:.1f} TFLOP/s = "
+            f"{achieved / peak:.2f} of the measured bf16 matmul peak {peak:.0f} TFLOP/s; a 80-slice volume "
+            f"(550 × 7 × 80 evaluations) ≈ {evals / d['evaluations_per_s']:.0f} s, FLOP floor "
+            f"{evals * flops / (peak * 1e12):.0f} s")
+    name = "tiny" if quick else "small"
+    v = bench_volume(name, 4 if quick else 8, 3 if quick else 5, dev, naive=True)
+    results["volume"] = v
+    log(f"reconstruction, preset {name}, {v['slices']} slices × K={v['ensemble']} × {v['steps']} steps on "
+        f"{v['device']}: batched + lung crop ({v['box_fraction']:.0%} of the grid) {v['batched_s']:.2f} s vs naive "
+        f"loop with opensimplex noise {v['naive_s']:.2f} s → {v['speedup']:.1f}×")
+    r = bench_rethreshold((24, 256, 256) if quick else (80, 512, 512), 3 if quick else 5)
+    results["rethreshold"] = r
+    log(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
+        f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
+    results["peak_host_memory_mb"] = peak_host_memory_mb()
+    line = f"peak memory: host {results['peak_host_memory_mb']:.0f} MB"
+    if dev.startswith("cuda"):
+        results["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        line += f", device {results['peak_cuda_memory_mb']:.0f} MB"
+    log(line)
     return results

@@ -107,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
 
     p = sub.add_parser("detect", help="detect anomalies in a CT (Algorithm 2 + Section 2.4)")
-    p.add_argument("ct", help="CT volume (.nii.gz, .nrrd, .mha) or DICOM series folder, in HU")
-    p.add_argument("--lung", help="lung mask on the CT grid (default: automatic lung mask)")
+    p.add_argument("ct", nargs="+",
+                   help="CT volume (.nii.gz, .nrrd, .mha) or DICOM series folder, in HU; several, a folder of volumes "
+                   "or a data folder (cases.json + ct/) run one after the other (under torchrun: shared over ranks) "
+                   "into OUT/<scan>/ with OUT/summary.csv; <base>_lung.<ext> beside a scan is used as its lung mask")
+    p.add_argument("--lung", help="lung mask on the CT grid (one scan only; default: automatic lung mask)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     _add_detect_options(p)
@@ -232,9 +235,30 @@ def cmd_train(args) -> int:
 
 
 def cmd_detect(args) -> int:
+    from .batch import collect_scans, detect_many, is_volume_folder
     from .detect import detect_volume
     from .outputs import check_out_dir, write_run
 
+    many = len(args.ct) > 1 or is_volume_folder(Path(args.ct[0]))
+    if many and args.lung:
+        raise SACDiffError("--lung names the mask of one scan; for several scans put <base>_lung.<ext> beside each")
+    if many:
+        scans = collect_scans(args.ct)
+        if int(os.environ.get("RANK", "0")) == 0:
+            check_out_dir(args.out, args.overwrite)
+        cfg, model, diffusion, device = _load_for_detection(args)
+        bar = _progress(args, "detect")
+        try:
+            summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar,
+                                  log=lambda m: print(m, file=sys.stderr))
+        finally:
+            bar.close()
+        if summary is not None:
+            print(f"{summary['ok']}/{len(scans)} scan(s) done on {summary['world_size']} process(es); "
+                  f"runs and summary.csv in {args.out}")
+            return 0 if summary["ok"] == len(scans) else 1
+        return 0
+    args.ct = args.ct[0]
     check_out_dir(args.out, args.overwrite)  # before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect

@@ -104,7 +104,7 @@ def cosine_lr(step: int, cfg) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _Distributed:
+class Distributed:
     """torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK); a no-op for a plain single process."""
 
     def __init__(self, device: torch.device):
@@ -157,7 +157,7 @@ def train(
         cfg.train.steps = int(steps)
     validate(cfg)
     tc = cfg.train
-    ddp = _Distributed(device)
+    ddp = Distributed(device)
     device = ddp.device
     images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices)
     images, masks = images.to(device), masks.to(device)

@@ -123,7 +123,8 @@ class DetectionProcess:
         self.log: list[str] = []
         self.cancelled = False
         self._events: "queue.Queue[tuple]" = queue.Queue()
-        popen = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1)
+        popen = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
+                     encoding="utf-8", errors="replace")  # the library prints α, λ, ²: never the locale's codec
         if os.name == "posix":
             popen["start_new_session"] = True  # own process group: cancel reaches every child
         else:
@@ -133,16 +134,19 @@ class DetectionProcess:
         self._reader.start()
 
     def _read(self):
-        for line in self._process.stdout:
-            line = line.rstrip("\n")
-            for part in line.split("\r"):  # a tqdm bar may share the line
-                if part.startswith(PROGRESS_PREFIX):
-                    fraction, _, message = part[len(PROGRESS_PREFIX):].partition(" ")
-                    self._events.put(("progress", float(fraction), message))
-                elif part.strip():
-                    self._events.put(("log", part))
-        self._process.stdout.close()
-        self._events.put(("exit", self._process.wait()))
+        try:
+            for line in self._process.stdout:
+                for part in line.rstrip("\n").split("\r"):  # a tqdm bar may share the line
+                    if part.startswith(PROGRESS_PREFIX):
+                        fraction, _, message = part[len(PROGRESS_PREFIX):].partition(" ")
+                        self._events.put(("progress", float(fraction), message))
+                    elif part.strip():
+                        self._events.put(("log", part))
+        except (OSError, ValueError) as exc:  # the pipe closed under us (cancel)
+            self._events.put(("log", f"[output reader stopped: {exc}]"))
+        finally:
+            self._process.stdout.close()
+            self._events.put(("exit", self._process.wait()))
 
     def poll(self) -> list[tuple]:
         events = []
@@ -318,6 +322,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
         command = self.detectionCommand(ctPath, lungPath, runDir, **options)
         return DetectionProcess(command, runDir, workDir, env)
 

@@ -1,0 +1,153 @@
+"""Detection over many scans: a list of files, a folder of volumes, or a data folder (cases.json + ct/).
+
+Under ``torchrun`` every rank takes every WORLD_SIZE-th scan (on its own GPU when there are GPUs); rank 0 writes
+one ``summary.csv`` when all ranks are done. Each scan gets its own run folder ``OUT/<scan>/``, written
+all-or-nothing like a single ``sacdiff detect``; a scan that fails is reported in the summary and the others go
+on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import Cancelled, SACDiffError
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+@dataclass
+class Scan:
+    name: str
+    ct: Path
+    lung: Optional[Path]  # None: the automatic lung mask
+
+
+def _strip(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _sibling_lung(ct: Path) -> Optional[Path]:
+    """``<base>_lung.<ext>`` beside ``<base>_ct.<ext>`` or ``<base>.<ext>``."""
+    base = _strip(ct)
+    base = base[:-3] if base.endswith("_ct") else base
+    for suffix in VOLUME_SUFFIXES:
+        candidate = ct.with_name(f"{base}_lung{suffix}")
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_volume_folder(path: Path) -> bool:
+    """A folder of volume files or a data folder (not a DICOM series folder)."""
+    path = Path(path)
+    return path.is_dir() and ((path / "cases.json").is_file() or any(_volumes_in(path)))
+
+
+def _volumes_in(folder: Path):
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name.endswith(VOLUME_SUFFIXES) and not _strip(p).endswith(("_lung", "_lesion")):
+            yield p
+
+
+def collect_scans(inputs) -> list[Scan]:
+    """Scans named by ``inputs``: files, DICOM series folders, folders of volumes, or data folders."""
+    scans: list[Scan] = []
+    for item in map(Path, inputs):
+        if not item.exists():
+            raise SACDiffError(f"{item} does not exist; give CT files, DICOM folders or a folder of volumes")
+        if item.is_dir() and (item / "cases.json").is_file():
+            from .train import load_cases
+
+            for case in load_cases(item):
+                ct = item / "ct" / f"{case}_ct.nii.gz"
+                lung = item / "ct" / f"{case}_lung.nii.gz"
+                scans.append(Scan(case, ct, lung if lung.is_file() else None))
+        elif item.is_dir() and any(_volumes_in(item)):
+            scans += [Scan(_strip(p).removesuffix("_ct"), p, _sibling_lung(p)) for p in _volumes_in(item)]
+        else:  # a CT file or a DICOM series folder
+            scans.append(Scan(_strip(item).removesuffix("_ct") or item.name, item, _sibling_lung(item)
+                              if item.is_file() else None))
+    names = [s.name for s in scans]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SACDiffError(f"several scans would share the output folder name {duplicates}; rename them or run "
+                           "them separately")
+    if not scans:
+        raise SACDiffError("no scans found in the inputs")
+    return scans
+
+
+def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overwrite: bool = False,
+                progress: Optional[Callable[[float, str], bool]] = None, log=print) -> Optional[dict]:
+    """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
+    from .detect import detect_volume
+    from .outputs import write_run
+    from .train import Distributed
+
+    dist = Distributed(device)
+    out_dir = Path(out_dir)
+    mine = scans[dist.rank :: dist.world]
+    rows = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, scan in enumerate(mine):
+            def scan_progress(fraction, message, i=i):
+                if progress is None:
+                    return True
+                return progress((i + fraction) / len(mine), f"{scan.name}: {message}")
+
+            row = {"scan": scan.name, "ct": str(scan.ct), "lung": str(scan.lung) if scan.lung else "automatic",
+                   "rank": dist.rank}
+            try:
+                result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device, scan_progress)
+                write_run(result, out_dir / scan.name, overwrite=overwrite)
+                q = result.report["quantification"]
+                row.update(status="ok", anomaly_ml=round(q["anomaly_ml"], 3),
+                           anomaly_percent_of_lung=round(q["anomaly_percent_of_lung"], 4),
+                           right_anomaly_percent=round(q["right_anomaly_percent"], 4),
+                           left_anomaly_percent=round(q["left_anomaly_percent"], 4),
+                           alpha=result.threshold.alpha, seconds=result.report["timings"]["total_s"])
+            except Cancelled:
+                raise
+            except SACDiffError as exc:
+                row.update(status=f"error: {exc}")
+                log(f"{scan.name}: {exc}")
+            rows.append(row)
+        (out_dir / f".rank{dist.rank}.json").write_text(json.dumps(rows))
+        if dist.active:
+            import torch.distributed as td
+
+            td.barrier()
+        if not dist.main:
+            return None
+        every = []
+        for rank in range(dist.world):
+            part = out_dir / f".rank{rank}.json"
+            every += json.loads(part.read_text())
+            part.unlink()
+        order = {s.name: i for i, s in enumerate(scans)}
+        every.sort(key=lambda r: order[r["scan"]])
+        _write_summary(every, out_dir / "summary.csv")
+        return {"scans": every, "ok": sum(r["status"] == "ok" for r in every), "world_size": dist.world}
+    finally:
+        dist.close()
+
+
+def _write_summary(rows: list[dict], path: Path) -> None:
+    fields = ["scan", "status", "anomaly_ml", "anomaly_percent_of_lung", "right_anomaly_percent",
+              "left_anomaly_percent", "alpha", "seconds", "rank", "ct", "lung"]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
