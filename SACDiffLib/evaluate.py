@@ -8,6 +8,13 @@ lung flagged (for normal cases: the false-positive burden).
 
 Writes ``cases.csv``, ``summary.json`` ({"cases", "medseg_covid", "mean"}) and ``summary.md`` into RESULTS, and each
 case's detection run under ``RESULTS/runs/<case>``.
+
+MedSeg 2D slices (``slices/medseg_covid/{image/<n>.jpg, mask/<n>.png}``, 8-bit, lung-windowed, cropped to the chest)
+carry no HU. We assume the standard lung window W 1500 / L −600 (grey 0 → −1350 HU, 255 → +150 HU) — the model's
+own input window, so the model sees the grey levels as they are — and an in-plane spacing of 0.7 mm (volumes in ml
+are therefore indicative only). Each slice is a one-slice volume; its lung mask comes from the project's fallback
+(``lung.segment_lungs(cropped=True)``); the infection mask (1 ground glass, 2 consolidation) is the truth, scored
+inside the lung like the volumes. Per-slice metrics are summarised as mean and (population) std.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import SACDiffConfig
+from .lung import segment_lungs
 from .detect import detect_volume
 from .errors import SACDiffError
 from .metrics import METRICS, auroc, segmentation_metrics, summarise
@@ -87,10 +95,19 @@ def evaluate(
             row = score_case(result, lesion, info.get("slice_label_infection"))
             per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly")}
             rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), **row})
+        medseg = {}
+        medseg_dir = cases_dir / "slices" / "medseg_covid"
+        if (medseg_dir / "image").is_dir():
+            log(f"MedSeg slices in {medseg_dir}")
+            medseg_rows = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log)
+            _write_medseg_csv(tmp / "medseg_covid.csv", medseg_rows)
+            scored = [r for r in medseg_rows if r.get("status") == "ok"]
+            medseg = {m: {"mean": st["mean"], "std": st["std"], "n": st["n"]}
+                      for m, st in summarise(scored, METRICS).items() if st["n"] > 0}
         stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
         summary = {
             "cases": per_case,
-            "medseg_covid": {},  # the MedSeg 2D slices are not evaluated yet (see README)
+            "medseg_covid": medseg,
             "mean": {m: st["mean"] for m, st in stats.items()},
             "mean_std": stats,
             "detect": {k: v for k, v in vars(cfg.detect).items()},
@@ -102,6 +119,66 @@ def evaluate(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+MEDSEG_WINDOW_HU = (-1350.0, 150.0)  # assumed lung window of the 8-bit MedSeg images (W 1500 / L −600)
+MEDSEG_SPACING_MM = (0.7, 0.7, 5.0)  # assumed: the images carry no spacing
+
+
+def medseg_slice_to_hu(grey: np.ndarray) -> np.ndarray:
+    """8-bit lung-windowed grey levels → HU under the stated window assumption."""
+    lo, hi = MEDSEG_WINDOW_HU
+    return (lo + grey.astype(np.float32) / 255.0 * (hi - lo)).round().astype(np.int16)
+
+
+def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) -> list[dict]:
+    """Detect on every MedSeg slice; per-slice IoU, Dice, precision, recall, FPR inside the fallback lung mask."""
+    from PIL import Image
+
+    folder, work_dir = Path(folder), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    images = sorted((folder / "image").glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
+    rows = []
+    for path in images:
+        mask_path = folder / "mask" / f"{path.stem}.png"
+        row = {"slice": path.stem}
+        if not mask_path.exists():
+            rows.append(dict(row, status="no mask"))
+            continue
+        grey = np.asarray(Image.open(path).convert("L"))
+        truth = np.asarray(Image.open(mask_path)) > 0
+        if truth.shape != grey.shape:
+            rows.append(dict(row, status=f"mask shape {truth.shape} differs from image {grey.shape}"))
+            continue
+        image = sitk.GetImageFromArray(medseg_slice_to_hu(grey)[None])
+        image.SetSpacing(MEDSEG_SPACING_MM)
+        ct_path = work_dir / f"{path.stem}_ct.nii.gz"
+        lung_path = work_dir / f"{path.stem}_lung.nii.gz"
+        sitk.WriteImage(image, str(ct_path))
+        try:
+            lung = segment_lungs(sitk.GetArrayFromImage(image), image, cropped=True)
+            lung_image = sitk.GetImageFromArray(lung)
+            lung_image.CopyInformation(image)
+            sitk.WriteImage(lung_image, str(lung_path))
+            result = detect_volume(ct_path, model, diffusion, cfg, lung_path, device)
+        except SACDiffError as exc:
+            log(f"MedSeg slice {path.stem}: {exc}")
+            rows.append(dict(row, status=f"error: {exc}"))
+            continue
+        inside = result.lung > 0
+        metrics = segmentation_metrics(result.mask, truth[None], inside)
+        rows.append(dict(row, status="ok", lung_fraction=float(inside.mean()),
+                         truth_in_lung_fraction=float((truth[None] & inside).sum() / max(truth.sum(), 1)), **metrics))
+    return rows
+
+
+def _write_medseg_csv(path: Path, rows: list[dict]) -> None:
+    fields = ("slice", "status") + METRICS + ("lung_fraction", "truth_in_lung_fraction")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (_fmt(r[k]) if isinstance(r.get(k), float) else r.get(k, "")) for k in fields})
 
 
 def _fmt(v) -> str:
@@ -130,4 +207,13 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
         f"{ms[m]['mean']:.4f} ({ms[m]['std']:.4f})" if m in ms else "" for m in ALL_METRICS) + " | | |")
     lines += ["", "Voxel metrics are restricted to the lung mask; slice AUROC scores each slice by its detected "
               "anomaly volume (ml). Mean (std) over the cases that have the label (population std)."]
+    if summary["medseg_covid"]:
+        m = summary["medseg_covid"]
+        n = next(iter(m.values()))["n"]
+        lines += ["", f"## MedSeg COVID-19 slices ({n} scored; per-slice mean (std))", "",
+                  "| " + " | ".join(METRICS) + " |", "|" + "---|" * len(METRICS),
+                  "| " + " | ".join(f"{m[k]['mean']:.4f} ({m[k]['std']:.4f})" if k in m else "" for k in METRICS)
+                  + " |", "",
+                  "8-bit grey levels mapped to HU assuming the lung window W 1500 / L −600; lung mask from SACDiff's "
+                  "fallback; per-slice rows in medseg_covid.csv."]
     return "\n".join(lines) + "\n"

@@ -16,10 +16,11 @@ RIGHT, LEFT = 1, 2
 AIR_HU = -320.0  # lung parenchyma and air lie below this; soft tissue above
 
 
-def segment_lungs(hu: np.ndarray, image: sitk.Image) -> np.ndarray:
+def segment_lungs(hu: np.ndarray, image: sitk.Image, cropped: bool = False) -> np.ndarray:
     """Lungs of a chest CT (z, y, x) in HU → uint8 labels (1 right, 2 left).
 
-    Threshold at −320 HU, drop the air outside the body (components touching the in-plane border), keep the largest
+    Threshold at −320 HU, drop the air outside the body (components touching the in-plane border; with ``cropped``,
+    only components with a long border contact, for images cropped to the chest), keep the largest
     one or two air components (two when the second is at least 10 % of the first), fill holes slice by slice
     (vessels, nodules, consolidation surrounded by lung), smooth with a small closing, then split right/left.
     """
@@ -32,7 +33,14 @@ def segment_lungs(hu: np.ndarray, image: sitk.Image) -> np.ndarray:
     border = np.zeros_like(air)
     border[:, [0, -1], :] = True
     border[:, :, [0, -1]] = True
-    outside = np.unique(labels[border & air])
+    if cropped:
+        # Images cropped to the chest (e.g. MedSeg slices): a lung may graze the border. Only components with a
+        # long border contact (> 10 % of the border pixels of the slices they touch) are outside air.
+        contact = ndimage.sum_labels(border & air, labels, index=np.arange(1, n + 1))
+        perimeter = 2 * (air.shape[1] + air.shape[2]) * air.shape[0]
+        outside = np.nonzero(contact > 0.1 * perimeter)[0] + 1
+    else:
+        outside = np.unique(labels[border & air])
     sizes = ndimage.sum_labels(air, labels, index=np.arange(1, n + 1))
     sizes[outside[outside > 0] - 1] = 0
     order = np.argsort(sizes)[::-1]

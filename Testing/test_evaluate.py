@@ -37,3 +37,42 @@ def test_evaluate_tiny_phantom_folder(tmp_path, tiny_checkpoint, capsys):
     assert [r["case"] for r in rows] == sorted(summary["cases"])
     assert "mean (std)" in (out / "summary.md").read_text()
     assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
+
+
+def test_medseg_grey_levels_map_to_the_stated_lung_window():
+    from SACDiffLib.evaluate import medseg_slice_to_hu
+
+    hu = medseg_slice_to_hu(np.array([0, 51, 255], np.uint8))
+    np.testing.assert_array_equal(hu, [-1350, -1050, 150])  # −1350 + g/255 · 1500
+
+
+def test_evaluate_scores_medseg_slices_per_slice(tmp_path, tiny_checkpoint):
+    """MedSeg-like 8-bit slices cropped to the chest (lungs touch the border): the fallback lung mask copes, and
+    the summary's mean (std) equals the per-slice rows."""
+    from PIL import Image
+
+    from SACDiffLib.phantom import chest_phantom
+
+    cases = write_phantom_cases(tmp_path / "cases", cases=1, kind="covid", size=48, slices=8, seed=5)
+    medseg = cases / "slices" / "medseg_covid"
+    (medseg / "image").mkdir(parents=True)
+    (medseg / "mask").mkdir()
+    for n, seed in enumerate((1, 2)):
+        hu, lungs, lesion, _ = chest_phantom(96, 12, "covid", seed)
+        z = int(np.argmax(lesion.sum(axis=(1, 2))))
+        ys, xs = np.nonzero(lungs[z])
+        crop = (slice(ys.min() + 1, None), slice(None))  # cropped at the lung apex: the lungs touch the border
+        grey = np.clip((hu[z][crop].astype(np.float32) + 1350) / 1500 * 255, 0, 255).round().astype(np.uint8)
+        Image.fromarray(grey).save(medseg / "image" / f"{n}.jpg", quality=95)
+        Image.fromarray((lesion[z][crop] > 0).astype(np.uint8)).save(medseg / "mask" / f"{n}.png")
+    out = tmp_path / "results"
+    assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(out),
+                 "--steps", "3", "--no-crf"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [r for r in csv.DictReader(open(out / "medseg_covid.csv")) if r["status"] == "ok"]
+    assert len(rows) == 2 and all(float(r["lung_fraction"]) > 0.2 for r in rows)
+    for metric in ("iou", "dice", "precision", "recall", "fpr"):
+        values = [float(r[metric]) for r in rows]
+        assert summary["medseg_covid"][metric]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
+        assert summary["medseg_covid"][metric]["std"] == pytest.approx(np.std(values), abs=1e-4)
+    assert "MedSeg" in (out / "summary.md").read_text()
