@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole method on a synthetic chest in minutes (or on --ct)")
     p.add_argument("--out", default="sacdiff-demo", help="output folder (default ./sacdiff-demo, replaced)")
     p.add_argument("--ct", help="run on this CT instead of the synthetic chest (lung mask from the fallback)")
-    p.add_argument("--model", help="use this checkpoint instead of training the small demo model")
-    p.add_argument("--train-steps", type=int, help="training steps of the demo model (default 1500)")
+    p.add_argument("--model", help="use this checkpoint (default: the shipped reference model)")
+    p.add_argument("--train-steps", type=int, help="train the small demo model on synthetic normals for N steps "
+                   "instead of using the shipped model (1500 gives the figures in the README)")
     p.add_argument("--steps", type=int, help="T_s of detection (default: the model's)")
     p.add_argument("--ensemble", type=int, help="K of detection (default: the model's)")
+    p.add_argument("--sampling-steps", type=int, help="respaced reverse steps (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
 
@@ -343,7 +345,7 @@ def cmd_demo(args) -> int:
     bar = _progress(args, "detect")
     try:
         summary = run_demo(args.out, args.ct, args.model, args.train_steps, args.seed, args.device, progress=bar,
-                           detect_steps=args.steps, ensemble=args.ensemble)
+                           detect_steps=args.steps, ensemble=args.ensemble, sampling_steps=args.sampling_steps)
     finally:
         bar.close()
     if "dice" in summary:
