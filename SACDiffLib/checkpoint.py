@@ -104,6 +104,30 @@ def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 
     return cfg, model, diffusion.to(device), payload
 
 
+def slim_checkpoint(src, dst, half: bool = True) -> Path:
+    """A checkpoint for shipping: the EMA weights (or the raw ones) as the model, optionally in float16, with the
+    config and provenance but without optimizer state. Loads through ``load_checkpoint`` like any other (the
+    weights are cast back to float32 on load)."""
+    payload = read_checkpoint(src)
+    weights = payload["ema"] or payload["model"]
+    if half:
+        weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    extra = dict(payload.get("extra") or {})
+    extra.update({"slimmed_from": Path(src).name, "weights": "ema" if payload["ema"] else "model",
+                  "stored_dtype": "float16" if half else "float32"})
+    slim = dict(payload, model=weights, ema=None, train_state=None, extra=extra)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(slim, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
+
+
 SHIPPED_MODEL = "sacdiff-small.pt"
 
 

@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("slim", help="a checkpoint for shipping: EMA weights in float16, no optimizer state")
+    p.add_argument("checkpoint", help="checkpoint from `sacdiff train`")
+    p.add_argument("--out", required=True, help="file to write (.pt)")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights")
+
     p = sub.add_parser("ablation", help="the generative rows of Tables 1–2: train 4 networks, evaluate 9 configs")
     p.add_argument("--train", help="data folder whose normal cases train the networks (and calibrate fixed α)")
     p.add_argument("--cases", help="data folder with the labelled test cases (default: --train)")
@@ -396,6 +401,15 @@ def cmd_ablation(args) -> int:
     return 0 if result["rows"] else 1
 
 
+def cmd_slim(args) -> int:
+    from .checkpoint import load_checkpoint, slim_checkpoint
+
+    out = slim_checkpoint(args.checkpoint, args.out, half=not args.float32)
+    load_checkpoint(out)  # the slim file passes the same checks as any checkpoint
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from .benchmark import run_benchmark
 
@@ -407,7 +421,8 @@ def cmd_benchmark(args) -> int:
 
 COMMANDS = {
     "ablation": cmd_ablation, "benchmark": cmd_benchmark, "demo": cmd_demo, "detect": cmd_detect, "evaluate": cmd_evaluate,
-    "lungmask": cmd_lungmask, "phantom": cmd_phantom, "threshold": cmd_threshold, "train": cmd_train,
+    "lungmask": cmd_lungmask, "phantom": cmd_phantom, "slim": cmd_slim, "threshold": cmd_threshold,
+    "train": cmd_train,
 }
 
 

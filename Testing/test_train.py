@@ -98,3 +98,24 @@ def test_two_process_ddp_training_with_gloo(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[:3000]
     extra = read_checkpoint(out)["extra"]
     assert extra["world_size"] == 2 and extra["ranks_in_sync"] is True and extra["steps_done"] == 3
+
+
+def test_slim_checkpoint_keeps_the_network_in_half_precision(tiny_checkpoint, tmp_path):
+    """The shipped form: EMA weights in float16; it loads through the same checks and predicts like the original
+    within float16 rounding."""
+    import torch
+
+    from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, slim_checkpoint
+
+    slim = slim_checkpoint(tiny_checkpoint, tmp_path / "slim.pt")
+    payload = read_checkpoint(slim)
+    assert payload["ema"] is None and payload["train_state"] is None
+    assert all(v.dtype == torch.float16 for v in payload["model"].values() if v.is_floating_point())
+    cfg, model, _, _ = load_checkpoint(tiny_checkpoint)
+    _, small, _, _ = load_checkpoint(slim)
+    x = torch.randn(2, 1, 32, 32)
+    c = torch.ones_like(x)
+    t = torch.tensor([5, 50])
+    with torch.no_grad():
+        torch.testing.assert_close(small(x, c, t), model(x, c, t), rtol=2e-2, atol=2e-2)
+    assert slim.stat().st_size < tiny_checkpoint.stat().st_size
