@@ -87,7 +87,8 @@ def collect_scans(inputs) -> list[Scan]:
 
 
 def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overwrite: bool = False,
-                progress: Optional[Callable[[float, str], bool]] = None, log=print) -> Optional[dict]:
+                progress: Optional[Callable[[float, str], bool]] = None, log=print,
+                compile_model: bool = False) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
     from .outputs import write_run
@@ -108,7 +109,8 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
             row = {"scan": scan.name, "ct": str(scan.ct), "lung": str(scan.lung) if scan.lung else "automatic",
                    "rank": dist.rank}
             try:
-                result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device, scan_progress)
+                result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device, scan_progress,
+                                       compile_model=compile_model)
                 write_run(result, out_dir / scan.name, overwrite=overwrite)
                 q = result.report["quantification"]
                 row.update(status="ok", anomaly_ml=round(q["anomaly_ml"], 3),

@@ -207,3 +207,15 @@ def test_respaced_detection_runs_fewer_network_evaluations(tiny_checkpoint):
     assert network_evaluations(cfg.detect) == 7 * 25
     cfg.detect.sampling_steps = 0
     assert network_evaluations(cfg.detect) == 7 * 550
+
+
+def test_compiled_network_gives_the_eager_result(tiny_checkpoint):
+    """torch.compile (inductor on the CPU here; CUDA graphs on a GPU) must not change detection."""
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = torch.ones_like(x)
+    eager = reconstruct_ensemble(model, diffusion, x, c, 3, 2, seed=0)
+    stats = {}
+    compiled = reconstruct_ensemble(model, diffusion, x, c, 3, 2, seed=0, compile_model=True, stats=stats)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    assert "compiled" in stats  # True where a compiler exists; a fallback to eager is allowed, never a failure
