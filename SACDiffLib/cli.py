@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
+    p.add_argument("--sweep", help="accuracy against network evaluations: comma-separated K×n settings (K members, "
+                   "n respaced reverse steps; n = 0: every step), e.g. 3x10,3x25,3x0 → OUT/<K>x<n>/ and OUT/sweep.md")
     _add_detect_options(p)
 
     p = sub.add_parser("threshold", help="re-binarise a finished run with another λ (no model run)")
@@ -305,6 +307,16 @@ def cmd_evaluate(args) -> int:
     check_out_dir(args.out, args.overwrite)
     cfg, model, diffusion, device = _load_for_detection(args)
     bar = _progress(args, "evaluate")
+    if args.sweep:
+        from .evaluate import parse_sweep, sweep
+
+        try:
+            table = sweep(args.cases, model, diffusion, cfg, args.out, device, parse_sweep(args.sweep),
+                          args.overwrite, bar, log=lambda m: print(m, file=sys.stderr))
+        finally:
+            bar.close()
+        print(table)
+        return 0
     try:
         summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
                            log=lambda m: print(m, file=sys.stderr))

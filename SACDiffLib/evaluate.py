@@ -121,6 +121,57 @@ def evaluate(
     return summary
 
 
+def parse_sweep(text: str) -> list[tuple[int, int]]:
+    """"3x10,3x25,1x25" → [(3, 10), (3, 25), (1, 25)] (K members × n respaced steps; n = 0 = every step)."""
+    settings = []
+    for item in text.split(","):
+        try:
+            k, n = item.lower().strip().split("x")
+            settings.append((int(k), int(n)))
+        except ValueError:
+            raise SACDiffError(f"--sweep item {item!r} is not K×n (e.g. 3x25); give comma-separated settings") from None
+        if settings[-1][0] < 1 or settings[-1][1] < 0:
+            raise SACDiffError(f"--sweep item {item!r}: K must be ≥ 1 and n ≥ 0")
+    return settings
+
+
+def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite=False, progress=None,
+          log=print) -> str:
+    """``evaluate`` once per (K, n) setting into OUT/<K>x<n>/, and a table of accuracy against network evaluations
+    per slice (K × reverse steps) and wall time: OUT/sweep.md and OUT/sweep.json."""
+    import dataclasses
+    import time
+
+    from .detect import network_evaluations
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=overwrite)
+    rows = []
+    for i, (k, n) in enumerate(settings):
+        run_cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, ensemble=k, sampling_steps=n))
+        log(f"[{i + 1}/{len(settings)}] K = {k}, reverse steps = {n or run_cfg.detect.steps}")
+        step = (lambda f, m, i=i: progress((i + f) / len(settings), m)) if progress else None
+        t0 = time.perf_counter()
+        summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite, step,
+                           log=lambda m: None)
+        rows.append({"ensemble": k, "sampling_steps": n, "evaluations_per_slice": network_evaluations(run_cfg.detect),
+                     "seconds": time.perf_counter() - t0, "mean_std": summary["mean_std"],
+                     "medseg_covid": summary["medseg_covid"]})
+    paper = 550 * 7
+    lines = ["| K | reverse steps | UNet evaluations per slice | × fewer than the paper (550 × 7) | "
+             + " | ".join(ALL_METRICS) + " | seconds |", "|---|---|---|---|" + "---|" * (len(ALL_METRICS) + 1)]
+    for r in rows:
+        cells = [f"{r['mean_std'][m]['mean']:.4f} ({r['mean_std'][m]['std']:.4f})" if m in r["mean_std"] else ""
+                 for m in ALL_METRICS]
+        steps = r["sampling_steps"] or cfg.detect.steps
+        lines.append(f"| {r['ensemble']} | {steps} | {r['evaluations_per_slice']} | "
+                     f"{paper / r['evaluations_per_slice']:.0f} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "sweep.md").write_text(table)
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1, default=float))
+    return table
+
+
 MEDSEG_WINDOW_HU = (-1350.0, 150.0)  # assumed lung window of the 8-bit MedSeg images (W 1500 / L −600)
 MEDSEG_SPACING_MM = (0.7, 0.7, 5.0)  # assumed: the images carry no spacing
 

@@ -76,3 +76,18 @@ def test_evaluate_scores_medseg_slices_per_slice(tmp_path, tiny_checkpoint):
         assert summary["medseg_covid"][metric]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
         assert summary["medseg_covid"][metric]["std"] == pytest.approx(np.std(values), abs=1e-4)
     assert "MedSeg" in (out / "summary.md").read_text()
+
+
+def test_sweep_reports_accuracy_against_network_evaluations(tmp_path, tiny_checkpoint, capsys):
+    cases = write_phantom_cases(tmp_path / "cases", cases=1, kind="covid", size=48, slices=8, seed=4)
+    out = tmp_path / "sweep"
+    assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(out),
+                 "--sweep", "1x2,2x0", "--no-crf"]) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["ensemble"], r["evaluations_per_slice"]) for r in rows] == [(1, 2), (2, 20)]  # tiny: T_s = 10
+    for r, name in zip(rows, ("1x2", "2x0")):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert r["mean_std"]["dice"]["mean"] == pytest.approx(summary["mean"]["dice"])
+    assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"),
+                 "--sweep", "3by25"]) == 2
+    assert "is not K×n" in capsys.readouterr().err
