@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
+    p.add_argument("--medseg-window", default="-1350,150",
+                   help="LO,HI: HU window assumed for the 8-bit MedSeg slices (default -1350,150 = W 1500 / L -600)")
     p.add_argument("--sweep", help="accuracy against network evaluations: comma-separated K×n settings (K members, "
                    "n respaced reverse steps; n = 0: every step), e.g. 3x10,3x25,3x0 → OUT/<K>x<n>/ and OUT/sweep.md")
     _add_detect_options(p)
@@ -318,8 +320,14 @@ def cmd_evaluate(args) -> int:
         print(table)
         return 0
     try:
+        lo, hi = (float(v) for v in args.medseg_window.split(","))
+    except ValueError:
+        raise SACDiffError(f"--medseg-window {args.medseg_window!r} is not LO,HI in HU (e.g. -1350,150)") from None
+    if not lo < hi:
+        raise SACDiffError(f"--medseg-window: LO must be below HI (got {lo:g}, {hi:g})")
+    try:
         summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=lambda m: print(m, file=sys.stderr), medseg_window=(lo, hi))
     finally:
         bar.close()
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())

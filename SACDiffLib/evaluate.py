@@ -38,6 +38,8 @@ from .metrics import METRICS, auroc, segmentation_metrics, summarise
 from .outputs import swap_into_place, write_run
 from .train import load_cases
 
+MEDSEG_WINDOW_HU = (-1350.0, 150.0)  # assumed lung window of the 8-bit MedSeg images (W 1500 / L −600)
+MEDSEG_SPACING_MM = (0.7, 0.7, 5.0)  # assumed: the images carry no spacing
 ALL_METRICS = METRICS + ("slice_auroc",)
 COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml")
 
@@ -65,6 +67,7 @@ def evaluate(
     overwrite: bool = False,
     progress: Optional[Callable] = None,
     log=print,
+    medseg_window=MEDSEG_WINDOW_HU,
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -99,7 +102,8 @@ def evaluate(
         medseg_dir = cases_dir / "slices" / "medseg_covid"
         if (medseg_dir / "image").is_dir():
             log(f"MedSeg slices in {medseg_dir}")
-            medseg_rows = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log)
+            medseg_rows = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log,
+                                          window=medseg_window)
             _write_medseg_csv(tmp / "medseg_covid.csv", medseg_rows)
             scored = [r for r in medseg_rows if r.get("status") == "ok"]
             medseg = {m: {"mean": st["mean"], "std": st["std"], "n": st["n"]}
@@ -108,6 +112,7 @@ def evaluate(
         summary = {
             "cases": per_case,
             "medseg_covid": medseg,
+            "medseg_window_hu": list(medseg_window),
             "mean": {m: st["mean"] for m, st in stats.items()},
             "mean_std": stats,
             "detect": {k: v for k, v in vars(cfg.detect).items()},
@@ -172,17 +177,15 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
     return table
 
 
-MEDSEG_WINDOW_HU = (-1350.0, 150.0)  # assumed lung window of the 8-bit MedSeg images (W 1500 / L −600)
-MEDSEG_SPACING_MM = (0.7, 0.7, 5.0)  # assumed: the images carry no spacing
 
 
-def medseg_slice_to_hu(grey: np.ndarray) -> np.ndarray:
-    """8-bit lung-windowed grey levels → HU under the stated window assumption."""
-    lo, hi = MEDSEG_WINDOW_HU
+def medseg_slice_to_hu(grey: np.ndarray, window=MEDSEG_WINDOW_HU) -> np.ndarray:
+    """8-bit lung-windowed grey levels → HU under the stated window assumption (lo, hi) in HU."""
+    lo, hi = window
     return (lo + grey.astype(np.float32) / 255.0 * (hi - lo)).round().astype(np.int16)
 
 
-def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) -> list[dict]:
+def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print, window=MEDSEG_WINDOW_HU) -> list[dict]:
     """Detect on every MedSeg slice; per-slice IoU, Dice, precision, recall, FPR inside the fallback lung mask."""
     from PIL import Image
 
@@ -201,7 +204,7 @@ def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) 
         if truth.shape != grey.shape:
             rows.append(dict(row, status=f"mask shape {truth.shape} differs from image {grey.shape}"))
             continue
-        image = sitk.GetImageFromArray(medseg_slice_to_hu(grey)[None])
+        image = sitk.GetImageFromArray(medseg_slice_to_hu(grey, window)[None])
         image.SetSpacing(MEDSEG_SPACING_MM)
         ct_path = work_dir / f"{path.stem}_ct.nii.gz"
         lung_path = work_dir / f"{path.stem}_lung.nii.gz"
@@ -265,6 +268,7 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
                   "| " + " | ".join(METRICS) + " |", "|" + "---|" * len(METRICS),
                   "| " + " | ".join(f"{m[k]['mean']:.4f} ({m[k]['std']:.4f})" if k in m else "" for k in METRICS)
                   + " |", "",
-                  "8-bit grey levels mapped to HU assuming the lung window W 1500 / L −600; lung mask from SACDiff's "
-                  "fallback; per-slice rows in medseg_covid.csv."]
+                  f"8-bit grey levels mapped to HU assuming the window [{summary['medseg_window_hu'][0]:g}, "
+                  f"{summary['medseg_window_hu'][1]:g}] HU; lung mask from SACDiff's fallback; per-slice rows in "
+                  "medseg_covid.csv."]
     return "\n".join(lines) + "\n"
