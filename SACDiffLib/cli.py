@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--resume", help="continue from this checkpoint (its config is used)")
+    p.add_argument("--normal-cases", help="comma-separated cases to train on as healthy (default: every case whose "
+                   "diagnosis is exactly 'normal')")
     p.add_argument("--include-uninfected-slices", action="store_true",
                    help="also train on slices of non-normal cases labelled 0 in slice_label_infection")
     _add_device(p)
@@ -254,7 +256,8 @@ def cmd_train(args) -> int:
         cfg.detect.steps = min(cfg.detect.steps, args.timesteps)
     validate(cfg)
     summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
-                    include_uninfected_slices=args.include_uninfected_slices, steps=args.steps)
+                    include_uninfected_slices=args.include_uninfected_slices, steps=args.steps,
+                    normal_cases=args.normal_cases.split(",") if args.normal_cases else None)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps on {summary['slices']} slices in {summary['seconds']:.1f} s; "
               f"final loss {summary['final_loss']:.4f}; checkpoint: {args.out}")

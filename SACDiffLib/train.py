@@ -47,13 +47,21 @@ def load_cases(data_dir) -> dict:
     return cases
 
 
-def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False):
-    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, n_slices))."""
+def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
+                         normal_cases: Optional[list] = None):
+    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, n_slices)).
+
+    Healthy cases are those with diagnosis exactly ``normal``, or the cases named in ``normal_cases`` (e.g. to add
+    one described as "normal-looking lungs")."""
     data_dir = Path(data_dir)
     pre = cfg.preprocess
     images, masks, used = [], [], []
-    for name, info in sorted(load_cases(data_dir).items()):
-        normal = info.get("diagnosis") == "normal"
+    cases = load_cases(data_dir)
+    unknown = sorted(set(normal_cases or []) - set(cases))
+    if unknown:
+        raise SACDiffError(f"--normal-cases names cases that {data_dir / 'cases.json'} does not list: {unknown}")
+    for name, info in sorted(cases.items()):
+        normal = name in normal_cases if normal_cases else info.get("diagnosis") == "normal"
         labels = info.get("slice_label_infection")
         if not normal and not (include_uninfected_slices and labels is not None):
             continue
@@ -140,6 +148,7 @@ def train(
     steps: Optional[int] = None,
     progress: Optional[Callable[[int, int, float], Optional[bool]]] = None,
     show_progress_bar: bool = True,
+    normal_cases: Optional[list] = None,
 ) -> dict:
     """Train (or resume) and write the checkpoint to ``out_path``. Returns a summary (steps, final loss, time).
 
@@ -159,7 +168,7 @@ def train(
     tc = cfg.train
     ddp = Distributed(device)
     device = ddp.device
-    images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices)
+    images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases)
     images, masks = images.to(device), masks.to(device)
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank

@@ -119,3 +119,17 @@ def test_slim_checkpoint_keeps_the_network_in_half_precision(tiny_checkpoint, tm
     with torch.no_grad():
         torch.testing.assert_close(small(x, c, t), model(x, c, t), rtol=2e-2, atol=2e-2)
     assert slim.stat().st_size < tiny_checkpoint.stat().st_size
+
+
+def test_normal_cases_option_names_the_healthy_training_cases(data_dir):
+    from SACDiffLib.config import preset
+    from SACDiffLib.errors import SACDiffError
+    from SACDiffLib.train import load_training_slices
+
+    cfg = preset("tiny")
+    _, _, used = load_training_slices(data_dir, cfg)
+    assert [u[0] for u in used] == ["normal_a", "normal_b"]  # diagnosis exactly "normal"
+    _, _, used = load_training_slices(data_dir, cfg, normal_cases=["normal_b"])
+    assert [u[0] for u in used] == ["normal_b"]
+    with pytest.raises(SACDiffError, match="does not list"):
+        load_training_slices(data_dir, cfg, normal_cases=["nope"])
