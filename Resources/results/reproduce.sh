@@ -27,6 +27,21 @@ if not os.path.exists(f"{out}/slices"):
 PY
 sacdiff evaluate --cases "$WORK/labelled" --out "$WORK/shared" --overwrite --device cpu
 
+# 1b. MedSeg under a window fitted to the images' own grey levels (normal lung ≈ −850 HU, soft tissue ≈ −20 HU).
+mkdir -p "$WORK/medseg-only/ct"
+python - "$DATA" "$WORK/medseg-only" <<'PY'
+import json, os, sys
+data, out = sys.argv[1], sys.argv[2]
+json.dump({"nsclc_lung1": json.load(open(f"{data}/cases.json"))["nsclc_lung1"]}, open(f"{out}/cases.json", "w"))
+for s in ("ct", "lung", "lesion"):
+    if not os.path.exists(f"{out}/ct/nsclc_lung1_{s}.nii.gz"):
+        os.symlink(os.path.abspath(f"{data}/ct/nsclc_lung1_{s}.nii.gz"), f"{out}/ct/nsclc_lung1_{s}.nii.gz")
+if not os.path.exists(f"{out}/slices"):
+    os.symlink(os.path.abspath(f"{data}/slices"), f"{out}/slices")
+PY
+sacdiff evaluate --cases "$WORK/medseg-only" --out "$WORK/medseg-fitted" --overwrite --device cpu \
+  --medseg-window=-1115,200
+
 # 2. Synthetic phantoms with known lesions (never seen in training): COVID-like (λ 1) and ILD-like (λ −0.25).
 sacdiff phantom --out "$WORK/phantom-covid" --cases 3 --kind covid --size 128 --slices 24 --seed 100 --overwrite
 sacdiff phantom --out "$WORK/phantom-ild" --cases 3 --kind ild --size 128 --slices 24 --seed 200 --overwrite
@@ -44,6 +59,7 @@ sacdiff benchmark --json "$WORK/benchmark.json" | tee "$WORK/benchmark.txt"
 # Copy the tables.
 cp "$WORK/shared/summary.md" "$HERE/shared-data.md"; cp "$WORK/shared/summary.json" "$HERE/shared-data.json"
 cp "$WORK/shared/cases.csv" "$HERE/shared-data-cases.csv"; cp "$WORK/shared/medseg_covid.csv" "$HERE/medseg-covid.csv"
+cp "$WORK/medseg-fitted/summary.md" "$HERE/medseg-fitted-window.md"
 cp "$WORK/eval-phantom-covid/summary.md" "$HERE/phantom-covid.md"
 cp "$WORK/eval-phantom-ild/summary.md" "$HERE/phantom-ild.md"
 cp "$WORK/sweep-phantom/sweep.md" "$HERE/sweep-phantom.md"; cp "$WORK/sweep-phantom/sweep.json" "$HERE/sweep-phantom.json"
