@@ -127,9 +127,7 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                                           "normal training cases (per network)"}
         (tmp / "ablation.json").write_text(json.dumps(result, indent=1, default=float))
         (tmp / "ablation.md").write_text(ablation_markdown(result))
-        if models_dir is None:
-            pass  # the trained networks stay in RESULTS/models for reuse with --models
-        swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)  # networks trained here stay in RESULTS/models, for reuse with --models
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result

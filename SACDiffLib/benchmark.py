@@ -68,13 +68,17 @@ def bench_noise(size: int = 128, fields: int = 8, device: str = "cpu", repeats: 
             "speedup": t_ref / t_torch, "torch_6_octave_fields_per_s": 1.0 / t_oct, "device": str(dev)}
 
 
-def bench_detection_step(preset_name: str = "demo", slices: int = 8, device: str = "cpu", repeats: int = 3) -> dict:
-    """One reverse step of the ensemble: UNet on K × slices, a fresh noise field per member, the μ/σ update."""
+def _built(preset_name: str, device: str):
+    """(config, model in eval mode, diffusion, device) of a preset with random weights, on ``device``."""
     cfg = preset(preset_name)
     dev = torch.device(device)
     model, diffusion = build(cfg)
-    model.to(dev).eval()
-    diffusion.to(dev)
+    return cfg, model.to(dev).eval(), diffusion.to(dev), dev
+
+
+def bench_detection_step(preset_name: str = "demo", slices: int = 8, device: str = "cpu", repeats: int = 3) -> dict:
+    """One reverse step of the ensemble: UNet on K × slices, a fresh noise field per member, the μ/σ update."""
+    cfg, model, diffusion, dev = _built(preset_name, device)
     k, s = cfg.detect.ensemble, cfg.preprocess.image_size
     x = torch.randn(k * slices, 1, s, s, device=dev)
     c = torch.ones_like(x)
@@ -135,11 +139,7 @@ def _opensimplex_octaves(cfg, size: int, seed: int) -> np.ndarray:
 def bench_volume(preset_name: str, slices: int, steps: int, device: str, naive: bool = True) -> dict:
     """Reconstruction of ``slices`` lung slices (a synthetic lung mask covering ~45 % of the grid) for ``steps``
     reverse steps: the batched, cropped path against a naive loop over slices and members with opensimplex noise."""
-    cfg = preset(preset_name)
-    dev = torch.device(device)
-    model, diffusion = build(cfg)
-    model.to(dev).eval()
-    diffusion.to(dev)
+    cfg, model, diffusion, dev = _built(preset_name, device)
     k, s = cfg.detect.ensemble, cfg.preprocess.image_size
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, s), torch.linspace(-1, 1, s), indexing="ij")
     lung = (((xx.abs() - 0.42) / 0.3) ** 2 + (yy / 0.6) ** 2 <= 1).float()

@@ -52,6 +52,12 @@ def save_checkpoint(
         "train_state": train_state,
         "extra": extra or {},
     }
+    return _save_atomically(payload, path)
+
+
+def _save_atomically(payload: dict, path) -> Path:
+    """torch.save to a temporary name beside ``path``, renamed into place when complete."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -116,16 +122,7 @@ def slim_checkpoint(src, dst, half: bool = True) -> Path:
     extra.update({"slimmed_from": Path(src).name, "weights": "ema" if payload["ema"] else "model",
                   "stored_dtype": "float16" if half else "float32"})
     slim = dict(payload, model=weights, ema=None, train_state=None, extra=extra)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(slim, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
+    return _save_atomically(slim, dst)
 
 
 SHIPPED_MODEL = "sacdiff-small.pt"

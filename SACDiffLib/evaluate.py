@@ -104,7 +104,7 @@ def evaluate(
             log(f"MedSeg slices in {medseg_dir}")
             medseg_rows = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log,
                                           window=medseg_window)
-            _write_medseg_csv(tmp / "medseg_covid.csv", medseg_rows)
+            _write_csv(tmp / "medseg_covid.csv", medseg_rows, MEDSEG_COLUMNS)
             scored = [r for r in medseg_rows if r.get("status") == "ok"]
             medseg = {m: {"mean": st["mean"], "std": st["std"], "n": st["n"]}
                       for m, st in summarise(scored, METRICS).items() if st["n"] > 0}
@@ -226,25 +226,19 @@ def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print, 
     return rows
 
 
-def _write_medseg_csv(path: Path, rows: list[dict]) -> None:
-    fields = ("slice", "status") + METRICS + ("lung_fraction", "truth_in_lung_fraction")
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (_fmt(r[k]) if isinstance(r.get(k), float) else r.get(k, "")) for k in fields})
+MEDSEG_COLUMNS = ("slice", "status") + METRICS + ("lung_fraction", "truth_in_lung_fraction")
 
 
 def _fmt(v) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], columns=COLUMNS) -> None:
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (_fmt(r[k]) if isinstance(r.get(k), float) else r.get(k, "")) for k in COLUMNS})
+            w.writerow({k: (_fmt(r[k]) if isinstance(r.get(k), float) else r.get(k, "")) for k in columns})
 
 
 def _markdown(summary: dict, rows: list[dict]) -> str:
