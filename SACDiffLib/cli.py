@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--resume", help="continue from this checkpoint (its config is used)")
+    p.add_argument("--init", help="warm start: initial weights from this checkpoint (same network shape)")
     p.add_argument("--normal-cases", help="comma-separated cases to train on as healthy (default: every case whose "
                    "diagnosis is exactly 'normal')")
     p.add_argument("--include-uninfected-slices", action="store_true",
@@ -124,8 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
-    p.add_argument("--medseg-window", default="-1350,150",
-                   help="LO,HI: HU window assumed for the 8-bit MedSeg slices (default -1350,150 = W 1500 / L -600)")
     p.add_argument("--sweep", help="accuracy against network evaluations: comma-separated K×n settings (K members, "
                    "n respaced reverse steps; n = 0: every step), e.g. 3x10,3x25,3x0 → OUT/<K>x<n>/ and OUT/sweep.md")
     _add_detect_options(p)
@@ -257,7 +256,7 @@ def cmd_train(args) -> int:
     validate(cfg)
     summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
                     include_uninfected_slices=args.include_uninfected_slices, steps=args.steps,
-                    normal_cases=args.normal_cases.split(",") if args.normal_cases else None)
+                    normal_cases=args.normal_cases.split(",") if args.normal_cases else None, init=args.init)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps on {summary['slices']} slices in {summary['seconds']:.1f} s; "
               f"final loss {summary['final_loss']:.4f}; checkpoint: {args.out}")
@@ -323,14 +322,8 @@ def cmd_evaluate(args) -> int:
         print(table)
         return 0
     try:
-        lo, hi = (float(v) for v in args.medseg_window.split(","))
-    except ValueError:
-        raise SACDiffError(f"--medseg-window {args.medseg_window!r} is not LO,HI in HU (e.g. -1350,150)") from None
-    if not lo < hi:
-        raise SACDiffError(f"--medseg-window: LO must be below HI (got {lo:g}, {hi:g})")
-    try:
         summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                           log=lambda m: print(m, file=sys.stderr), medseg_window=(lo, hi))
+                           log=lambda m: print(m, file=sys.stderr))
     finally:
         bar.close()
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())

@@ -68,11 +68,14 @@ class Diffusion(nn.Module):
         return self._at(self.sqrt_alpha_bar, t, x0) * x0 + self._at(self.sqrt_one_minus_alpha_bar, t, x0) * eps
 
     def training_loss(
-        self, eps_model: Callable, x0: torch.Tensor, cond: Optional[torch.Tensor], generator: torch.Generator
+        self, eps_model: Callable, x0: torch.Tensor, cond: Optional[torch.Tensor], generator: torch.Generator,
+        max_timestep: int = 0,
     ) -> torch.Tensor:
-        """‖ε − ε̂_θ([x_t ⊕ c], t)‖² with t ~ U{1..T} and ε from the configured family (Alg. 1)."""
+        """‖ε − ε̂_θ([x_t ⊕ c], t)‖² with t ~ U{1..T} (or U{1..max_timestep}) and ε from the configured family
+        (Alg. 1)."""
         n, _, h, w = x0.shape
-        t = torch.randint(1, self.T + 1, (n,), generator=generator, device=generator.device).to(x0.device)
+        top = max_timestep or self.T
+        t = torch.randint(1, top + 1, (n,), generator=generator, device=generator.device).to(x0.device)
         eps = self.sample_noise(n, h, w, generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, eps)
         return F.mse_loss(eps_model(x_t, cond, t), eps)

@@ -9,12 +9,13 @@ lung flagged (for normal cases: the false-positive burden).
 Writes ``cases.csv``, ``summary.json`` ({"cases", "medseg_covid", "mean"}) and ``summary.md`` into RESULTS, and each
 case's detection run under ``RESULTS/runs/<case>``.
 
-MedSeg 2D slices (``slices/medseg_covid/{image/<n>.jpg, mask/<n>.png}``, 8-bit, lung-windowed, cropped to the chest)
-carry no HU. We assume the standard lung window W 1500 / L −600 (grey 0 → −1350 HU, 255 → +150 HU) — the model's
-own input window, so the model sees the grey levels as they are — and an in-plane spacing of 0.7 mm (volumes in ml
-are therefore indicative only). Each slice is a one-slice volume; its lung mask comes from the project's fallback
-(``lung.segment_lungs(cropped=True)``); the infection mask (1 ground glass, 2 consolidation) is the truth, scored
-inside the lung like the volumes. Per-slice metrics are summarised as mean and (population) std.
+MedSeg 2D slices (``slices/medseg_covid``) are read, oriented, mapped to HU and scored by ``medseg.py`` (see its
+docstring): per-slice mean and pooled metrics, each Dice beside the whole-lung baseline, voxel AUROC and oracle
+Dice of E, slices without truth in the lung reported apart.
+
+Every case with a voxel lesion mask also gets the voxel AUROC of E (lesion vs healthy lung voxels), the oracle Dice
+(best single threshold on E) and the baseline Dice of flagging the whole lung: they separate "the map is bad" from
+"the threshold is bad".
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from .config import SACDiffConfig
 from .lung import segment_lungs
 from .detect import detect_volume
 from .errors import SACDiffError
-from .metrics import METRICS, auroc, segmentation_metrics, summarise
+from . import medseg
+from .metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
 from .outputs import swap_into_place, write_run
 from .train import load_cases
 
-MEDSEG_WINDOW_HU = (-1350.0, 150.0)  # assumed lung window of the 8-bit MedSeg images (W 1500 / L −600)
-MEDSEG_SPACING_MM = (0.7, 0.7, 5.0)  # assumed: the images carry no spacing
-ALL_METRICS = METRICS + ("slice_auroc",)
+MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
+ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
 COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml")
 
 
@@ -50,7 +51,11 @@ def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list
     row = {"anomaly_ml": q["anomaly_ml"], "anomaly_percent_of_lung": q["anomaly_percent_of_lung"],
            "lung_ml": q["lung_ml"]}
     if lesion is not None:
-        row.update(segmentation_metrics(result.mask, lesion, result.lung > 0))
+        lung = result.lung > 0
+        row.update(segmentation_metrics(result.mask, lesion, lung))
+        row["baseline_dice"] = segmentation_metrics(lung, lesion, lung)["dice"]
+        row["voxel_auroc"] = auroc(result.error[lung], lesion[lung])
+        row["oracle_dice"] = oracle_dice(result.error[lung], lesion[lung])[0]
     if slice_labels is not None:
         n = min(len(slice_labels), len(q["slice_anomaly_ml"]))
         row["slice_auroc"] = auroc(q["slice_anomaly_ml"][:n], slice_labels[:n])
@@ -67,7 +72,6 @@ def evaluate(
     overwrite: bool = False,
     progress: Optional[Callable] = None,
     log=print,
-    medseg_window=MEDSEG_WINDOW_HU,
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -102,17 +106,12 @@ def evaluate(
         medseg_dir = cases_dir / "slices" / "medseg_covid"
         if (medseg_dir / "image").is_dir():
             log(f"MedSeg slices in {medseg_dir}")
-            medseg_rows = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log,
-                                          window=medseg_window)
-            _write_csv(tmp / "medseg_covid.csv", medseg_rows, MEDSEG_COLUMNS)
-            scored = [r for r in medseg_rows if r.get("status") == "ok"]
-            medseg = {m: {"mean": st["mean"], "std": st["std"], "n": st["n"]}
-                      for m, st in summarise(scored, METRICS).items() if st["n"] > 0}
+            medseg = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log)
+            _write_csv(tmp / "medseg_covid.csv", medseg.pop("per_slice"), MEDSEG_COLUMNS)
         stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
         summary = {
             "cases": per_case,
             "medseg_covid": medseg,
-            "medseg_window_hu": list(medseg_window),
             "mean": {m: st["mean"] for m, st in stats.items()},
             "mean_std": stats,
             "detect": {k: v for k, v in vars(cfg.detect).items()},
@@ -179,54 +178,46 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
 
 
 
-def medseg_slice_to_hu(grey: np.ndarray, window=MEDSEG_WINDOW_HU) -> np.ndarray:
-    """8-bit lung-windowed grey levels → HU under the stated window assumption (lo, hi) in HU."""
-    lo, hi = window
-    return (lo + grey.astype(np.float32) / 255.0 * (hi - lo)).round().astype(np.int16)
-
-
-def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print, window=MEDSEG_WINDOW_HU) -> list[dict]:
-    """Detect on every MedSeg slice; per-slice IoU, Dice, precision, recall, FPR inside the fallback lung mask."""
-    from PIL import Image
-
+def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) -> dict:
+    """Detect on every MedSeg slice (axial view, HU fitted per image; fallback lung mask) and score them all
+    (``medseg.score_slices``); unreadable slices are listed with their reason."""
     folder, work_dir = Path(folder), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    images = sorted((folder / "image").glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
-    rows = []
-    for path in images:
+    scored, failed = [], []
+    for path in medseg.list_slices(folder):
         mask_path = folder / "mask" / f"{path.stem}.png"
-        row = {"slice": path.stem}
         if not mask_path.exists():
-            rows.append(dict(row, status="no mask"))
+            failed.append({"slice": path.stem, "status": "no mask"})
             continue
-        grey = np.asarray(Image.open(path).convert("L"))
-        truth = np.asarray(Image.open(mask_path)) > 0
-        if truth.shape != grey.shape:
-            rows.append(dict(row, status=f"mask shape {truth.shape} differs from image {grey.shape}"))
+        try:
+            hu, truth, _ = medseg.read_slice(path, mask_path)
+        except ValueError as exc:
+            failed.append({"slice": path.stem, "status": str(exc)})
             continue
-        image = sitk.GetImageFromArray(medseg_slice_to_hu(grey, window)[None])
-        image.SetSpacing(MEDSEG_SPACING_MM)
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing(medseg.SPACING_MM)
         ct_path = work_dir / f"{path.stem}_ct.nii.gz"
         lung_path = work_dir / f"{path.stem}_lung.nii.gz"
         sitk.WriteImage(image, str(ct_path))
         try:
-            lung = segment_lungs(sitk.GetArrayFromImage(image), image, cropped=True)
+            lung = segment_lungs(hu, image, cropped=True)
             lung_image = sitk.GetImageFromArray(lung)
             lung_image.CopyInformation(image)
             sitk.WriteImage(lung_image, str(lung_path))
             result = detect_volume(ct_path, model, diffusion, cfg, lung_path, device)
         except SACDiffError as exc:
             log(f"MedSeg slice {path.stem}: {exc}")
-            rows.append(dict(row, status=f"error: {exc}"))
+            failed.append({"slice": path.stem, "status": f"error: {exc}"})
             continue
-        inside = result.lung > 0
-        metrics = segmentation_metrics(result.mask, truth[None], inside)
-        rows.append(dict(row, status="ok", lung_fraction=float(inside.mean()),
-                         truth_in_lung_fraction=float((truth[None] & inside).sum() / max(truth.sum(), 1)), **metrics))
-    return rows
+        scored.append({"name": path.stem, "pred": result.mask, "truth": truth, "lung": result.lung,
+                       "error": result.error})
+    summary = medseg.score_slices(scored)
+    summary["per_slice"] = summary["per_slice"] + failed
+    summary["failed"] = [r["slice"] for r in failed]
+    return summary
 
 
-MEDSEG_COLUMNS = ("slice", "status") + METRICS + ("lung_fraction", "truth_in_lung_fraction")
+MEDSEG_COLUMNS = ("slice", "status") + METRICS + ("baseline_dice", "lung_fraction", "truth_outside_lung_fraction")
 
 
 def _fmt(v) -> str:
@@ -255,14 +246,25 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
         f"{ms[m]['mean']:.4f} ({ms[m]['std']:.4f})" if m in ms else "" for m in ALL_METRICS) + " | | |")
     lines += ["", "Voxel metrics are restricted to the lung mask; slice AUROC scores each slice by its detected "
               "anomaly volume (ml). Mean (std) over the cases that have the label (population std)."]
-    if summary["medseg_covid"]:
-        m = summary["medseg_covid"]
-        n = next(iter(m.values()))["n"]
-        lines += ["", f"## MedSeg COVID-19 slices ({n} scored; per-slice mean (std))", "",
-                  "| " + " | ".join(METRICS) + " |", "|" + "---|" * len(METRICS),
-                  "| " + " | ".join(f"{m[k]['mean']:.4f} ({m[k]['std']:.4f})" if k in m else "" for k in METRICS)
-                  + " |", "",
-                  f"8-bit grey levels mapped to HU assuming the window [{summary['medseg_window_hu'][0]:g}, "
-                  f"{summary['medseg_window_hu'][1]:g}] HU; lung mask from SACDiff's fallback; per-slice rows in "
-                  "medseg_covid.csv."]
+    if summary["medseg_covid"].get("n_scored"):
+        lines += [""] + medseg_markdown(summary["medseg_covid"])
     return "\n".join(lines) + "\n"
+
+
+def medseg_markdown(m: dict) -> list[str]:
+    """The MedSeg section of summary.md: per-slice mean and pooled metrics beside the whole-lung baseline."""
+    mean = m["mean"]
+    lines = [f"## MedSeg COVID-19 slices ({m['n_scored']} scored)", "",
+             "| | " + " | ".join(METRICS) + " | baseline Dice (whole lung) |", "|---|" + "---|" * (len(METRICS) + 1),
+             "| per-slice mean (std) | " + " | ".join(f"{mean[k]['mean']:.4f} ({mean[k]['std']:.4f})" for k in METRICS)
+             + f" | {mean['baseline_dice']['mean']:.4f} |",
+             "| pooled (all lung pixels) | " + " | ".join(_fmt(m["pooled"][k]) for k in METRICS)
+             + f" | {m['baseline_pooled_dice']:.4f} |", "",
+             f"Voxel AUROC of E (lesion vs healthy lung, pooled): **{m['voxel_auroc']:.4f}**; oracle Dice (best single "
+             f"threshold on E, pooled): **{m['oracle_dice']:.4f}**. Truth outside the fallback lung mask: "
+             f"{m['truth_outside_lung_fraction']:.1%} of the truth pixels.",
+             f"Slices with no truth inside the lung (left out of the means): {', '.join(m['no_truth_in_lung']) or 'none'}.",
+             "Images transposed to the radiological axial view; grey levels mapped to HU per image (lung peak ↦ −850, "
+             "soft-tissue peak ↦ +40 HU; `SACDiffLib/medseg.py`); lung mask from SACDiff's fallback; per-slice rows in "
+             "medseg_covid.csv."]
+    return lines

@@ -49,24 +49,42 @@ def segmentation_metrics(pred, truth, region=None) -> dict:
 
 def auroc(scores: Iterable[float], labels: Iterable[int]) -> float:
     """Area under the ROC curve = P(score of a positive > score of a negative) + ½ P(tie) (Mann–Whitney U with
-    mid-ranks for ties). NaN when one class is absent."""
-    scores = np.asarray(list(scores), dtype=np.float64)
-    labels = np.asarray(list(labels)) > 0
+    mid-ranks for ties). NaN when one class is absent. Works on millions of voxels (one sort)."""
+    from scipy.stats import rankdata
+
+    scores = np.asarray(scores if isinstance(scores, np.ndarray) else list(scores), dtype=np.float64).ravel()
+    labels = np.asarray(labels if isinstance(labels, np.ndarray) else list(labels)).ravel() > 0
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores for {labels.size} labels")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores hold NaN or infinity; an AUROC of them would be meaningless")
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # mid-ranks over runs of equal scores
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    ranks = rankdata(scores)  # mid-ranks over ties
     u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def oracle_dice(scores, truth) -> tuple[float, float]:
+    """(best Dice any single threshold on ``scores`` reaches against ``truth``, that threshold): the prediction
+    ``scores >= threshold`` for every distinct score value. It separates "the map is bad" (low oracle Dice) from
+    "the threshold is bad" (oracle high, the method's Dice low). Uses the labels, so it is a diagnostic, never a
+    way to choose a setting. (NaN, NaN) when the truth is empty."""
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    truth = np.asarray(truth).ravel() > 0
+    if scores.shape != truth.shape:
+        raise ValueError(f"{scores.size} scores for {truth.size} truth values")
+    positives = int(truth.sum())
+    if positives == 0 or scores.size == 0:
+        return float("nan"), float("nan")
+    order = np.argsort(-scores, kind="stable")
+    s, tp = scores[order], np.cumsum(truth[order])
+    last = np.r_[s[1:] != s[:-1], True]  # flagging the top k: only k at the end of a run of equal scores
+    k = np.arange(1, s.size + 1)[last]
+    dice = 2.0 * tp[last] / (k + positives)  # Dice = 2TP / (|P| + |G|)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(s[last][best])
 
 
 def summarise(per_subject: list[dict], names=METRICS) -> dict:

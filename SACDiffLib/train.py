@@ -47,12 +47,26 @@ def load_cases(data_dir) -> dict:
     return cases
 
 
+HOLDOUT_SLAB = 8  # consecutive slices per hold-out slab: neighbouring slices are near copies of each other
+
+
+def holdout_split(z: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training slices, held-out slices) of the lung slice indices ``z``: slabs of HOLDOUT_SLAB consecutive
+    lung slices, every ``every``-th slab held out, starting with the second so that both ends train."""
+    if not every:
+        return z, z[:0]
+    slab = np.arange(z.size) // HOLDOUT_SLAB
+    held = (slab % every) == (1 % every)
+    return z[~held], z[held]
+
+
 def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
-                         normal_cases: Optional[list] = None):
-    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, n_slices)).
+                         normal_cases: Optional[list] = None, split: str = "train"):
+    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)).
 
     Healthy cases are those with diagnosis exactly ``normal``, or the cases named in ``normal_cases`` (e.g. to add
-    one described as "normal-looking lungs")."""
+    one described as "normal-looking lungs"). ``split`` "train" gives the training slices, "holdout" the slabs
+    that ``cfg.train.holdout_every`` keeps out of training (``holdout_split``)."""
     data_dir = Path(data_dir)
     pre = cfg.preprocess
     images, masks, used = [], [], []
@@ -74,11 +88,12 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
         z = io.lung_slices(lung, pre.min_lung_fraction)
         if not normal:
             z = np.array([i for i in z if i < len(labels) and labels[i] == 0], dtype=np.int64)
+        z = holdout_split(z, cfg.train.holdout_every)[0 if split == "train" else 1]
         if z.size == 0:
             continue
         images.append(io.to_model_grid(torch.from_numpy(io.window(hu[z], pre)), pre.image_size, -1.0))
         masks.append(io.to_model_grid(torch.from_numpy(lung[z] > 0), pre.image_size, 0.0, mask=True))
-        used.append((name, int(z.size)))
+        used.append((name, [int(i) for i in z]))
     if not images:
         raise SACDiffError(
             f"no training slices in {data_dir}: no case has diagnosis 'normal' (or uninfected slices with "
@@ -149,11 +164,13 @@ def train(
     progress: Optional[Callable[[int, int, float], Optional[bool]]] = None,
     show_progress_bar: bool = True,
     normal_cases: Optional[list] = None,
+    init: Optional[str] = None,
 ) -> dict:
     """Train (or resume) and write the checkpoint to ``out_path``. Returns a summary (steps, final loss, time).
 
     With ``resume`` the configuration comes from that checkpoint (``cfg`` is ignored); ``steps`` overrides the
-    total number of optimisation steps in either case."""
+    total number of optimisation steps in either case. ``init`` starts a new training from the weights of another
+    checkpoint whose network has the same shape (warm start; its EMA weights when present)."""
     out_path = Path(out_path)
     train_state = None
     if resume:
@@ -177,6 +194,14 @@ def train(
     diffusion.to(device)
     if resume:
         model.load_state_dict(payload["model"])
+    elif init:
+        source = read_checkpoint(init)
+        weights = source.get("ema") or source["model"]
+        try:
+            model.load_state_dict({k: v.float() for k, v in weights.items()})
+        except RuntimeError:
+            raise SACDiffError(f"--init {init}: its network does not have the shape of this preset's network; "
+                               "warm-start only from a checkpoint of the same widths and blocks") from None
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if resume and payload.get("ema"):
         ema.load_state_dict(payload["ema"])
@@ -196,7 +221,7 @@ def train(
         if ddp.main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                      "losses": losses}
-            extra = {"training_data": used, "world_size": ddp.world, "steps_done": step}
+            extra = {"training_data": used, "world_size": ddp.world, "steps_done": step, "init": init}
             save_checkpoint(out_path, cfg, model, ema, state, extra)
 
     bar = None
@@ -217,7 +242,8 @@ def train(
             net.train()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 loss = diffusion.training_loss(
-                    lambda x_t, cc, t: net(x_t, cc, t).float(), x0, c if cfg.model.conditional else None, gen
+                    lambda x_t, cc, t: net(x_t, cc, t).float(), x0, c if cfg.model.conditional else None, gen,
+                    max_timestep=tc.max_timestep,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -260,7 +286,7 @@ def train(
     if ddp.main:
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done,
                  "losses": losses}
-        extra = {"training_data": used, "world_size": ddp.world, "steps_done": done,
+        extra = {"training_data": used, "world_size": ddp.world, "steps_done": done, "init": init,
                  "ranks_in_sync": summary.get("ranks_in_sync", True)}
         save_checkpoint(out_path, cfg, model, ema, state, extra)
     ddp.close()

@@ -19,7 +19,8 @@ def test_evaluate_tiny_phantom_folder(tmp_path, tiny_checkpoint, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"cases", "medseg_covid", "mean"}
     assert sorted(summary["cases"]) == ["phantom_covid_000", "phantom_covid_001", "phantom_normal_000"]
-    assert set(summary["mean"]) == {"iou", "dice", "precision", "recall", "fpr", "slice_auroc"}
+    assert set(summary["mean"]) == {"iou", "dice", "precision", "recall", "fpr", "slice_auroc", "baseline_dice",
+                                    "voxel_auroc", "oracle_dice"}
     normal = summary["cases"]["phantom_normal_000"]
     assert "dice" not in normal and "anomaly_percent_of_lung" in normal  # no labels: volume only
     # Hand check of one case: counts from the written mask and the phantom's lesion, inside the lung.
@@ -31,19 +32,18 @@ def test_evaluate_tiny_phantom_folder(tmp_path, tiny_checkpoint, capsys):
     fp = np.sum(pred & ~truth & lung)
     fn = np.sum(~pred & truth & lung)
     assert summary["cases"][name]["dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    n_truth = np.sum(truth & lung)  # baseline: the whole lung flagged
+    assert summary["cases"][name]["baseline_dice"] == pytest.approx(2 * n_truth / (lung.sum() + n_truth))
+    error = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "runs" / name / "anomaly_map.nii.gz")))
+    from SACDiffLib.metrics import auroc, oracle_dice
+    assert summary["cases"][name]["voxel_auroc"] == pytest.approx(auroc(error[lung], truth[lung]), abs=1e-6)
+    assert summary["cases"][name]["oracle_dice"] == pytest.approx(oracle_dice(error[lung], truth[lung])[0], abs=1e-3)
     dices = [summary["cases"][c]["dice"] for c in ("phantom_covid_000", "phantom_covid_001")]
     assert summary["mean"]["dice"] == pytest.approx(np.mean(dices))
     rows = list(csv.DictReader(open(out / "cases.csv")))
     assert [r["case"] for r in rows] == sorted(summary["cases"])
     assert "mean (std)" in (out / "summary.md").read_text()
     assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
-
-
-def test_medseg_grey_levels_map_to_the_stated_lung_window():
-    from SACDiffLib.evaluate import medseg_slice_to_hu
-
-    hu = medseg_slice_to_hu(np.array([0, 51, 255], np.uint8))
-    np.testing.assert_array_equal(hu, [-1350, -1050, 150])  # −1350 + g/255 · 1500
 
 
 def test_evaluate_scores_medseg_slices_per_slice(tmp_path, tiny_checkpoint):
@@ -63,18 +63,22 @@ def test_evaluate_scores_medseg_slices_per_slice(tmp_path, tiny_checkpoint):
         ys, xs = np.nonzero(lungs[z])
         crop = (slice(ys.min() + 1, None), slice(None))  # cropped at the lung apex: the lungs touch the border
         grey = np.clip((hu[z][crop].astype(np.float32) + 1350) / 1500 * 255, 0, 255).round().astype(np.uint8)
-        Image.fromarray(grey).save(medseg / "image" / f"{n}.jpg", quality=95)
-        Image.fromarray((lesion[z][crop] > 0).astype(np.uint8)).save(medseg / "mask" / f"{n}.png")
+        # stored as MedSeg stores them: the transpose of the axial view
+        Image.fromarray(np.ascontiguousarray(grey.T)).save(medseg / "image" / f"{n}.jpg", quality=95)
+        Image.fromarray(np.ascontiguousarray((lesion[z][crop] > 0).astype(np.uint8).T)).save(medseg / "mask" / f"{n}.png")
     out = tmp_path / "results"
     assert main(["evaluate", "--cases", str(cases), "--model", str(tiny_checkpoint), "--out", str(out),
                  "--steps", "3", "--no-crf"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     rows = [r for r in csv.DictReader(open(out / "medseg_covid.csv")) if r["status"] == "ok"]
     assert len(rows) == 2 and all(float(r["lung_fraction"]) > 0.2 for r in rows)
-    for metric in ("iou", "dice", "precision", "recall", "fpr"):
+    for metric in ("iou", "dice", "precision", "recall", "fpr", "baseline_dice"):
         values = [float(r[metric]) for r in rows]
-        assert summary["medseg_covid"][metric]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
-        assert summary["medseg_covid"][metric]["std"] == pytest.approx(np.std(values), abs=1e-4)
+        assert summary["medseg_covid"]["mean"][metric]["mean"] == pytest.approx(np.mean(values), abs=1e-4)
+        assert summary["medseg_covid"]["mean"][metric]["std"] == pytest.approx(np.std(values), abs=1e-4)
+    m = summary["medseg_covid"]
+    assert 0 <= m["voxel_auroc"] <= 1 and m["pooled"]["dice"] <= m["oracle_dice"] + 1e-9
+    assert 0 <= m["baseline_pooled_dice"] <= 1
     assert "MedSeg" in (out / "summary.md").read_text()
 
 

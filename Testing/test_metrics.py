@@ -61,3 +61,30 @@ def test_summarise_mean_std_skip_nan():
     assert s["dice"]["mean"] == pytest.approx(0.3)
     assert s["dice"]["std"] == pytest.approx(0.1)
     assert s["dice"]["n"] == 2
+
+
+def test_auroc_equals_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, 300).astype(float)  # many ties
+    labels = rng.random(300) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    pairwise = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size)
+    assert auroc(scores, labels) == pytest.approx(pairwise)
+
+
+def test_auroc_refuses_non_finite_scores():
+    with pytest.raises(ValueError, match="NaN"):
+        auroc([0.1, float("nan")], [0, 1])
+
+
+def test_oracle_dice_equals_brute_force_over_every_threshold():
+    from SACDiffLib.metrics import oracle_dice
+
+    rng = np.random.default_rng(4)
+    scores = np.round(rng.random(200), 2)  # ties
+    truth = rng.random(200) < 0.2
+    brute = max(2 * (truth & (scores >= t)).sum() / ((scores >= t).sum() + truth.sum()) for t in np.unique(scores))
+    best, threshold = oracle_dice(scores, truth)
+    assert best == pytest.approx(brute)
+    assert 2 * (truth & (scores >= threshold)).sum() / ((scores >= threshold).sum() + truth.sum()) == pytest.approx(best)
+    assert np.isnan(oracle_dice(scores, np.zeros(200, bool))[0])
