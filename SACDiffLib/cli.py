@@ -38,6 +38,8 @@ def _add_detect_options(p):
     p.add_argument("--sampling-steps", type=int,
                    help="respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)")
     _bool_flag(p, "crop", None, "run the network on the lung's bounding box only (default on)")
+    _bool_flag(p, "exclude-airways", None, "take the trachea and main bronchi out of the lung mask, the given one "
+               "too (default on: air in a large airway is not lung and lights up in E)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to eager")
     p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
@@ -66,7 +68,8 @@ def _load_for_detection(args):
     for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
                         ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
                         ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size),
-                        ("sampling_steps", args.sampling_steps), ("crop_to_lung", args.crop)):
+                        ("sampling_steps", args.sampling_steps), ("crop_to_lung", args.crop),
+                        ("exclude_airways", args.exclude_airways)):
         if value is not None:
             setattr(d, name, value)
     if args.noise and args.noise != cfg.diffusion.noise.kind:
@@ -183,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lungmask", help="automatic lung mask (threshold + components), labels 1 right / 2 left")
     p.add_argument("ct", help="CT volume or DICOM folder, in HU")
     p.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .seg.nrrd)")
+    _bool_flag(p, "exclude-airways", True, "leave the trachea and main bronchi out (default on)")
     p.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -354,7 +358,7 @@ def cmd_lungmask(args) -> int:
     if out.exists() and not args.overwrite:
         raise SACDiffError(f"{out} already exists; choose another --out or pass --overwrite")
     ct = io.read_ct(args.ct)
-    labels = segment_lungs(io.ct_array(ct), ct)
+    labels = segment_lungs(io.ct_array(ct), ct, airways=not args.exclude_airways)
     io.write_image(labels, ct, out)
     voxel_ml = ct.GetSpacing()[0] * ct.GetSpacing()[1] * ct.GetSpacing()[2] / 1000
     print(f"lung mask: right {(labels == 1).sum() * voxel_ml:.0f} ml, left {(labels == 2).sum() * voxel_ml:.0f} ml "

@@ -121,6 +121,7 @@ class DetectConfig:
     # spaced steps from T_s to 1 with β recomputed from ᾱ at the kept steps. Fewer network evaluations.
     sampling_steps: int = 0
     crop_to_lung: bool = True  # run the UNet on the lung bounding box of the model grid only (+ margin)
+    exclude_airways: bool = True  # trachea and main bronchi out of the lung mask, a given mask too (lung.airway_tree)
 
 
 @dataclass
@@ -242,6 +243,7 @@ def _build(cls, data: dict, where: str):
 _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → the value that reproduces older files
     (TrainConfig, "max_timestep"): 0,
     (TrainConfig, "holdout_every"): 0,
+    (DetectConfig, "exclude_airways"): True,  # a detection default, not a training fact: the better one for all
 }
 
 _SECTIONS = {

@@ -26,6 +26,7 @@ from . import io
 from .config import DetectConfig, SACDiffConfig, validate
 from .diffusion import Diffusion
 from .errors import SACDiffError
+from .lung import exclude_airways as exclude_airways_from
 from .lung import lung_labels, segment_lungs
 from .postprocess import Threshold, background_threshold, binarise, fixed_threshold, quantify
 
@@ -253,10 +254,16 @@ class DetectionResult:
     box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: lung box of the analysis
 
 
-def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None) -> tuple[np.ndarray, str]:
+def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True) -> tuple[np.ndarray, str]:
+    """(lung labels 1 right / 2 left, where they came from): the given mask or the fallback, without the trachea
+    and main bronchi unless ``exclude_airways`` is off."""
     if lung_path is None:
-        return segment_lungs(hu, ct), "automatic (sacdiff lungmask fallback)"
-    return lung_labels(io.read_mask(lung_path, ct), ct), str(lung_path)
+        lung, source = segment_lungs(hu, ct, airways=not exclude_airways), "automatic (sacdiff lungmask fallback)"
+    else:
+        lung, source = lung_labels(io.read_mask(lung_path, ct), ct), str(lung_path)
+        if exclude_airways:
+            lung = exclude_airways_from(hu, lung, ct)
+    return lung, source + ("" if not exclude_airways else "; trachea and main bronchi excluded")
 
 
 def detect_volume(
@@ -276,7 +283,7 @@ def detect_volume(
     t0 = time.perf_counter()
     ct = io.read_ct(ct_path)
     hu = io.ct_array(ct)
-    lung, lung_source = prepare_lung(ct, hu, lung_path)
+    lung, lung_source = prepare_lung(ct, hu, lung_path, det.exclude_airways)
     processed = io.lung_slices(lung, pre.min_lung_fraction)
     if processed.size == 0:
         raise SACDiffError(

@@ -14,10 +14,12 @@ from .errors import SACDiffError
 
 RIGHT, LEFT = 1, 2
 AIR_HU = -320.0  # lung parenchyma and air lie below this; soft tissue above
+TRACHEA_AREA_MM2 = (50.0, 900.0)  # cross-section of the trachea (≈ 8–30 mm across)
 
 
-def segment_lungs(hu: np.ndarray, image: sitk.Image, cropped: bool = False) -> np.ndarray:
-    """Lungs of a chest CT (z, y, x) in HU → uint8 labels (1 right, 2 left).
+def segment_lungs(hu: np.ndarray, image: sitk.Image, cropped: bool = False, airways: bool = False) -> np.ndarray:
+    """Lungs of a chest CT (z, y, x) in HU → uint8 labels (1 right, 2 left); without the trachea and main bronchi
+    unless ``airways`` (``exclude_airways``).
 
     Threshold at −320 HU, drop the air outside the body (components touching the in-plane border; with ``cropped``,
     only components with a long border contact, for images cropped to the chest), keep the largest
@@ -53,7 +55,78 @@ def segment_lungs(hu: np.ndarray, image: sitk.Image, cropped: bool = False) -> n
     lungs = ndimage.binary_closing(lungs, structure=np.ones((1, 3, 3), bool), iterations=2)
     for z in range(lungs.shape[0]):
         lungs[z] = ndimage.binary_fill_holes(lungs[z])
+    if not airways:
+        lungs &= ~airway_tree(hu, lungs, image)
     return split_left_right(lungs, image)
+
+
+def exclude_airways(hu: np.ndarray, lung: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """A lung label image (any source, e.g. the user's) without the trachea and main bronchi; labels kept."""
+    return np.where(airway_tree(hu, lung > 0, image), 0, lung).astype(lung.dtype)
+
+
+def airway_tree(hu: np.ndarray, lung: np.ndarray, image: sitk.Image) -> np.ndarray:
+    """Trachea and main bronchi inside ``lung``: the parts of the airway that run outside the lung parenchyma.
+
+    Seed: scanning down from the most cranial lung slice (the trachea runs above the apices), the first component
+    of the slice's mask that is trachea-like: 50–900 mm², round (≥ 50 % of its bounding box), air (median
+    < −700 HU) and in the middle third of the body's width. Then slice by slice caudally, the mask components that
+    overlap the previous slice's airway (dilated by 2 pixels) and are still airway-sized (≤ 900 mm²) are airway;
+    a bronchus ends where it merges into the lung field. Empty when no trachea is seen (a scan that starts below
+    the carina, a single slice)."""
+    airway = np.zeros(lung.shape, bool)
+    if lung.ndim != 3 or lung.shape[0] < 3 or not lung.any():
+        return airway
+    sx, sy, _ = image.GetSpacing()
+    min_px, max_px = (a / (sx * sy) for a in TRACHEA_AREA_MM2)
+    z_phys = [image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(z)))[2] for z in (0, lung.shape[0] - 1)]
+    order = list(range(lung.shape[0]) if z_phys[0] > z_phys[1] else range(lung.shape[0] - 1, -1, -1))  # cranial 1st
+    lung_z = [z for z in order if lung[z].any()]
+    start = None
+    for z in lung_z[: max(3, len(lung_z) // 3)]:
+        body = np.nonzero((hu[z] > AIR_HU).any(axis=0))[0]
+        if body.size == 0:
+            continue
+        x_lo, x_hi = body[0] + (body[-1] - body[0]) / 3, body[-1] - (body[-1] - body[0]) / 3
+        labels, _ = ndimage.label(lung[z])
+        for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+            component = labels[sl] == i
+            cx = (sl[1].start + sl[1].stop - 1) / 2
+            if (min_px <= component.sum() <= max_px and x_lo <= cx <= x_hi and component.mean() >= 0.5
+                    and np.median(hu[z][sl][component]) < -700):
+                start = z
+                airway[z][sl] = component
+                break
+        if start is not None:
+            break
+    if start is None:
+        return airway
+    # Track caudally. Where the airway is still its own component of the mask it is taken whole; where the mask's
+    # smoothing has joined it to a lung, only its lumen is taken: pixels darker than the midpoint between the
+    # trachea's air core and the lung's median HU, near the airway of the slice above.
+    lumen_hu = (np.percentile(hu[airway], 10) + np.median(hu[lung])) / 2
+    near = max(1, int(round(3.0 / min(sx, sy))))
+    previous = airway[start]
+    for z in order[order.index(start) + 1:]:
+        labels, _ = ndimage.label(lung[z])
+        reach = ndimage.binary_dilation(previous, iterations=near)
+        touching = np.unique(labels[reach & (labels > 0)])
+        if touching.size == 0:
+            break
+        sizes = ndimage.sum_labels(lung[z], labels, index=touching)
+        current = np.isin(labels, touching[sizes <= max_px])
+        joined = np.isin(labels, touching[sizes > max_px])
+        lumen, _ = ndimage.label(joined & (hu[z] < lumen_hu))
+        hit = np.unique(lumen[previous & (lumen > 0)])
+        current |= np.isin(lumen, hit[hit > 0])
+        if not current.any() or current.sum() > max_px:
+            break
+        airway[z] = current
+        previous = current
+    ring = ndimage.generate_binary_structure(3, 1)
+    ring[0] = ring[2] = False  # in-plane only
+    wall = max(1, int(round(2.0 / min(sx, sy))))  # ≈ 2 mm: the airway wall and the lumen's partial-volume rim
+    return ndimage.binary_dilation(airway, structure=ring, iterations=wall) & lung
 
 
 def split_left_right(mask: np.ndarray, image: sitk.Image) -> np.ndarray:

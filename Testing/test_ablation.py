@@ -24,8 +24,9 @@ def test_ablation_quick_runs_every_row_and_calibrates_fixed_alpha_on_normals(tmp
         assert (row["fixed_alpha"] is None) == adaptive
         assert (row["ensemble"] > 1) == ensemble
         # precision is undefined (left out) when a row flags nothing at all
-        assert {"iou", "dice", "recall", "fpr", "slice_auroc"} <= set(row["metrics"]) <= {
-            "iou", "dice", "precision", "recall", "fpr", "slice_auroc"}
+        assert {"iou", "dice", "recall", "fpr", "slice_auroc", "voxel_auroc", "oracle_dice", "baseline_dice"} <= set(
+            row["metrics"]) <= {"iou", "dice", "precision", "recall", "fpr", "slice_auroc", "voxel_auroc",
+                                "oracle_dice", "baseline_dice"}
     for name in ("gaussian-unguided", "gaussian-guided", "simplex-unguided", "simplex-guided"):
         cfg, *_ = load_checkpoint(out / "models" / f"{name}.pt")
         assert cfg.model.conditional == name.endswith("-guided")
