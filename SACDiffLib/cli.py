@@ -159,6 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("validate", help="choose detection settings without lesion labels: held-out healthy slices, "
+                       "% of healthy lung flagged per λ, synthetic lesions")
+    p.add_argument("--data", required=True, help="data folder whose normal cases trained the model")
+    p.add_argument("--model", help="checkpoint (default: the shipped reference model)")
+    p.add_argument("--out", required=True, help="results folder (validation.json, validation.md)")
+    p.add_argument("--settings", help="comma-separated T_s×reverse steps×K, e.g. 100x10x3,150x10x3 (default: the "
+                   "model's own)")
+    p.add_argument("--holdout-every", type=int, help="hold-out slab period (default: the checkpoint's; give it for a "
+                   "model trained on everything, whose held-out slices were then seen in training)")
+    p.add_argument("--normal-cases", help="comma-separated healthy cases (default: diagnosis exactly 'normal')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    _add_device(p)
+
     p = sub.add_parser("slim", help="a checkpoint for shipping: EMA weights in float16, no optimizer state")
     p.add_argument("checkpoint", help="checkpoint from `sacdiff train`")
     p.add_argument("--out", required=True, help="file to write (.pt)")
@@ -423,6 +437,44 @@ def cmd_ablation(args) -> int:
     return 0 if result["rows"] else 1
 
 
+def cmd_validate(args) -> int:
+    import json
+
+    from .checkpoint import load_checkpoint, shipped_model_path
+    from .detect import resolve_device
+    from .validate import markdown, validate
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SACDiffError(f"results folder {out} already exists; choose another --out or pass --overwrite")
+    model_path = args.model or str(shipped_model_path())
+    device = resolve_device(args.device)
+    cfg, model, diffusion, _ = load_checkpoint(model_path, device, noise_seed=args.seed)
+    every = args.holdout_every if args.holdout_every is not None else cfg.train.holdout_every
+    if not every:
+        raise SACDiffError(f"{model_path} was trained without a hold-out; give --holdout-every N (its held-out "
+                           "slices were then seen in training: say so when you report the figures)")
+    settings = [{}]
+    if args.settings:
+        settings = []
+        for item in args.settings.split(","):
+            try:
+                steps, n, k = (int(v) for v in item.lower().split("x"))
+            except ValueError:
+                raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K (e.g. 150x10x3)") from None
+            settings.append({"steps": steps, "sampling_steps": n, "ensemble": k})
+    rows = validate(args.data, model, diffusion, cfg, settings, device, every,
+                    args.normal_cases.split(",") if args.normal_cases else None,
+                    log=lambda m: print(m, file=sys.stderr), seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": every,
+                                                     "rows": rows}, indent=1))
+    table = markdown(rows, Path(model_path).name)
+    (out / "validation.md").write_text(table)
+    print(table)
+    return 0
+
+
 def cmd_slim(args) -> int:
     from .checkpoint import load_checkpoint, slim_checkpoint
 
@@ -444,6 +496,7 @@ def cmd_benchmark(args) -> int:
 COMMANDS = {
     "ablation": cmd_ablation, "benchmark": cmd_benchmark, "demo": cmd_demo, "detect": cmd_detect, "evaluate": cmd_evaluate,
     "lungmask": cmd_lungmask, "phantom": cmd_phantom, "slim": cmd_slim, "threshold": cmd_threshold,
+    "validate": cmd_validate,
     "train": cmd_train,
 }
 
