@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -38,7 +36,7 @@ from .config import preset as make_preset
 from .detect import detect_volume
 from .errors import SACDiffError
 from .evaluate import ALL_METRICS, evaluate
-from .outputs import swap_into_place
+from .atomic import Output
 from .train import load_cases, train
 
 # (name, simplex, guidance, adaptive, ensemble)
@@ -81,12 +79,8 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                  models_dir=None, device="cpu", overwrite: bool = False, detect_overrides: Optional[dict] = None,
                  log=print) -> dict:
     train_dir, cases_dir, out_dir = Path(train_dir), Path(cases_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SACDiffError(f"results folder {out_dir} already exists; choose another --out or pass --overwrite")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "models").mkdir(parents=True)
-    try:
+    with Output(out_dir, "results", overwrite, inputs=[train_dir, cases_dir, models_dir]) as tmp:
+        (tmp / "models").mkdir()
         checkpoints = {}
         for simplex in (False, True):
             for guidance in (False, True):
@@ -126,10 +120,7 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                   "fixed_threshold_rule": f"{FIXED_PERCENTILE:g}th percentile of the error inside the lung of the "
                                           "normal training cases (per network)"}
         (tmp / "ablation.json").write_text(json.dumps(result, indent=1, default=float))
-        (tmp / "ablation.md").write_text(ablation_markdown(result))
-        swap_into_place(tmp, out_dir)  # networks trained here stay in RESULTS/models, for reuse with --models
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "ablation.md").write_text(ablation_markdown(result))  # networks stay in RESULTS/models (--models)
     return result
 
 

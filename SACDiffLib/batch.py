@@ -91,7 +91,8 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
                 compile_model: bool = False) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
-    from .outputs import write_run
+    from .atomic import MARKER
+    from .outputs import check_out_dir, write_run
     from .train import Distributed
 
     dist = Distributed(device)
@@ -100,6 +101,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
     rows = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MARKER).write_text(json.dumps({"kind": "results"}) + "\n")  # --overwrite may reuse it
         for i, scan in enumerate(mine):
             def scan_progress(fraction, message, i=i):
                 if progress is None:
@@ -111,7 +113,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
             try:
                 result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device, scan_progress,
                                        compile_model=compile_model)
-                write_run(result, out_dir / scan.name, overwrite=overwrite)
+                write_run(result, check_out_dir(out_dir / scan.name, overwrite, [scan.ct, scan.lung]))
                 q = result.report["quantification"]
                 row.update(status="ok", anomaly_ml=round(q["anomaly_ml"], 3),
                            anomaly_percent_of_lung=round(q["anomaly_percent_of_lung"], 4),
@@ -147,7 +149,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
 def _write_summary(rows: list[dict], path: Path) -> None:
     fields = ["scan", "status", "anomaly_ml", "anomaly_percent_of_lung", "right_anomaly_percent",
               "left_anomaly_percent", "alpha", "seconds", "rank", "ct", "lung"]
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()

@@ -98,6 +98,11 @@ def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 
     cfg = from_dict(payload["config"])
     model, diffusion = build(cfg, noise_seed=noise_seed)
     weights = payload["ema"] if (use_ema and payload.get("ema")) else payload["model"]
+    broken = [k for k, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise SACDiffError(f"weights in {path} hold NaN/infinite values ({', '.join(broken[:3])}"
+                           f"{'…' if len(broken) > 3 else ''}): the training diverged or the file is damaged — "
+                           "retrain (lower --lr) or use another checkpoint")
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

@@ -7,6 +7,7 @@ leaves no half-written output.
 from __future__ import annotations
 
 import argparse
+import signal
 import json
 import os
 import sys
@@ -72,6 +73,9 @@ def _load_for_detection(args):
                         ("exclude_airways", args.exclude_airways)):
         if value is not None:
             setattr(d, name, value)
+    from .config import validate
+
+    validate(cfg)  # every option range-checked before any scan is read
     if args.noise and args.noise != cfg.diffusion.noise.kind:
         print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
               file=sys.stderr)
@@ -95,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on healthy CTs (Algorithm 1)")
     p.add_argument("--data", required=True, help="folder with cases.json and ct/<case>_ct.nii.gz, ct/<case>_lung.nii.gz")
     p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
-    p.add_argument("--preset", choices=PRESETS, default="fast", help="network/grid preset (default: fast)")
+    p.add_argument("--preset", choices=PRESETS, help="network/grid preset (default: fast)")
     p.add_argument("--steps", type=int, help="optimisation steps (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="slices per step and per process")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4, cosine decay)")
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--resume", help="continue from this checkpoint (its config is used)")
     p.add_argument("--init", help="warm start: initial weights from this checkpoint (same network shape)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SACDiff checkpoint at --out")
     p.add_argument("--normal-cases", help="comma-separated cases to train on as healthy (default: every case whose "
                    "diagnosis is exactly 'normal')")
     p.add_argument("--include-uninfected-slices", action="store_true",
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint from `sacdiff train`")
     p.add_argument("--out", required=True, help="file to write (.pt)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SACDiff checkpoint")
 
     p = sub.add_parser("ablation", help="the generative rows of Tables 1–2: train 4 networks, evaluate 9 configs")
     p.add_argument("--train", help="data folder whose normal cases train the networks (and calibrate fixed α)")
@@ -255,7 +261,19 @@ def cmd_train(args) -> int:
     from .detect import resolve_device
     from .train import train
 
-    cfg = preset(args.preset)
+    if args.resume:
+        ignored = [f"--{n.replace('_', '-')}" for n in ("preset", "image_size", "noise", "timesteps", "batch_size",
+                                                         "lr", "conditional", "augment", "init")
+                   if getattr(args, n, None) is not None]
+        if ignored:
+            raise SACDiffError(f"--resume continues with the checkpoint's own settings; {', '.join(ignored)} would be "
+                               "ignored: drop them (or start a new training with --init to warm-start from it)")
+    from .atomic import Output
+
+    continuing = args.resume and Path(args.resume).resolve() == Path(args.out).resolve()
+    if not continuing:  # --resume X --out X continues its own file
+        Output(args.out, "checkpoint", args.overwrite, inputs=[args.data, args.init, args.resume])
+    cfg = preset(args.preset or "fast")
     t = cfg.train
     for name, value in (("batch_size", args.batch_size), ("lr", args.lr), ("save_every", args.save_every),
                         ("augment", args.augment)):
@@ -292,7 +310,10 @@ def cmd_detect(args) -> int:
     if many:
         scans = collect_scans(args.ct)
         if int(os.environ.get("RANK", "0")) == 0:
-            check_out_dir(args.out, args.overwrite)
+            from .atomic import Output
+
+            inputs = [s.ct for s in scans] + [s.lung for s in scans] + list(args.ct)
+            Output(args.out, "results", args.overwrite, inputs)  # checks only: each scan's run is written whole
         cfg, model, diffusion, device = _load_for_detection(args)
         bar = _progress(args, "detect")
         try:
@@ -306,7 +327,7 @@ def cmd_detect(args) -> int:
             return 0 if summary["ok"] == len(scans) else 1
         return 0
     args.ct = args.ct[0]
-    check_out_dir(args.out, args.overwrite)  # before any work
+    output = check_out_dir(args.out, args.overwrite, [args.ct, args.lung])  # before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect
     bar = _progress(args, "detect")
@@ -314,7 +335,7 @@ def cmd_detect(args) -> int:
         result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar, compile_model=args.compile)
     finally:
         bar.close()
-    out = write_run(result, args.out, overwrite=args.overwrite)
+    out = write_run(result, output)
     q = result.report["quantification"]
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
@@ -323,10 +344,10 @@ def cmd_detect(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .atomic import Output
     from .evaluate import evaluate
-    from .outputs import check_out_dir
 
-    check_out_dir(args.out, args.overwrite)
+    Output(args.out, "results", args.overwrite, inputs=[args.cases, args.model])  # checks before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     bar = _progress(args, "evaluate")
     if args.sweep:
@@ -368,12 +389,14 @@ def cmd_lungmask(args) -> int:
     from . import io
     from .lung import segment_lungs
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SACDiffError(f"{out} already exists; choose another --out or pass --overwrite")
+    from .atomic import Output
+
+    output = Output(args.out, "image", args.overwrite, inputs=[args.ct])
+    out = output.target
     ct = io.read_ct(args.ct)
     labels = segment_lungs(io.ct_array(ct), ct, airways=not args.exclude_airways)
-    io.write_image(labels, ct, out)
+    with output as tmp:
+        io.write_image(labels, ct, tmp)
     voxel_ml = ct.GetSpacing()[0] * ct.GetSpacing()[1] * ct.GetSpacing()[2] / 1000
     print(f"lung mask: right {(labels == 1).sum() * voxel_ml:.0f} ml, left {(labels == 2).sum() * voxel_ml:.0f} ml "
           f"→ {out}")
@@ -408,10 +431,10 @@ def cmd_phantom(args) -> int:
 
 def cmd_ablation(args) -> int:
     from .ablation import run_ablation
+    from .atomic import Output
     from .detect import resolve_device
-    from .outputs import check_out_dir
 
-    check_out_dir(args.out, args.overwrite)
+    Output(args.out, "results", args.overwrite, inputs=[args.train, args.cases, args.models])
     overrides = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps)) if v is not None}
     preset_name, train_steps, train_dir, cases_dir = args.preset, args.train_steps, args.train, args.cases
     if args.quick:
@@ -444,9 +467,9 @@ def cmd_validate(args) -> int:
     from .detect import resolve_device
     from .validate import markdown, validate
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise SACDiffError(f"results folder {out} already exists; choose another --out or pass --overwrite")
+    from .atomic import Output
+
+    output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
     model_path = args.model or str(shipped_model_path())
     device = resolve_device(args.device)
     cfg, model, diffusion, _ = load_checkpoint(model_path, device, noise_seed=args.seed)
@@ -466,11 +489,11 @@ def cmd_validate(args) -> int:
     rows = validate(args.data, model, diffusion, cfg, settings, device, every,
                     args.normal_cases.split(",") if args.normal_cases else None,
                     log=lambda m: print(m, file=sys.stderr), seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": every,
-                                                     "rows": rows}, indent=1))
     table = markdown(rows, Path(model_path).name)
-    (out / "validation.md").write_text(table)
+    with output as tmp:
+        (tmp / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": every,
+                                                         "rows": rows}, indent=1, allow_nan=False))
+        (tmp / "validation.md").write_text(table)
     print(table)
     return 0
 
@@ -478,6 +501,9 @@ def cmd_validate(args) -> int:
 def cmd_slim(args) -> int:
     from .checkpoint import load_checkpoint, slim_checkpoint
 
+    from .atomic import Output
+
+    Output(args.out, "checkpoint", args.overwrite, inputs=[args.checkpoint])  # checks before any work
     out = slim_checkpoint(args.checkpoint, args.out, half=not args.float32)
     load_checkpoint(out)  # the slim file passes the same checks as any checkpoint
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
@@ -506,14 +532,34 @@ def main(argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    previous = _terminate_as_interrupt()
     try:
         return COMMANDS[args.command](args)
     except SACDiffError as exc:
         print(f"sacdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
-        print(f"sacdiff {args.command}: cancelled; no partial output was left", file=sys.stderr)
+        if args.command == "train" and Path(args.out).is_file():
+            print(f"sacdiff train: stopped; the training state was saved to {args.out}: continue with "
+                  f"`sacdiff train --data {args.data} --out {args.out} --resume {args.out}`", file=sys.stderr)
+        else:
+            print(f"sacdiff {args.command}: cancelled; no partial output was left", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler's or Slicer's cancel) takes the same clean-up path as Ctrl-C. Returns the previous
+    handler (None where signals cannot be set, e.g. outside the main thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

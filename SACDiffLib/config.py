@@ -16,6 +16,7 @@ dataclasses is refused. Presets:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,8 +264,54 @@ def from_dict(data: dict) -> SACDiffConfig:
     return cfg
 
 
+def _non_finite(section, where: str) -> list[str]:
+    """Names of the float fields (recursively) that hold NaN or infinity."""
+    bad = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            bad += _non_finite(value, f"{where}.{f.name}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            bad.append(f"{where}.{f.name} = {value}")
+    return bad
+
+
+def _check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
+        raise SACDiffError(f"{name} = {value} is out of range: it must be {span}{what}")
+
+
 def validate(cfg: SACDiffConfig) -> None:
-    m, d, p, det = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect
+    """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
+    bad = _non_finite(cfg, "config")
+    if bad:
+        raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+    m, d, p, det, t = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect, cfg.train
+    _check_range("detect.sampling_steps (--sampling-steps)", det.sampling_steps, 0, det.steps,
+                 f" (0 = every one of the T_s = {det.steps} steps)")
+    _check_range("detect.batch_size (--batch-size)", det.batch_size, 0, None, " (0 = automatic)")
+    _check_range("detect.seed (--seed)", det.seed, 0, None)
+    _check_range("detect.crf_iterations", det.crf_iterations, 0, 100)
+    _check_range("detect.morphology_radius", det.morphology_radius, 0, 50)
+    if det.threshold == "fixed" and det.fixed_threshold <= 0:
+        raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
+    _check_range("train.steps (--steps)", t.steps, 1, None)
+    _check_range("train.batch_size (--batch-size)", t.batch_size, 1, None)
+    if t.lr <= 0:
+        raise SACDiffError(f"learning rate {t.lr} must be > 0")
+    _check_range("train.ema_decay", t.ema_decay, 0.0, 0.99999)
+    _check_range("train.warmup_steps", t.warmup_steps, 0, None)
+    _check_range("train.max_timestep", t.max_timestep, 0, d.timesteps, " (0 = every timestep)")
+    _check_range("train.holdout_every", t.holdout_every, 0, None)
+    _check_range("diffusion.timesteps", d.timesteps, 2, None)
+    if not 0 < d.beta_start < d.beta_end < 1:
+        raise SACDiffError(f"β schedule {d.beta_start}..{d.beta_end} must satisfy 0 < β_start < β_end < 1")
+    _check_range("noise.octaves", d.noise.octaves, 1, 12)
+    if d.noise.persistence <= 0 or d.noise.base_frequency <= 0:
+        raise SACDiffError("noise persistence and base frequency must be > 0")
+    _check_range("preprocess.image_size", p.image_size, 8, 4096)
+    _check_range("preprocess.min_lung_fraction", p.min_lung_fraction, 0.0, 0.99)
     if len(m.channels) < 2:
         raise SACDiffError("model.channels needs at least two levels")
     if any(c % m.groups for c in m.channels):

@@ -22,6 +22,7 @@ from .detect import detect_volume, resolve_device
 from .errors import SACDiffError
 from .evaluate import score_case
 from .outputs import write_overview, write_run
+from .atomic import Output
 from .phantom import write_phantom_cases
 from .train import train
 
@@ -40,56 +41,62 @@ def run_demo(
     ensemble: Optional[int] = None,
     sampling_steps: Optional[int] = None,
 ) -> dict:
-    out_dir = Path(out_dir)
-    dev = resolve_device(device)
-    data = out_dir / "data"
-    t0 = time.perf_counter()
-    if model is None and train_steps is None:
-        try:
-            model = shipped_model_path()
-            log(f"[1/3] model: the shipped reference model {model}")
-        except SACDiffError as exc:
-            log(f"[1/3] {exc}; training the small demo model instead")
-    size = 128
-    if model is None:
-        size = 96
-        log(f"[1/3] synthetic healthy chests for training → {data}")
-        write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, normals=4, overwrite=True)
-        cfg = preset("demo")
-        cfg.train.seed = seed
-        model = out_dir / "demo-model.pt"
-        log(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
-        summary = train(cfg, data, model, dev, steps=train_steps)
-        log(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
-    cfg, net, diffusion, _ = load_checkpoint(model, dev, noise_seed=seed)
-    cfg.detect.seed = seed
-    cfg.detect.steps = detect_steps or cfg.detect.steps
-    cfg.detect.ensemble = ensemble or cfg.detect.ensemble
-    if sampling_steps is not None:
-        cfg.detect.sampling_steps = sampling_steps
-    if ct is None:
-        case = "phantom_covid_000"
-        if not (data / "ct" / f"{case}_ct.nii.gz").exists():
-            log(f"[2/3] a synthetic COVID-like chest ({size}², 24 slices) with known lesions → {data}")
-            write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, overwrite=True)
-        ct_path, lung_path = data / "ct" / f"{case}_ct.nii.gz", data / "ct" / f"{case}_lung.nii.gz"
-        truth_path = data / "ct" / f"{case}_lesion.nii.gz"
-    else:
-        ct_path, lung_path, truth_path = Path(ct), None, None
-    log(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
-        f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
-    result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress)
-    run_dir = write_run(result, out_dir / "run", overwrite=overwrite)
-    summary = {"run": str(run_dir), "model": str(model), "seconds": time.perf_counter() - t0,
-               "anomaly_ml": result.report["quantification"]["anomaly_ml"]}
-    if truth_path is not None:
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
-        # Scored exactly as `sacdiff evaluate` scores a case (voxel metrics in the lung, slice AUROC over all slices
-        # with the per-slice anomaly volume as score).
-        scores = score_case(result, truth, truth.reshape(truth.shape[0], -1).any(1).astype(int).tolist())
-        summary.update({k: scores[k] for k in ("dice", "iou", "slice_auroc")})
-        write_overview(result, run_dir / "overview.png", truth=truth)
-    overview = out_dir / "overview.png"
-    shutil.copyfile(run_dir / "overview.png", overview)
-    summary["overview"] = str(overview)
+    final = Path(out_dir)
+    # The whole demo folder is built under a temporary name and put in place at the end (atomic.Output).
+    with Output(final, "results", overwrite, inputs=[ct, model]) as out_dir:
+        dev = resolve_device(device)
+        data = out_dir / "data"
+        t0 = time.perf_counter()
+        if model is None and train_steps is None:
+            try:
+                model = shipped_model_path()
+                log(f"[1/3] model: the shipped reference model {model}")
+            except SACDiffError as exc:
+                log(f"[1/3] {exc}; training the small demo model instead")
+        size = 128
+        if model is None:
+            size = 96
+            log(f"[1/3] synthetic healthy chests for training → {data}")
+            write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, normals=4, overwrite=True)
+            cfg = preset("demo")
+            cfg.train.seed = seed
+            model = out_dir / "demo-model.pt"
+            log(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
+            summary = train(cfg, data, model, dev, steps=train_steps)
+            log(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
+        cfg, net, diffusion, _ = load_checkpoint(model, dev, noise_seed=seed)
+        cfg.detect.seed = seed
+        cfg.detect.steps = detect_steps or cfg.detect.steps
+        cfg.detect.ensemble = ensemble or cfg.detect.ensemble
+        if sampling_steps is not None:
+            cfg.detect.sampling_steps = sampling_steps
+        if ct is None:
+            case = "phantom_covid_000"
+            if not (data / "ct" / f"{case}_ct.nii.gz").exists():
+                log(f"[2/3] a synthetic COVID-like chest ({size}², 24 slices) with known lesions → {data}")
+                write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, overwrite=True)
+            ct_path, lung_path = data / "ct" / f"{case}_ct.nii.gz", data / "ct" / f"{case}_lung.nii.gz"
+            truth_path = data / "ct" / f"{case}_lesion.nii.gz"
+        else:
+            ct_path, lung_path, truth_path = Path(ct), None, None
+        log(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
+            f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
+        result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress)
+        run_dir = write_run(result, out_dir / "run", overwrite=overwrite)
+        summary = {"run": str(run_dir), "model": str(model), "seconds": time.perf_counter() - t0,
+                   "anomaly_ml": result.report["quantification"]["anomaly_ml"]}
+        if truth_path is not None:
+            truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
+            # Scored exactly as `sacdiff evaluate` scores a case (voxel metrics in the lung, slice AUROC over all slices
+            # with the per-slice anomaly volume as score).
+            scores = score_case(result, truth, truth.reshape(truth.shape[0], -1).any(1).astype(int).tolist())
+            summary.update({k: scores[k] for k in ("dice", "iou", "slice_auroc")})
+            write_overview(result, run_dir / "overview.png", truth=truth)
+        overview = out_dir / "overview.png"
+        shutil.copyfile(run_dir / "overview.png", overview)
+        summary["overview"] = str(overview)
+        for key in ("run", "overview"):
+            summary[key] = str(final / Path(summary[key]).relative_to(out_dir))
+        if str(summary.get("model", "")).startswith(str(out_dir)):
+            summary["model"] = str(final / Path(summary["model"]).relative_to(out_dir))
     return summary

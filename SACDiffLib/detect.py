@@ -303,6 +303,9 @@ def detect_volume(
         det.sampling_steps, box if det.crop_to_lung else None, chunk_stats, compile_model,
     )
     err, std, mean = error_maps(x, members, det.error)
+    if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
+        raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
+                           "nothing was written — check the model with `sacdiff validate` or retrain it")
     shape = hu.shape[1:]
     err_ct = io.from_model_grid(err, shape).cpu().numpy()
     std_ct = io.from_model_grid(std, shape).cpu().numpy()
@@ -348,6 +351,8 @@ def _lung_counts(result: DetectionResult) -> np.ndarray:
 
 def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
     """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
+    if not np.isfinite(lam):
+        raise SACDiffError(f"λ = {lam} is not a finite number; give e.g. --lambda 1")
     det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
     previous = result.threshold
     if det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive":

@@ -23,8 +23,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +35,8 @@ from .detect import detect_volume
 from .errors import SACDiffError
 from . import medseg
 from .metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
-from .outputs import swap_into_place, write_run
+from .atomic import Output
+from .outputs import write_run
 from .train import load_cases
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
@@ -74,17 +73,14 @@ def evaluate(
     log=print,
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SACDiffError(f"results folder {out_dir} already exists; choose another --out or pass --overwrite")
+    output = Output(out_dir, "results", overwrite, inputs=[cases_dir])
     cases = load_cases(cases_dir)
     todo = [name for name in sorted(cases) if (cases_dir / "ct" / f"{name}_ct.nii.gz").exists()]
     if not todo:
         raise SACDiffError(f"no case of {cases_dir / 'cases.json'} has its CT at ct/<case>_ct.nii.gz")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "runs").mkdir(parents=True)
     rows, per_case = [], {}
-    try:
+    with output as tmp:
+        (tmp / "runs").mkdir()
         for i, name in enumerate(todo):
             info = cases[name]
             ct = cases_dir / "ct" / f"{name}_ct.nii.gz"
@@ -119,9 +115,6 @@ def evaluate(
         _write_csv(tmp / "cases.csv", rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         (tmp / "summary.md").write_text(_markdown(summary, rows))
-        swap_into_place(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

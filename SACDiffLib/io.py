@@ -20,15 +20,64 @@ from .errors import SACDiffError
 READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
 
 
+def check_complete(path: Path) -> None:
+    """Refuse a file that ends early. SimpleITK reads a truncated .nii.gz without complaint and fills the missing
+    voxels with 0 (0 HU: soft tissue), which turns a broken download into a 'lesion'. A gzip stream must decompress
+    to its end, and a NIfTI's data must fill what its header declares (vox_offset + voxels × bytes per voxel)."""
+    import gzip
+    import struct
+    import zlib
+
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(352)
+                size = len(head)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise SACDiffError(f"{path} is damaged or ends early ({type(exc).__name__}: {exc}); download or copy "
+                               "it again") from None
+    elif name.endswith(".nii"):
+        with open(path, "rb") as f:
+            head = f.read(352)
+        size = path.stat().st_size
+    else:
+        return
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or len(head) < 348:
+        return
+    for endian in ("<", ">"):
+        if struct.unpack(endian + "i", head[:4])[0] == 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            bitpix = struct.unpack(endian + "h", head[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
+            voxels = int(np.prod([max(1, d) for d in dims[1: 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
+            expected = int(vox_offset) + voxels * bitpix // 8
+            if size < expected:
+                raise SACDiffError(f"{path} ends early: its header declares {expected} bytes of image, the file holds "
+                                   f"{size}; download or copy it again")
+            return
+
+
 def read_image(path) -> sitk.Image:
-    """A NIfTI / NRRD / MHA file or a folder holding one DICOM series."""
+    """A NIfTI / NRRD / MHA file or a folder holding one DICOM series; refuses a file that ends early."""
     path = Path(path)
     if not path.exists():
         raise SACDiffError(f"{path} does not exist; give a {READABLE}")
+    if path.is_file():
+        check_complete(path)
     try:
         if path.is_dir():
+            if not any(p.is_file() for p in path.iterdir()):
+                raise SACDiffError(f"folder {path} is empty; give a {READABLE}")
             reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
+            warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns about every non-DICOM file it skips
+            try:
+                series = reader.GetGDCMSeriesIDs(str(path))
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
             if not series:
                 raise SACDiffError(f"folder {path} holds no DICOM series; give a {READABLE}")
             if len(series) > 1:
@@ -84,7 +133,8 @@ def geometry_differences(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> lis
     for what, getter in (("spacing", "GetSpacing"), ("origin", "GetOrigin"), ("direction", "GetDirection")):
         va, vb = np.array(getattr(a, getter)()), np.array(getattr(b, getter)())
         if va.shape != vb.shape or not np.allclose(va, vb, atol=tol, rtol=0):
-            diffs.append(f"{what} {tuple(np.round(vb, 4))} vs {tuple(np.round(va, 4))}")
+            fmt = lambda v: "(" + ", ".join(f"{x:g}" for x in np.round(v, 4)) + ")"  # noqa: E731
+            diffs.append(f"{what} {fmt(vb)} vs {fmt(va)}")
     return diffs
 
 
@@ -104,9 +154,20 @@ def mask_array(image: sitk.Image, reference: sitk.Image, what: str = "lung mask"
             "resample the mask onto the CT grid (nearest neighbour) or give the mask made for this CT"
         )
     array = sitk.GetArrayFromImage(image)
-    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-        raise SACDiffError(f"{what} {name} has NaN voxels; give a label image")
-    array = np.rint(array).clip(0, 255).astype(np.uint8)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise SACDiffError(f"{what} {name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; give a "
+                           "single-channel label image")
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise SACDiffError(f"{what} {name} has NaN/infinite voxels; give a label image")
+        if not np.array_equal(array, np.rint(array)):
+            raise SACDiffError(f"{what} {name} holds fractional values (e.g. {array[array != np.rint(array)][0]:g}): "
+                               "a probability map, not a label image; threshold it into 0/1 labels first")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0 or hi > 255:
+        raise SACDiffError(f"{what} {name} holds values {lo:g}..{hi:g}, like an intensity image (a CT?), not labels "
+                           "0..255; give the label image")
+    array = array.astype(np.uint8)
     if not array.any():
         raise SACDiffError(f"{what} {name} is empty; give a mask with the lungs labelled (or omit it to use "
                            "`sacdiff lungmask`'s automatic lung mask)")
@@ -162,15 +223,19 @@ def from_model_grid(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 
 def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """``array`` with the reference's geometry, noted as SACDiff's own (so ``--overwrite`` may replace it)."""
+    from .atomic import IMAGE_NOTE
+
     image = sitk.GetImageFromArray(array)
     image.CopyInformation(reference)
+    image.SetMetaData("ITK_FileNotes", IMAGE_NOTE)
     return image
 
 
 def write_image(array: np.ndarray, reference: sitk.Image, path) -> Path:
     """Write ``array`` with the reference's geometry, via a temporary name renamed when complete."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-w{''.join(path.suffixes)}")  # the suffix picks the format
     try:
         sitk.WriteImage(image_like(array, reference), str(tmp), useCompression=True)
         os.replace(tmp, path)

@@ -20,6 +20,7 @@ import torch
 from . import __version__, io
 from .config import DetectConfig
 from .detect import DetectionResult
+from .atomic import MARKER, Output
 from .errors import SACDiffError
 from .postprocess import Threshold
 
@@ -34,14 +35,9 @@ FILES = {
 }
 
 
-def check_out_dir(out_dir, overwrite: bool) -> Path:
-    """Refuse an existing output folder unless ``overwrite`` (checked before any work is done)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SACDiffError(f"output folder {out_dir} already exists; choose another --out or pass --overwrite")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SACDiffError(f"output path {out_dir} is a file, not a folder; choose another --out")
-    return out_dir
+def check_out_dir(out_dir, overwrite: bool, inputs=()) -> Output:
+    """The run folder's ``atomic.Output``, checked before any work is done (see ``atomic``)."""
+    return Output(out_dir, "run", overwrite, inputs)
 
 
 def versions() -> dict:
@@ -59,38 +55,35 @@ def versions() -> dict:
     }
 
 
-def write_run(result: DetectionResult, out_dir, overwrite: bool = False) -> Path:
-    out_dir = check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        ref = result.reference
-        io.write_image(result.error.astype(np.float32), ref, tmp / FILES["anomaly_map"])
-        io.write_image(result.uncertainty_hu.astype(np.float32), ref, tmp / FILES["uncertainty"])
-        io.write_image(result.pseudo_healthy_hu.astype(np.float32), ref, tmp / FILES["pseudo_healthy"])
-        io.write_image(result.mask.astype(np.uint8), ref, tmp / FILES["anomaly_mask"])
-        io.write_image(result.lung.astype(np.uint8), ref, tmp / FILES["lung_mask"])
-        _write_report(result, tmp)
-        write_overview(result, tmp / FILES["overview"])
-        swap_into_place(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+def write_run(result: DetectionResult, out, overwrite: bool = False) -> Path:
+    """Every file of a run, verified finite, assembled under a temporary name and put in place whole. ``out`` is a
+    path or the ``Output`` that ``check_out_dir`` prepared before the work."""
+    output = out if isinstance(out, Output) else check_out_dir(out, overwrite, [result.report.get("ct")])
+    check_finite(result)
+    with output as tmp:
+        write_files(result, tmp)
+    return output.target
 
 
-def swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename a finished temporary folder onto ``out_dir``, replacing any previous one."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def check_finite(result: DetectionResult) -> None:
+    """A non-finite map or α is an error, never a result."""
+    for name, array in (("anomaly map", result.error), ("uncertainty", result.uncertainty_hu),
+                        ("pseudo-healthy", result.pseudo_healthy_hu)):
+        if array is not None and not np.isfinite(array).all():
+            raise SACDiffError(f"the {name} holds NaN/infinite values; nothing was written (broken model or input)")
+    if result.threshold is not None and not np.isfinite(result.threshold.alpha):
+        raise SACDiffError(f"the threshold α = {result.threshold.alpha} is not finite; nothing was written")
+
+
+def write_files(result: DetectionResult, folder: Path) -> None:
+    ref = result.reference
+    io.write_image(result.error.astype(np.float32), ref, folder / FILES["anomaly_map"])
+    io.write_image(result.uncertainty_hu.astype(np.float32), ref, folder / FILES["uncertainty"])
+    io.write_image(result.pseudo_healthy_hu.astype(np.float32), ref, folder / FILES["pseudo_healthy"])
+    io.write_image(result.mask.astype(np.uint8), ref, folder / FILES["anomaly_mask"])
+    io.write_image(result.lung.astype(np.uint8), ref, folder / FILES["lung_mask"])
+    _write_report(result, folder)
+    write_overview(result, folder / FILES["overview"])
 
 
 def _write_report(result: DetectionResult, folder: Path) -> None:
@@ -108,10 +101,19 @@ def _write_report(result: DetectionResult, folder: Path) -> None:
         "volumes": "ml",
         "slice_scores": "anomaly volume per slice (ml), in the CT's z order",
     }
-    path = folder / FILES["report"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    text = json.dumps(_undefined_as_null(report), indent=1, default=_json_default, allow_nan=False)  # strict JSON
+    (folder / FILES["report"]).write_text(text)
+
+
+def _undefined_as_null(value):
+    """NaN (an undefined ratio, e.g. % of a lung the mask does not have) → null; infinity stays an error."""
+    if isinstance(value, dict):
+        return {k: _undefined_as_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_undefined_as_null(v) for v in value]
+    if isinstance(value, (float, np.floating)) and np.isnan(value):
+        return None
+    return value
 
 
 def _json_default(value):
@@ -133,16 +135,30 @@ def load_run(run_dir) -> DetectionResult:
             f"{run_dir} is not a finished `sacdiff detect` folder (missing: {', '.join(missing) or 'the folder'}); "
             "run `sacdiff detect` first"
         )
+    damaged = f"; the run in {run_dir} is damaged: run `sacdiff detect` again"
     try:
         report = json.loads((run_dir / FILES["report"]).read_text())
-    except json.JSONDecodeError as exc:
-        raise SACDiffError(f"{run_dir / FILES['report']} is not valid JSON ({exc}); re-run `sacdiff detect`") from None
-    error_img = sitk.ReadImage(str(run_dir / FILES["anomaly_map"]))
-    lung = sitk.GetArrayFromImage(sitk.ReadImage(str(run_dir / FILES["lung_mask"]))).astype(np.uint8)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SACDiffError(f"{run_dir / FILES['report']} is not valid JSON ({exc}){damaged}") from None
+    missing_keys = [k for k in ("detect", "processed_slices", "threshold") if k not in report]
+    if missing_keys:
+        raise SACDiffError(f"{run_dir / FILES['report']} lacks {', '.join(missing_keys)}{damaged}")
+    error_img = io.read_image(run_dir / FILES["anomaly_map"])
+    lung_img = io.read_image(run_dir / FILES["lung_mask"])
+    if io.geometry_differences(error_img, lung_img):
+        raise SACDiffError(f"the lung mask and the anomaly map of {run_dir} have different geometries{damaged}")
+    lung = sitk.GetArrayFromImage(lung_img).astype(np.uint8)
     error = sitk.GetArrayFromImage(error_img).astype(np.float32)
-    det = DetectConfig(**report["detect"])
-    processed = np.asarray(report["processed_slices"], dtype=np.int64)
-    th = Threshold(**report["threshold"])
+    if not np.isfinite(error).all():
+        raise SACDiffError(f"the anomaly map of {run_dir} holds NaN/infinite values{damaged}")
+    try:
+        det = DetectConfig(**report["detect"])
+        processed = np.asarray(report["processed_slices"], dtype=np.int64)
+        th = Threshold(**report["threshold"])
+    except (TypeError, ValueError) as exc:
+        raise SACDiffError(f"{run_dir / FILES['report']} has unexpected settings ({exc}){damaged}") from None
+    if processed.size and (processed.min() < 0 or processed.max() >= error.shape[0]):
+        raise SACDiffError(f"{run_dir / FILES['report']} names slices outside the map{damaged}")
     mask = _read_optional(run_dir / FILES["anomaly_mask"], np.uint8)
     uncertainty = _read_optional(run_dir / FILES["uncertainty"])
     # For the overview only: the original CT when it is still where it was, else the pseudo-healthy volume.
@@ -163,15 +179,30 @@ def load_run(run_dir) -> DetectionResult:
 
 
 def _read_optional(path: Path, dtype=np.float32) -> Optional[np.ndarray]:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(dtype) if path.exists() else None
+    return sitk.GetArrayFromImage(io.read_image(path)).astype(dtype) if path.exists() else None
 
 
-def write_threshold_update(result: DetectionResult, run_dir) -> None:
-    """Replace anomaly_mask, report and overview of a run after re-thresholding (each file renamed into place)."""
+def write_threshold_update(result: DetectionResult, run_dir, extra=None) -> Path:
+    """A run after re-thresholding, replaced as a whole: a copy of the folder (unchanged files hard-linked) with the
+    new anomaly_mask, report and overview is exchanged with the old one in one step, so a reader never sees a mask
+    and a report of different λ. ``extra(folder)`` may add files (the Slicer export)."""
     run_dir = Path(run_dir)
-    io.write_image(result.mask.astype(np.uint8), result.reference, run_dir / FILES["anomaly_mask"])
-    _write_report(result, run_dir)
-    write_overview(result, run_dir / FILES["overview"])
+    check_finite(result)
+    output = Output(run_dir, "run", overwrite=True)
+    with output as tmp:
+        for item in run_dir.iterdir():
+            if item.name in (FILES["anomaly_mask"], FILES["report"], FILES["overview"], MARKER) or item.is_dir():
+                continue
+            try:
+                os.link(item, tmp / item.name)
+            except OSError:
+                shutil.copy2(item, tmp / item.name)
+        io.write_image(result.mask.astype(np.uint8), result.reference, tmp / FILES["anomaly_mask"])
+        _write_report(result, tmp)
+        write_overview(result, tmp / FILES["overview"])
+        if extra is not None:
+            extra(tmp)
+    return run_dir
 
 
 # --- overview.png -----------------------------------------------------------------------------------------------
@@ -237,7 +268,7 @@ def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = 
     titles = ["CT", "error map", "anomaly (red)" + (" / truth (green)" if truth is not None else ""), "uncertainty"]
     for i, title in enumerate(titles):
         draw.text((i * width + 4, 3), title, fill="white")
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

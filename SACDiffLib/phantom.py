@@ -18,13 +18,14 @@ The lesion mask marks lung voxels raised by ≥ 100 HU by a lesion.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from . import io
+from .atomic import Output
 from .errors import SACDiffError
 
 KINDS = ("covid", "ild", "normal")
@@ -194,9 +195,13 @@ def write_phantom_cases(out_dir, cases: int = 3, kind: str = "covid", size: int 
     """A folder in the layout of ``../shared/data``: ``cases.json`` + ``ct/<case>_{ct,lung,lesion}.nii.gz``.
     ``normals`` extra healthy cases are added (diagnosis ``normal``)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise SACDiffError(f"{out_dir} exists and is not empty; choose another --out or pass --overwrite")
-    (out_dir / "ct").mkdir(parents=True, exist_ok=True)
+    with Output(out_dir, "results", overwrite) as tmp:
+        _write_cases(tmp, cases, kind, size, slices, seed, normals)
+    return out_dir
+
+
+def _write_cases(out_dir: Path, cases: int, kind: str, size: int, slices: int, seed: int, normals: int) -> None:
+    (out_dir / "ct").mkdir()
     index = {}
     plan = [(f"phantom_{kind}_{i:03d}", kind, seed * 1000 + i) for i in range(cases)]
     plan += [(f"phantom_normal_{i:03d}", "normal", seed * 1000 + 500 + i) for i in range(normals)]
@@ -208,18 +213,10 @@ def write_phantom_cases(out_dir, cases: int = 3, kind: str = "covid", size: int 
         for suffix, array in (("ct", hu), ("lung", lungs), ("lesion", lesion)):
             if suffix == "lesion" and k == "normal":
                 continue
-            img = sitk.GetImageFromArray(array)
-            img.CopyInformation(ref)
-            path = out_dir / "ct" / f"{name}_{suffix}.nii.gz"
-            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-            sitk.WriteImage(img, str(tmp), useCompression=True)
-            os.replace(tmp, path)
+            io.write_image(array, ref, out_dir / "ct" / f"{name}_{suffix}.nii.gz")
         entry = {"source": f"SACDiff phantom (seed {s})", "diagnosis": {"covid": "covid19"}.get(k, k),
                  "size_xyz": [size, size, slices], "spacing_xyz_mm": list(spacing)}
         if k != "normal":
             entry["slice_label_infection"] = lesion.reshape(slices, -1).any(1).astype(int).tolist()
         index[name] = entry
-    tmp = out_dir / ".cases.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / "cases.json")
-    return out_dir
+    (out_dir / "cases.json").write_text(json.dumps(index, indent=1))

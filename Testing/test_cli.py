@@ -134,14 +134,20 @@ def test_checkpoint_of_another_config(data_dir, tmp_path, capsys, tiny_checkpoin
 
 
 def test_existing_output_folder_is_refused_unless_overwrite(data_dir, tmp_path, capsys, tiny_checkpoint):
+    """--overwrite replaces only what SACDiff wrote: a folder of the user's is never deleted."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     err = _detect_error(capsys, data_dir / "ct" / "sick_ct.nii.gz", tiny_checkpoint, out)
     assert "--overwrite" in err and (out / "keep.txt").exists()
     assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", out,
-                   "--steps", 2, "--overwrite") == 0
-    assert (out / "report.json").exists() and not (out / "keep.txt").exists()
+                   "--steps", 2, "--overwrite") == 2
+    assert "not written by SACDiff" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    run = tmp_path / "run"
+    for lam in ("1", "2"):  # a SACDiff run folder is replaced whole
+        assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", run,
+                       "--steps", 2, "--overwrite", "--lambda", lam) == 0
+    assert json.loads((run / "report.json").read_text())["lambda"] == 2.0
 
 
 def test_interrupted_run_leaves_nothing(data_dir, tmp_path, monkeypatch, tiny_checkpoint, capsys):

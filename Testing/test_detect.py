@@ -23,7 +23,7 @@ def _detect(data_dir, ckpt, **overrides):
 def test_detection_writes_every_output_with_the_ct_geometry(data_dir, tiny_checkpoint, tmp_path):
     result = _detect(data_dir, tiny_checkpoint)
     out = write_run(result, tmp_path / "run")
-    assert sorted(p.name for p in out.iterdir()) == sorted(FILES.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*FILES.values(), ".sacdiff-output"])
     ct = sitk.ReadImage(str(data_dir / "ct" / "sick_ct.nii.gz"))
     for key in ("anomaly_map", "uncertainty", "pseudo_healthy", "anomaly_mask", "lung_mask"):
         img = sitk.ReadImage(str(out / FILES[key]))

@@ -51,7 +51,7 @@ def test_folder_layout_and_labels(tmp_path):
     assert cases["phantom_normal_000"]["diagnosis"] == "normal"
     lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "ct" / "phantom_covid_000_lesion.nii.gz")))
     assert cases["phantom_covid_000"]["slice_label_infection"] == lesion.reshape(12, -1).any(1).astype(int).tolist()
-    with pytest.raises(SACDiffError, match="not empty"):
+    with pytest.raises(SACDiffError, match="already exists"):
         write_phantom_cases(out, cases=1)
     with pytest.raises(SACDiffError, match="kind"):
         chest_phantom(64, 12, "tumour")

@@ -463,22 +463,24 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     def exportResults(self, folder) -> list[Path]:
         """Write anomaly.seg.nrrd (Slicer segmentation, for annotation tools), the NIfTI masks and maps and
         report.json of the current λ into ``folder``, assembled under a temporary name and renamed when complete."""
-        from SACDiffLib.outputs import swap_into_place, write_threshold_update
+        from SACDiffLib.atomic import Output
+        from SACDiffLib.errors import SACDiffError
+        from SACDiffLib.outputs import write_threshold_update
 
         if self.result is None or self.runDir is None:
             raise SACDiffInputError("Nothing to export yet; run detection first.")
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
-            write_threshold_update(self.result, self.runDir)  # mask / report / overview of the current λ
-            shutil.copytree(self.runDir, tmp)
+            output = Output(folder, "results", overwrite=True)  # only an earlier SACDiff export is replaced
+        except SACDiffError as exc:
+            raise SACDiffInputError(str(exc)) from None
+        write_threshold_update(self.result, self.runDir)  # mask / report / overview of the current λ
+        with output as tmp:
+            for item in Path(self.runDir).iterdir():
+                if item.is_file():
+                    shutil.copy2(item, tmp / item.name)
             storage = slicer.vtkMRMLSegmentationStorageNode()
             storage.SetFileName(str(tmp / "anomaly.seg.nrrd"))
             if not storage.WriteData(self.outputNodes["segmentation"]):
                 raise RuntimeError("writing anomaly.seg.nrrd failed")
-            swap_into_place(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return sorted(folder.iterdir())
