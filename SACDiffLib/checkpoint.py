@@ -72,6 +72,8 @@ def _save_atomically(payload: dict, path) -> Path:
 def read_checkpoint(path) -> dict:
     """The raw checkpoint dict, after checking that it is a readable SACDiff checkpoint of this format."""
     path = Path(path)
+    if path.is_dir():
+        raise SACDiffError(f"model {path} is a folder; pass --model with the checkpoint file (.pt) inside it")
     if not path.is_file():
         raise SACDiffError(f"model file {path} does not exist; pass --model with a checkpoint from `sacdiff train`")
     try:
