@@ -37,9 +37,12 @@ def scene():
 
 
 @pytest.fixture()
-def logic(scene):
+def logic(scene, tmp_path, monkeypatch):
     from SACDiffModuleLib.logic import SACDiffLogic
 
+    # Slicer gives the logic its own temporary folder (slicer.app.temporaryPath); here it is the test's, so that no
+    # SACDiff-* work folder outlives the test.
+    monkeypatch.setattr(SACDiffLogic, "_temporaryFolder", staticmethod(lambda: str(tmp_path)))
     return SACDiffLogic()
 
 

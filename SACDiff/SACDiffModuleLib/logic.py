@@ -46,7 +46,6 @@ REQUIREMENTS = {
     "skimage": "scikit-image",
     "scipy": "scipy",
     "opensimplex": "opensimplex",
-    "pydensecrf": "pydensecrf2",
     "tqdm": "tqdm",
 }
 
