@@ -148,6 +148,8 @@ def reconstruct_ensemble(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
     net, compiled = prepare_model(model, device, compile_model)
+    if compile_model:
+        diffusion.compile_noise()
     eager = [not compiled]
 
     def eps_model(x_t, c, t):

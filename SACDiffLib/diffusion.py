@@ -60,6 +60,12 @@ class Diffusion(nn.Module):
         """buffer[t] shaped to broadcast against ``like`` (B, C, H, W)."""
         return buffer.gather(0, t.to(buffer.device).long()).view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
+    def compile_noise(self) -> "Diffusion":
+        """Draw simplex noise through ``torch.compile`` (``SimplexNoise.compile``); a no-op for Gaussian noise."""
+        if self.noise.simplex is not None:
+            self.noise.simplex.compile()
+        return self
+
     def sample_noise(self, n: int, height: int, width: int, generator: torch.Generator, device=None, dtype=None):
         return self.noise(n, height, width, generator, device=device, dtype=dtype or torch.float32)
 

@@ -47,6 +47,7 @@ def load_cases(data_dir) -> dict:
     return cases
 
 
+COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
 HOLDOUT_SLAB = 8  # consecutive slices per hold-out slab: neighbouring slices are near copies of each other
 
 
@@ -215,6 +216,8 @@ def train(
         scheduler.load_state_dict(train_state["scheduler"])
         start = int(train_state["step"])
         losses = list(train_state.get("losses", []))
+    if tc.steps - start >= COMPILE_NOISE_FROM_STEPS:
+        diffusion.compile_noise()  # seconds to compile, then ≈ 8× faster fields on the CPU (SimplexNoise.compile)
     use_amp = tc.mixed_precision and device.type == "cuda"
 
     def save(step: int):
