@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,7 +27,7 @@ from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import lung_labels, segment_lungs
-from .postprocess import Threshold, background_threshold, binarise, fixed_threshold, quantify
+from .postprocess import DetectionResult, rethreshold  # noqa: F401  (their home: torch-free postprocess.py)
 
 # progress(fraction in [0, 1], message) -> False to cancel
 Progress = Callable[[float, str], Optional[bool]]
@@ -240,22 +239,6 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
     return err, std, mean
 
 
-@dataclass
-class DetectionResult:
-    reference: sitk.Image  # the CT (geometry of every output)
-    ct_hu: np.ndarray
-    lung: np.ndarray  # uint8 labels 1 right / 2 left
-    processed: np.ndarray  # z indices of the slices run through the model
-    error: np.ndarray  # E on the CT grid (windowed units², 0 on unprocessed slices)
-    uncertainty_hu: np.ndarray
-    pseudo_healthy_hu: np.ndarray
-    mask: np.ndarray  # uint8
-    threshold: Threshold
-    detect: DetectConfig
-    report: dict = field(default_factory=dict)
-    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: lung box of the analysis
-
-
 def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True) -> tuple[np.ndarray, str]:
     """(lung labels 1 right / 2 left, where they came from): the given mask or the fallback, without the trachea
     and main bronchi unless ``exclude_airways`` is off."""
@@ -338,46 +321,6 @@ def detect_volume(
                 processed.size / hu.shape[0] * (_box_fraction(box, pre.image_size) if det.crop_to_lung else 1.0), 4),
             "chunk": chunk_stats,
             "config": dataclasses.asdict(cfg),
-        }
-    )
-    return result
-
-
-def _lung_counts(result: DetectionResult) -> np.ndarray:
-    counts = result.report.get("_lung_voxels")
-    if counts is None or len(counts) < 3:
-        counts = np.bincount(result.lung.ravel(), minlength=3)
-        result.report["_lung_voxels"] = counts  # cached for the λ slider; not written to report.json
-    return np.asarray(counts)
-
-
-def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
-    """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
-    if not np.isfinite(lam):
-        raise SACDiffError(f"λ = {lam} is not a finite number; give e.g. --lambda 1")
-    det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
-    previous = result.threshold
-    if det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive":
-        # mean and std of the background do not depend on λ: α = mean + λ·std from the cached statistics
-        threshold = Threshold(previous.background_mean + det.lam * previous.background_std,
-                              previous.background_mean, previous.background_std, det.lam, "adaptive")
-    elif det.threshold == "adaptive":
-        threshold = background_threshold(result.error, result.lung, result.processed, det.lam, result.box)
-    else:
-        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, result.box)
-    result.mask = binarise(
-        result.error, result.lung, result.processed, threshold, det.crf, det.crf_iterations, det.morphology_radius
-    )
-    result.threshold = threshold
-    result.detect = det
-    result.report.update(
-        {
-            "lambda": det.lam,
-            "threshold": dataclasses.asdict(threshold),
-            "crf": det.crf,
-            "processed_slices": result.processed.tolist(),
-            "analysis_box": None if result.box is None else list(result.box),
-            "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing(), _lung_counts(result)),
         }
     )
     return result

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
-import torch.nn.functional as F
+
+from typing import TYPE_CHECKING
 
 from .config import PreprocessConfig
+
+if TYPE_CHECKING:  # torch is imported where tensors are made (the model grid), not to read or write images
+    import torch
 from .errors import SACDiffError
 
 READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
@@ -178,7 +181,7 @@ def ct_array(image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(image).astype(np.float32)
 
 
-def window(hu: np.ndarray | torch.Tensor, cfg: PreprocessConfig):
+def window(hu, cfg: PreprocessConfig):
     """Chest window [hu_min, hu_max] → [−1, 1] (clipped)."""
     scale = 2.0 / (cfg.hu_max - cfg.hu_min)
     x = (hu - cfg.hu_min) * scale - 1.0
@@ -201,8 +204,10 @@ def lung_slices(lung: np.ndarray, min_fraction: float) -> np.ndarray:
     return np.flatnonzero(fraction >= min_fraction)
 
 
-def to_model_grid(slices: torch.Tensor, size: int, pad_value: float, mask: bool = False) -> torch.Tensor:
+def to_model_grid(slices: "torch.Tensor", size: int, pad_value: float, mask: bool = False) -> "torch.Tensor":
     """(S, Y, X) → (S, 1, size, size): pad to a centred square (keeps the aspect ratio), then resize."""
+    import torch.nn.functional as F  # torch only where the model grid is needed: reading results needs none
+
     s, h, w = slices.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2
@@ -212,8 +217,10 @@ def to_model_grid(slices: torch.Tensor, size: int, pad_value: float, mask: bool 
     return (x > 0.5).float() if mask else x
 
 
-def from_model_grid(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def from_model_grid(x: "torch.Tensor", shape: tuple[int, int]) -> "torch.Tensor":
     """Inverse of :func:`to_model_grid`: (S, 1, size, size) → (S, Y, X) on the CT's in-plane grid."""
+    import torch.nn.functional as F
+
     h, w = shape
     side = max(h, w)
     if x.shape[-1] != side:

@@ -10,16 +10,16 @@ import json
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from . import __version__, io
 from .config import DetectConfig
-from .detect import DetectionResult
+from .postprocess import DetectionResult
 from .atomic import MARKER, Output
 from .errors import SACDiffError
 from .postprocess import Threshold
@@ -46,7 +46,7 @@ def versions() -> dict:
 
     return {
         "sacdiff": __version__,
-        "torch": str(torch.__version__),
+        "torch": str(getattr(sys.modules.get("torch"), "__version__", "not loaded")),
         "numpy": np.__version__,
         "SimpleITK": sitk.Version_VersionString(),
         "scipy": scipy.__version__,

@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+import SimpleITK as sitk
 
+from .config import DetectConfig
 from .errors import SACDiffError
 from .lung import LEFT, RIGHT
 
@@ -175,3 +179,59 @@ def quantify(mask: np.ndarray, lung_labels: np.ndarray, spacing_xyz, lung_counts
     out["anomaly_percent_of_lung"] = 100.0 * out["anomaly_ml"] / out["lung_ml"] if out["lung_ml"] else 0.0
     out["slice_anomaly_ml"] = (anomaly.reshape(anomaly.shape[0], -1).sum(1) * voxel_ml).round(4).tolist()
     return out
+
+
+@dataclass
+class DetectionResult:
+    reference: sitk.Image  # the CT (geometry of every output)
+    ct_hu: np.ndarray
+    lung: np.ndarray  # uint8 labels 1 right / 2 left
+    processed: np.ndarray  # z indices of the slices run through the model
+    error: np.ndarray  # E on the CT grid (windowed units², 0 on unprocessed slices)
+    uncertainty_hu: np.ndarray
+    pseudo_healthy_hu: np.ndarray
+    mask: np.ndarray  # uint8
+    threshold: Threshold
+    detect: DetectConfig
+    report: dict = field(default_factory=dict)
+    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: lung box of the analysis
+
+
+def _lung_counts(result: DetectionResult) -> np.ndarray:
+    counts = result.report.get("_lung_voxels")
+    if counts is None or len(counts) < 3:
+        counts = np.bincount(result.lung.ravel(), minlength=3)
+        result.report["_lung_voxels"] = counts  # cached for the λ slider; not written to report.json
+    return np.asarray(counts)
+
+
+def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
+    """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
+    if not np.isfinite(lam):
+        raise SACDiffError(f"λ = {lam} is not a finite number; give e.g. --lambda 1")
+    det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
+    previous = result.threshold
+    if det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive":
+        # mean and std of the background do not depend on λ: α = mean + λ·std from the cached statistics
+        threshold = Threshold(previous.background_mean + det.lam * previous.background_std,
+                              previous.background_mean, previous.background_std, det.lam, "adaptive")
+    elif det.threshold == "adaptive":
+        threshold = background_threshold(result.error, result.lung, result.processed, det.lam, result.box)
+    else:
+        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, result.box)
+    result.mask = binarise(
+        result.error, result.lung, result.processed, threshold, det.crf, det.crf_iterations, det.morphology_radius
+    )
+    result.threshold = threshold
+    result.detect = det
+    result.report.update(
+        {
+            "lambda": det.lam,
+            "threshold": dataclasses.asdict(threshold),
+            "crf": det.crf,
+            "processed_slices": result.processed.tolist(),
+            "analysis_box": None if result.box is None else list(result.box),
+            "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing(), _lung_counts(result)),
+        }
+    )
+    return result

@@ -101,9 +101,13 @@ def missingDependencies() -> list[str]:
 
 
 def cudaAvailable() -> bool:
-    from SACDiffLib.detect import cuda_available
-
-    return cuda_available()
+    """Asked of a child Python (torch is never imported into Slicer's own process)."""
+    try:
+        probe = subprocess.run([pythonExecutable(), "-c", "import torch; print(torch.cuda.is_available())"],
+                               capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.stdout.strip().endswith("True")
 
 
 def pythonExecutable() -> str:
@@ -415,7 +419,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     def setLambda(self, lam: float, crf: Optional[bool] = None) -> dict:
         """Re-binarise the cached error map with λ (no diffusion) and update the 'Anomaly' segment. ``crf`` None
         keeps the run's CRF setting; False is the fast path while the slider moves."""
-        from SACDiffLib.detect import rethreshold
+        from SACDiffLib.postprocess import rethreshold
 
         if self.result is None:
             raise SACDiffInputError("Run detection first; λ re-thresholds the last result.")
