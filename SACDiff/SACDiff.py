@@ -13,6 +13,7 @@ import slicer
 import vtk
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -22,6 +23,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from SACDiffModuleLib.logic import (
+    DETECTION_PRESETS,
+    PresetTracker,
     REQUIREMENTS,
     SACDiffInputError,
     SACDiffLogic,
@@ -31,19 +34,13 @@ from SACDiffModuleLib.logic import (
 MODEL_SETTING = "SACDiff/ModelPath"
 EXPORT_SETTING = "SACDiff/ExportFolder"
 
-# Detection presets offered in the panel: None = keep the checkpoint's own setting.
-SPEED_PRESETS = {
-    "model": {"ensemble": 0, "steps": 0, "samplingSteps": -1},
-    "fast": {"ensemble": 3, "steps": 0, "samplingSteps": 25},
-    "paper": {"ensemble": 7, "steps": 550, "samplingSteps": 0},
-}
 
 
 class SACDiff(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("SACDiff")
-        self.parent.categories = [_("Segmentation")]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["SACDiff developers"]
         self.parent.helpText = _(
@@ -60,9 +57,9 @@ class SACDiff(ScriptedLoadableModule):
 @parameterNodeWrapper
 class SACDiffParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # a node Union must include None
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    preset: Annotated[str, Choice(list(SPEED_PRESETS))] = "fast"
+    preset: Annotated[str, Choice(list(DETECTION_PRESETS))] = "model"
     ensemble: Annotated[int, WithinRange(0, 32)] = 3
     steps: Annotated[int, WithinRange(0, 1000)] = 0
     samplingSteps: Annotated[int, WithinRange(-1, 1000)] = 25
@@ -90,6 +87,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SACDiffLogic()
+        self._presets = PresetTracker()
 
         settings = qt.QSettings()
         self.ui.modelPathLineEdit.currentPath = settings.value(MODEL_SETTING, "")
@@ -191,12 +189,16 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- actions --------------------------------------------------------------------------------------------------
 
     def onPresetChanged(self, index=None) -> None:
+        """Fill K / T_s / reverse steps from the preset the user picked (the combo box's own text: the parameter
+        node may not be updated yet). connectGui refills the box on every module enter; ``presetChange`` ignores
+        a refill that keeps the same preset, so the user's own K / T_s survive."""
         if self._parameterNode is None:
             return
-        values = SPEED_PRESETS.get(self._parameterNode.preset, SPEED_PRESETS["model"])
-        self._parameterNode.ensemble = values["ensemble"]
-        self._parameterNode.steps = values["steps"]
-        self._parameterNode.samplingSteps = values["samplingSteps"]
+        values = self._presets.change(self.ui.presetComboBox.currentText)
+        if values is not None:
+            self._parameterNode.ensemble = values["ensemble"]
+            self._parameterNode.steps = values["steps"]
+            self._parameterNode.samplingSteps = values["samplingSteps"]
 
     def onModelPathChanged(self, path) -> None:
         qt.QSettings().setValue(MODEL_SETTING, path)

@@ -125,7 +125,7 @@ def test_detection_creates_segmentation_and_volumes_with_the_ct_geometry(scene, 
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
     entry = vtk.reference("")
     assert segment.GetTag(segment.GetTerminologyEntryTagName(), entry)
-    assert "SCT^52988006^Lesion" in str(entry)
+    assert "SCT^4147007^Mass" in str(entry)
     mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, segment_id, ct)
     np.testing.assert_array_equal(mask > 0, run_arrays["anomaly_mask"] > 0)
     assert logic.summary()["anomaly_ml"] == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, rel=1e-6)
@@ -243,3 +243,18 @@ def test_create_lung_mask_makes_right_and_left_segments(scene, logic):
     found = (right > 0) | (left > 0)
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
     assert dice > 0.8
+
+
+def test_preset_tracker_overwrites_settings_only_on_a_real_change():
+    from SACDiffModuleLib.logic import DETECTION_PRESETS, PresetTracker
+    from SACDiffLib.config import preset
+
+    assert DETECTION_PRESETS["paper"] == {"ensemble": preset("paper").detect.ensemble,
+                                          "steps": preset("paper").detect.steps,
+                                          "samplingSteps": preset("paper").detect.sampling_steps}
+    tracker = PresetTracker()
+    assert tracker.change("model") is None  # the first fill on connect: keep the parameter node's values
+    assert tracker.change("model") is None  # connectGui refilling the box on module enter
+    assert tracker.change("paper") == DETECTION_PRESETS["paper"]  # the user's choice
+    assert tracker.change("paper") is None
+    assert tracker.change("model") == DETECTION_PRESETS["model"]

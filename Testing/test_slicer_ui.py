@@ -96,3 +96,24 @@ def test_module_code_holds_no_algorithm():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not imported & {"torch", "scipy", "skimage", "pydensecrf"}, path
+
+
+def test_every_node_union_in_the_parameter_node_includes_none():
+    """Slicer's parameterNodeWrapper refuses a Union of node types without None (the panel would not open)."""
+    for name, field in _parameter_fields().items():
+        annotation = ast.unparse(field.annotation)
+        if annotation.startswith(("Union[", "Optional[")) and "vtkMRML" in annotation:
+            assert annotation.startswith("Optional[") or re.search(r"\bNone\b", annotation), (name, annotation)
+
+
+
+def test_extension_index_entry_and_license():
+    import json
+
+    entry = json.loads((ROOT / "SACDiff.json").read_text())
+    assert {"scm_url", "scm_revision", "build_dependencies", "category"} <= set(entry)
+    assert entry["build_dependencies"] == ["PyTorch"] and entry["category"] == "Segmentation"
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert re.search(r"EXTENSION_DEPENDS\s+PyTorch", cmake) and entry["scm_url"].startswith(
+        re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', cmake).group(1))
+    assert "Apache License" in (ROOT / "LICENSE").read_text()

@@ -51,11 +51,41 @@ REQUIREMENTS = {
 
 PROGRESS_PREFIX = "SACDIFF_PROGRESS "
 
+
+def _paper_detection() -> dict:
+    from SACDiffLib.config import preset  # torch-free
+
+    d = preset("paper").detect
+    return {"ensemble": d.ensemble, "steps": d.steps, "samplingSteps": d.sampling_steps}
+
+
+# Detection settings offered in the panel, from the library (one source of presets): "model" keeps the checkpoint's
+# own settings (0 / −1 = "the model's"; the shipped model's are its fast CPU settings), "paper" is the paper's
+# T_s 550, K 7, every step (GPU).
+DETECTION_PRESETS = {"model": {"ensemble": 0, "steps": 0, "samplingSteps": -1}, "paper": _paper_detection()}
+
+
+class PresetTracker:
+    """Decides when picking a preset should overwrite K / T_s / reverse steps: only when the preset really changes
+    (``connectGui`` refills the combo box on every module enter, which re-emits the current choice)."""
+
+    def __init__(self, current: Optional[str] = None):
+        self.current = current
+
+    def change(self, name: str) -> Optional[dict]:
+        if name not in DETECTION_PRESETS or name == self.current:
+            return None
+        first = self.current is None
+        self.current = name
+        return None if first else dict(DETECTION_PRESETS[name])
+
 # DICOM-coded terminology of the anomaly segment (Slicer terminology entry string): category "Morphologically
-# Altered Structure" (SCT 49755003), type "Lesion" (SCT 52988006), anatomic region "Lung" (SCT 39607008).
+# Altered Structure" (SCT 49755003), type "Mass" (SCT 4147007: the most generic type that Slicer's DICOM master
+# list offers in that category; "Lesion" is not in it), anatomic region "Lung" (SCT 39607008). An annotator
+# re-codes each finding (Nodule, Inflammation, ...) when editing the exported segmentation.
 ANOMALY_TERMINOLOGY = (
     "Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
-    "~SCT^52988006^Lesion~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^"
+    "~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^"
 )
 ANOMALY_COLOR = (0.95, 0.75, 0.1)  # amber: visible over lung parenchyma and over the red/blue lung segments
 
@@ -130,8 +160,8 @@ class DetectionProcess:
                      encoding="utf-8", errors="replace")  # the library prints α, λ, ²: never the locale's codec
         if os.name == "posix":
             popen["start_new_session"] = True  # own process group: cancel reaches every child
-        else:
-            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:  # own process group, and no console window popping up
+            popen["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         self._process = subprocess.Popen(command, **popen)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -189,8 +219,9 @@ class DetectionProcess:
             try:
                 if os.name == "posix":
                     os.killpg(self._process.pid, signal.SIGKILL)
-                else:
-                    self._process.kill()
+                else:  # PythonSlicer is a launcher: kill() would stop it and leave the real Python running
+                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
+                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             except ProcessLookupError:
                 pass
         self.wait(30)
