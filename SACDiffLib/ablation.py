@@ -37,7 +37,8 @@ from .detect import detect_volume
 from .errors import SACDiffError
 from .evaluate import ALL_METRICS, evaluate
 from .atomic import Output
-from .train import load_cases, train
+from .data import case_path, healthy_cases, load_cases, optional_path
+from .train import train
 
 # (name, simplex, guidance, adaptive, ensemble)
 ROWS = (
@@ -60,14 +61,10 @@ def model_name(simplex: bool, guidance: bool) -> str:
 
 def fixed_alpha(train_dir: Path, model, diffusion, cfg, device) -> float:
     """α that flags 1 % of the lung of the normal training cases (99th percentile of their error in the lung)."""
-    cases = load_cases(train_dir)
     values = []
-    for name, info in sorted(cases.items()):
-        if info.get("diagnosis") != "normal":
-            continue
-        lung = train_dir / "ct" / f"{name}_lung.nii.gz"
-        result = detect_volume(train_dir / "ct" / f"{name}_ct.nii.gz", model, diffusion, cfg,
-                               lung if lung.exists() else None, device)
+    for name in healthy_cases(load_cases(train_dir)):
+        result = detect_volume(case_path(train_dir, name, "ct"), model, diffusion, cfg,
+                               optional_path(train_dir, name, "lung"), device)
         inside = result.lung[result.processed] > 0
         values.append(result.error[result.processed][inside])
     if not values:

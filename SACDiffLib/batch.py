@@ -65,11 +65,11 @@ def collect_scans(inputs) -> list[Scan]:
         if not item.exists():
             raise SACDiffError(f"{item} does not exist; give CT files, DICOM folders or a folder of volumes")
         if item.is_dir() and (item / "cases.json").is_file():
-            from .train import load_cases
+            from .data import case_path, load_cases
 
             for case in load_cases(item):
-                ct = item / "ct" / f"{case}_ct.nii.gz"
-                lung = item / "ct" / f"{case}_lung.nii.gz"
+                ct = case_path(item, case, "ct")
+                lung = case_path(item, case, "lung")
                 scans.append(Scan(case, ct, lung if lung.is_file() else None))
         elif item.is_dir() and any(_volumes_in(item)):
             scans += [Scan(_strip(p).removesuffix("_ct"), p, _sibling_lung(p)) for p in _volumes_in(item)]
@@ -93,7 +93,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
     from .detect import detect_volume
     from .atomic import MARKER
     from .outputs import check_out_dir, write_run
-    from .train import Distributed
+    from .distributed import Distributed
 
     dist = Distributed(device)
     out_dir = Path(out_dir)

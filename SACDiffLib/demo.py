@@ -23,6 +23,7 @@ from .errors import SACDiffError
 from .evaluate import score_case
 from .outputs import write_overview, write_run
 from .atomic import Output
+from .data import case_path
 from .phantom import write_phantom_cases
 from .train import train
 
@@ -72,11 +73,11 @@ def run_demo(
             cfg.detect.sampling_steps = sampling_steps
         if ct is None:
             case = "phantom_covid_000"
-            if not (data / "ct" / f"{case}_ct.nii.gz").exists():
+            if not case_path(data, case, "ct").exists():
                 log(f"[2/3] a synthetic COVID-like chest ({size}², 24 slices) with known lesions → {data}")
                 write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, overwrite=True)
-            ct_path, lung_path = data / "ct" / f"{case}_ct.nii.gz", data / "ct" / f"{case}_lung.nii.gz"
-            truth_path = data / "ct" / f"{case}_lesion.nii.gz"
+            ct_path, lung_path = case_path(data, case, "ct"), case_path(data, case, "lung")
+            truth_path = case_path(data, case, "lesion")
         else:
             ct_path, lung_path, truth_path = Path(ct), None, None
         log(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "

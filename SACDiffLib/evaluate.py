@@ -37,7 +37,7 @@ from . import medseg
 from .metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
 from .atomic import Output
 from .outputs import write_run
-from .train import load_cases
+from .data import case_path, load_cases, optional_path
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
@@ -75,7 +75,7 @@ def evaluate(
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     output = Output(out_dir, "results", overwrite, inputs=[cases_dir])
     cases = load_cases(cases_dir)
-    todo = [name for name in sorted(cases) if (cases_dir / "ct" / f"{name}_ct.nii.gz").exists()]
+    todo = [name for name in sorted(cases) if case_path(cases_dir, name, "ct").exists()]
     if not todo:
         raise SACDiffError(f"no case of {cases_dir / 'cases.json'} has its CT at ct/<case>_ct.nii.gz")
     rows, per_case = [], {}
@@ -83,12 +83,12 @@ def evaluate(
         (tmp / "runs").mkdir()
         for i, name in enumerate(todo):
             info = cases[name]
-            ct = cases_dir / "ct" / f"{name}_ct.nii.gz"
-            lung = cases_dir / "ct" / f"{name}_lung.nii.gz"
-            lesion_path = cases_dir / "ct" / f"{name}_lesion.nii.gz"
+            ct = case_path(cases_dir, name, "ct")
+            lung = optional_path(cases_dir, name, "lung")
+            lesion_path = case_path(cases_dir, name, "lesion")
             log(f"[{i + 1}/{len(todo)}] {name}")
             step = (lambda f, m, i=i: progress((i + f) / len(todo), f"{name}: {m}")) if progress else None
-            result = detect_volume(ct, model, diffusion, cfg, lung if lung.exists() else None, device, step)
+            result = detect_volume(ct, model, diffusion, cfg, lung, device, step)
             write_run(result, tmp / "runs" / name)
             lesion = None
             if lesion_path.exists():

@@ -12,9 +12,7 @@ Multi-GPU / multi-node: launch the same command under ``torchrun``; each rank dr
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,41 +24,13 @@ import torch.nn.functional as F
 
 from . import io
 from .checkpoint import build, read_checkpoint, save_checkpoint
+from .data import case_path, healthy_cases, holdout_split, load_cases
+from .distributed import Distributed
 from .config import SACDiffConfig, from_dict, validate
 from .errors import SACDiffError
 
 
-def load_cases(data_dir) -> dict:
-    data_dir = Path(data_dir)
-    index = data_dir / "cases.json"
-    if not index.is_file():
-        raise SACDiffError(
-            f"{data_dir} has no cases.json; lay the folder out as cases.json + ct/<case>_ct.nii.gz + "
-            "ct/<case>_lung.nii.gz (see README, 'Data layout')"
-        )
-    try:
-        cases = json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
-        raise SACDiffError(f"{index} is not valid JSON ({exc})") from None
-    if not isinstance(cases, dict):
-        raise SACDiffError(f"{index} must map case names to their descriptions")
-    return cases
-
-
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
-HOLDOUT_SLAB = 8  # consecutive slices per hold-out slab: neighbouring slices are near copies of each other
-
-
-def holdout_split(z: np.ndarray, every: int) -> tuple[np.ndarray, np.ndarray]:
-    """(training slices, held-out slices) of the lung slice indices ``z``: slabs of HOLDOUT_SLAB consecutive
-    lung slices, every ``every``-th slab held out, starting with the second so that both ends train."""
-    if not every:
-        return z, z[:0]
-    slab = np.arange(z.size) // HOLDOUT_SLAB
-    held = (slab % every) == (1 % every)
-    return z[~held], z[held]
-
-
 def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
                          normal_cases: Optional[list] = None, split: str = "train"):
     """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)).
@@ -72,15 +42,13 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
     pre = cfg.preprocess
     images, masks, used = [], [], []
     cases = load_cases(data_dir)
-    unknown = sorted(set(normal_cases or []) - set(cases))
-    if unknown:
-        raise SACDiffError(f"--normal-cases names cases that {data_dir / 'cases.json'} does not list: {unknown}")
+    healthy = healthy_cases(cases, normal_cases)
     for name, info in sorted(cases.items()):
-        normal = name in normal_cases if normal_cases else info.get("diagnosis") == "normal"
+        normal = name in healthy
         labels = info.get("slice_label_infection")
         if not normal and not (include_uninfected_slices and labels is not None):
             continue
-        ct_path, lung_path = data_dir / "ct" / f"{name}_ct.nii.gz", data_dir / "ct" / f"{name}_lung.nii.gz"
+        ct_path, lung_path = case_path(data_dir, name, "ct"), case_path(data_dir, name, "lung")
         if not ct_path.exists() or not lung_path.exists():
             raise SACDiffError(f"case {name}: expected {ct_path} and {lung_path}")
         ct = io.read_ct(ct_path)
@@ -126,32 +94,6 @@ def cosine_lr(step: int, cfg) -> float:
         return (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class Distributed:
-    """torchrun environment (WORLD_SIZE, RANK, LOCAL_RANK); a no-op for a plain single process."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = device
-        self.active = self.world > 1
-        if self.active:
-            if device.type == "cuda":
-                self.device = torch.device("cuda", self.local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def close(self):
-        if self.active and dist.is_initialized():
-            dist.barrier()  # rank 0 may still be writing; tearing gloo down under it aborts the other rank
-            dist.destroy_process_group()
 
 
 def train(

@@ -31,7 +31,7 @@ from scipy import ndimage
 from . import io
 from .detect import detect_volume, rethreshold
 from .metrics import auroc, oracle_dice, segmentation_metrics
-from .train import holdout_split, load_cases
+from .data import case_path, healthy_cases, holdout_split, load_cases
 
 LAMBDAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 FLAGGED_TARGET_PERCENT = 1.0
@@ -68,15 +68,12 @@ def synthetic_lesions(hu: np.ndarray, lung: np.ndarray, spacing_xy, rng: np.rand
 def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0):
     """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags) of the stacked held-out slices,
     synthetic lesions on every second slice."""
-    cases = load_cases(data_dir)
     rng = np.random.default_rng(seed)
     volumes = []
-    for name, info in sorted(cases.items()):
-        if not (name in normal_cases if normal_cases else info.get("diagnosis") == "normal"):
-            continue
-        ct = io.read_ct(Path(data_dir) / "ct" / f"{name}_ct.nii.gz")
+    for name in healthy_cases(load_cases(data_dir), normal_cases):
+        ct = io.read_ct(case_path(data_dir, name, "ct"))
         hu = io.ct_array(ct)
-        lung = io.read_mask(Path(data_dir) / "ct" / f"{name}_lung.nii.gz", ct)
+        lung = io.read_mask(case_path(data_dir, name, "lung"), ct)
         z = holdout_split(io.lung_slices(lung, 0.005), holdout_every)[1]
         if z.size == 0:
             continue

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from SACDiffLib.cli import main
-from SACDiffLib.train import HOLDOUT_SLAB, holdout_split
+from SACDiffLib.data import HOLDOUT_SLAB, holdout_split
 from SACDiffLib.validate import LAMBDAS, synthetic_lesions
 
 
