@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .errors import Cancelled, SACDiffError
+from .protocol import error_line, progress_line
 
 
 def _add_device(p):
@@ -221,7 +222,7 @@ class _ProgressLines:
         now = time.monotonic()
         if now - self.last >= 0.2 or fraction >= 1.0:
             self.last = now
-            print(f"SACDIFF_PROGRESS {fraction:.4f} {message}", flush=True)
+            print(progress_line(fraction, message), flush=True)
         return True
 
     def close(self):
@@ -536,7 +537,7 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](args)
     except SACDiffError as exc:
-        print(f"sacdiff {args.command}: error: {exc}", file=sys.stderr)
+        print(error_line(args.command, str(exc)), file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         if args.command == "train" and Path(args.out).is_file():

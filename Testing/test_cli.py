@@ -195,3 +195,15 @@ def test_missing_inputs(tmp_path, capsys, tiny_checkpoint):
     assert "does not exist" in _detect_error(capsys, tmp_path / "nope.nii.gz", tiny_checkpoint, tmp_path / "o")
     assert run_cli("train", "--data", tmp_path, "--out", tmp_path / "m.pt", "--preset", "tiny") == 2
     assert "cases.json" in capsys.readouterr().err
+
+
+def test_progress_and_error_lines_follow_the_shared_protocol(data_dir, tiny_checkpoint, tmp_path, capsys):
+    from SACDiffLib.protocol import is_error_line, parse_progress
+
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out",
+                   tmp_path / "o", "--steps", 2, "--progress", "lines") == 0
+    fractions = [p[0] for p in map(parse_progress, capsys.readouterr().out.splitlines()) if p is not None]
+    assert fractions and all(0 <= f <= 1 for f in fractions) and fractions == sorted(fractions)
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tmp_path / "none.pt", "--out",
+                   tmp_path / "o2") == 2
+    assert is_error_line(capsys.readouterr().err.strip())

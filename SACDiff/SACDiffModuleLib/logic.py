@@ -39,6 +39,8 @@ LIBRARY_PARENT = _library_parent()
 if str(LIBRARY_PARENT) not in sys.path:
     sys.path.insert(0, str(LIBRARY_PARENT))
 
+from SACDiffLib.protocol import is_error_line, parse_progress  # noqa: E402  (torch-free; found via LIBRARY_PARENT)
+
 # Python packages SACDiffLib needs (import name → pip requirement). torch comes from SlicerPyTorch.
 REQUIREMENTS = {
     "torch": None,
@@ -49,7 +51,6 @@ REQUIREMENTS = {
     "tqdm": "tqdm",
 }
 
-PROGRESS_PREFIX = "SACDIFF_PROGRESS "
 
 
 def _paper_detection() -> dict:
@@ -170,9 +171,9 @@ class DetectionProcess:
         try:
             for line in self._process.stdout:
                 for part in line.rstrip("\n").split("\r"):  # a tqdm bar may share the line
-                    if part.startswith(PROGRESS_PREFIX):
-                        fraction, _, message = part[len(PROGRESS_PREFIX):].partition(" ")
-                        self._events.put(("progress", float(fraction), message))
+                    progress = parse_progress(part)
+                    if progress is not None:
+                        self._events.put(("progress", *progress))
                     elif part.strip():
                         self._events.put(("log", part))
         except (OSError, ValueError) as exc:  # the pipe closed under us (cancel)
@@ -209,7 +210,7 @@ class DetectionProcess:
 
     def errorMessage(self) -> str:
         """The library's one-line error (``sacdiff: error: …``) or the last lines of output."""
-        errors = [line for line in self.log if "error:" in line]
+        errors = [line for line in self.log if is_error_line(line)]
         return errors[-1] if errors else "\n".join(self.log[-5:]) or f"exit status {self._process.returncode}"
 
     def cancel(self):
