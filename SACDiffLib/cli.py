@@ -341,6 +341,8 @@ def cmd_detect(args) -> int:
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
           f"(λ = {d.lam}); {result.report['timings']['total_s']:.1f} s on {device}; outputs in {out}")
+    t = result.report["timings"]
+    print("time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in t.items() if k != "total_s"))
     return 0
 
 

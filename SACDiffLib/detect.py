@@ -167,6 +167,7 @@ def reconstruct_ensemble(
                     eager[0] = True
             return model(x_t, c, t).float()
 
+    noise_seconds = [0.0]
     start = 0
     while start < s:
         stop = min(start + chunk, s)
@@ -174,7 +175,9 @@ def reconstruct_ensemble(
         generator = torch.Generator(device=device).manual_seed(seed)
 
         def noise(_t: int) -> torch.Tensor:  # (K, 1, H, W) → the same field for every slice of member k
+            t0 = time.perf_counter()
             z = diffusion.sample_noise(k, h, w, generator, device=device)[:, :, rows, cols]
+            noise_seconds[0] += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
             return z.unsqueeze(1).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
 
         xb = xc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
@@ -199,7 +202,8 @@ def reconstruct_ensemble(
         out[:, start:stop, :, rows, cols] = recon.view(k, n, 1, hc, wc)
         start = stop
     if stats is not None:
-        stats.update({"chunk_slices": chunk, "oom_retries": retries, "compiled": not eager[0]})
+        stats.update({"chunk_slices": chunk, "oom_retries": retries, "compiled": not eager[0],
+                      "noise_s": round(noise_seconds[0], 3)})
     return out
 
 
@@ -268,14 +272,16 @@ def detect_volume(
     t0 = time.perf_counter()
     ct = io.read_ct(ct_path)
     hu = io.ct_array(ct)
+    timings["read_s"] = time.perf_counter() - t0
+    t_lung = time.perf_counter()
     lung, lung_source = prepare_lung(ct, hu, lung_path, det.exclude_airways)
+    timings["lung_mask_s"] = time.perf_counter() - t_lung
     processed = io.lung_slices(lung, pre.min_lung_fraction)
     if processed.size == 0:
         raise SACDiffError(
             f"no slice has ≥ {pre.min_lung_fraction:.1%} lung in the lung mask; check that the mask belongs to "
             "this CT and covers the lungs"
         )
-    timings["read_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     x = io.to_model_grid(torch.from_numpy(io.window(hu[processed], pre)), pre.image_size, pad_value=-1.0).to(device)
@@ -295,7 +301,8 @@ def detect_volume(
     err_ct = io.from_model_grid(err, shape).cpu().numpy()
     std_ct = io.from_model_grid(std, shape).cpu().numpy()
     mean_ct = io.from_model_grid(mean, shape).cpu().numpy()
-    timings["diffusion_s"] = time.perf_counter() - t1
+    timings["diffusion_s"] = time.perf_counter() - t1  # network + noise + reverse updates
+    timings["noise_s"] = chunk_stats.get("noise_s", 0.0)
 
     error = np.zeros(hu.shape, np.float32)
     error[processed] = np.maximum(err_ct, 0)

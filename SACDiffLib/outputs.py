@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -60,8 +61,11 @@ def write_run(result: DetectionResult, out, overwrite: bool = False) -> Path:
     path or the ``Output`` that ``check_out_dir`` prepared before the work."""
     output = out if isinstance(out, Output) else check_out_dir(out, overwrite, [result.report.get("ct")])
     check_finite(result)
+    t0 = time.perf_counter()
     with output as tmp:
         write_files(result, tmp)
+    # in memory for callers (the timing of the writing itself cannot be inside the report it writes)
+    result.report.setdefault("timings", {})["write_s"] = round(time.perf_counter() - t0, 3)
     return output.target
 
 
