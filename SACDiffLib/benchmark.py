@@ -98,6 +98,54 @@ def bench_noise_octaves(sizes=(128, 256, 512), device: str = "cpu", fields: int 
     return rows
 
 
+def bench_training(preset_name: str, device: str = "cpu", steps: int = 3, compile_noise: bool = True) -> dict:
+    """Training throughput of a preset (synthetic batch of its size): samples/s and the share of each part of a
+    step — data (batch gather + augmentation), noise (the simplex fields) and network (forward, backward, AdamW)."""
+    from .train import augment
+
+    cfg = preset(preset_name)
+    dev = torch.device(device)
+    model, diffusion = build(cfg)
+    if compile_noise:
+        diffusion.compile_noise()
+    model.to(dev)
+    diffusion.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    b, size = cfg.train.batch_size, cfg.preprocess.image_size
+    images = torch.rand(64, 1, size, size, device=dev) * 2 - 1
+    masks = (torch.rand(64, 1, size, size, device=dev) > 0.5).float()
+    parts = {"data": 0.0, "noise": 0.0, "network": 0.0}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for step in range(steps + 1):  # the first step warms up (and compiles the noise)
+        gen = torch.Generator(device=dev).manual_seed(step)
+        t0 = time.perf_counter()
+        idx = torch.randint(0, 64, (b,), generator=gen, device=dev)
+        x0, c = augment(images[idx], masks[idx], gen)
+        sync()
+        t1 = time.perf_counter()
+        t = torch.randint(1, diffusion.T + 1, (b,), generator=gen, device=dev)
+        eps = diffusion.sample_noise(b, size, size, gen, device=dev)
+        sync()
+        t2 = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(diffusion.q_sample(x0, t, eps), c, t), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        t3 = time.perf_counter()
+        if step:
+            parts["data"] += t1 - t0
+            parts["noise"] += t2 - t1
+            parts["network"] += t3 - t2
+    total = sum(parts.values())
+    return {"preset": preset_name, "device": str(dev), "batch": b, "image_size": size,
+            "samples_per_s": steps * b / total, "share": {k: v / total for k, v in parts.items()}}
+
+
 def _built(preset_name: str, device: str):
     """(config, model in eval mode, diffusion, device) of a preset with random weights, on ``device``."""
     cfg = preset(preset_name)
@@ -264,6 +312,12 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
         results["noise_cuda"] = g
         log(f"noise on {dev}: 512² field {g['torch_s_per_field'] * 1e6:.0f} µs; "
             f"6-octave fields {g['torch_6_octave_fields_per_s']:.0f}/s")
+    for name in (("tiny",) if quick else ("demo", "small", "small256", "fast")):
+        tr = bench_training(name, dev, 2 if quick else 3, compile_noise=not quick)
+        results[f"train_{name}"] = tr
+        log(f"training, preset {name} ({tr['image_size']}², batch {tr['batch']}) on {tr['device']}: "
+            f"{tr['samples_per_s']:.1f} samples/s; data {tr['share']['data']:.0%}, noise {tr['share']['noise']:.0%}, "
+            f"network {tr['share']['network']:.0%}")
     for name in (("tiny",) if quick else ("demo", "fast")):
         d = bench_detection_step(name, 4 if quick else 8, dev, 3)
         results[f"step_{name}"] = d
