@@ -108,12 +108,12 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-@torch.inference_mode()
 # Noise pixels a detection must draw before compiling the simplex kernel pays off (≈ 3000 fields of 256², ≈ 170 s
 # of eager noise on one core, against ≈ 11 s to compile): the paper preset on a CPU, never the fast settings.
 COMPILE_NOISE_FROM_PIXELS = 2e8
 
 
+@torch.inference_mode()
 def reconstruct_ensemble(
     model: torch.nn.Module,
     diffusion: Diffusion,
