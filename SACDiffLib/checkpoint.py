@@ -117,17 +117,26 @@ def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 
     return cfg, model, diffusion.to(device), payload
 
 
-def slim_checkpoint(src, dst, half: bool = True) -> Path:
+def slim_checkpoint(src, dst, half: bool = True, detect: Optional[dict] = None, note: Optional[dict] = None) -> Path:
     """A checkpoint for shipping: the EMA weights (or the raw ones) as the model, optionally in float16, with the
     config and provenance but without optimizer state. Loads through ``load_checkpoint`` like any other (the
-    weights are cast back to float32 on load)."""
+    weights are cast back to float32 on load). ``detect`` sets the model's default detection settings (e.g. the
+    ones ``sacdiff validate`` chose), checked like any config; ``note`` is added to the provenance."""
     payload = read_checkpoint(src)
+    if detect:
+        config = from_dict(payload["config"])
+        for name, value in detect.items():
+            setattr(config.detect, name, value)
+        from .config import validate
+
+        validate(config)
+        payload = dict(payload, config=to_dict(config))
     weights = payload["ema"] or payload["model"]
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
     extra = dict(payload.get("extra") or {})
     extra.update({"slimmed_from": Path(src).name, "weights": "ema" if payload["ema"] else "model",
-                  "stored_dtype": "float16" if half else "float32"})
+                  "stored_dtype": "float16" if half else "float32", **(note or {})})
     slim = dict(payload, model=weights, ema=None, train_state=None, extra=extra)
     return _save_atomically(slim, dst)
 

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write (.pt)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SACDiff checkpoint")
+    p.add_argument("--steps", type=int, help="set the model's default T_s (e.g. as `sacdiff validate` chose it)")
+    p.add_argument("--sampling-steps", type=int, help="set the model's default respaced reverse steps")
+    p.add_argument("--ensemble", type=int, help="set the model's default K")
+    p.add_argument("--lambda", dest="lam", type=float, help="set the model's default λ")
 
     p = sub.add_parser("ablation", help="the generative rows of Tables 1–2: train 4 networks, evaluate 9 configs")
     p.add_argument("--train", help="data folder whose normal cases train the networks (and calibrate fixed α)")
@@ -507,7 +511,9 @@ def cmd_slim(args) -> int:
     from .atomic import Output
 
     Output(args.out, "checkpoint", args.overwrite, inputs=[args.checkpoint])  # checks before any work
-    out = slim_checkpoint(args.checkpoint, args.out, half=not args.float32)
+    detect = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps),
+                                ("ensemble", args.ensemble), ("lam", args.lam)) if v is not None}
+    out = slim_checkpoint(args.checkpoint, args.out, half=not args.float32, detect=detect)
     load_checkpoint(out)  # the slim file passes the same checks as any checkpoint
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -133,3 +133,16 @@ def test_normal_cases_option_names_the_healthy_training_cases(data_dir):
     assert [u[0] for u in used] == ["normal_b"]
     with pytest.raises(SACDiffError, match="does not list"):
         load_training_slices(data_dir, cfg, normal_cases=["nope"])
+
+
+def test_slim_sets_the_chosen_detection_defaults_and_checks_them(tiny_checkpoint, tmp_path, capsys):
+    from SACDiffLib.checkpoint import load_checkpoint
+    from SACDiffLib.cli import main
+
+    out = tmp_path / "chosen.pt"
+    assert main(["slim", str(tiny_checkpoint), "--out", str(out), "--steps", "7", "--sampling-steps", "3",
+                 "--ensemble", "2", "--lambda", "1.5"]) == 0
+    cfg, *_ = load_checkpoint(out)
+    assert (cfg.detect.steps, cfg.detect.sampling_steps, cfg.detect.ensemble, cfg.detect.lam) == (7, 3, 2, 1.5)
+    assert main(["slim", str(tiny_checkpoint), "--out", str(tmp_path / "bad.pt"), "--sampling-steps", "50"]) == 2
+    assert "out of range" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
