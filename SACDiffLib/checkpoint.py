@@ -141,7 +141,7 @@ def slim_checkpoint(src, dst, half: bool = True, detect: Optional[dict] = None, 
     return _save_atomically(slim, dst)
 
 
-SHIPPED_MODEL = "sacdiff-small.pt"
+SHIPPED_MODEL = "sacdiff-small256.pt"
 
 
 def shipped_model_path() -> Path:

@@ -33,7 +33,7 @@ def main(old_run, new_run, data_dir, out):
     z_tumour = int(np.argmax(tumour.reshape(tumour.shape[0], -1).sum(1)))
     z_heart = 8  # slices 4-11: the heart level where the old model invented a soft-tissue blob
     rows, labels = [], []
-    for name, run in (("old 128²", Path(old_run)), ("new 256²", Path(new_run))):
+    for name, run in (("old model (128 grid)", Path(old_run)), ("new model (256 grid)", Path(new_run))):
         pseudo, error, mask = read(run / "pseudo_healthy.nii.gz"), read(run / "anomaly_map.nii.gz"), read(
             run / "anomaly_mask.nii.gz") > 0
         lung = read(run / "lung_mask.nii.gz") > 0

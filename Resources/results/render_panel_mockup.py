@@ -41,7 +41,7 @@ w.findChild(QComboBox, "inputVolumeSelector").addItem("ctmd_P001 CT")
 w.findChild(QComboBox, "lungMaskSelector").addItem("ctmd_P001 lungs (SACDiff)")
 for name, items in (("deviceComboBox", ["auto", "cuda", "cpu"]), ("presetComboBox", ["fast", "model", "paper"])):
     w.findChild(QComboBox, name).addItems(items)
-w.findChild(QLineEdit, "modelPathLineEdit").setPlaceholderText("(shipped model: sacdiff-small.pt)")
+w.findChild(QLineEdit, "modelPathLineEdit").setPlaceholderText("(shipped model: sacdiff-small256.pt)")
 w.findChild(QPushButton, "exportDirectoryButton").setText("~/SACDiff-exports")
 w.findChild(QPushButton, "applyButton").setEnabled(True)
 w.findChild(QPushButton, "exportButton").setEnabled(True)
