@@ -52,3 +52,39 @@ def test_validate_cli_on_phantoms(tmp_path, tiny_checkpoint):
         assert 0 <= row["synthetic_voxel_auroc"] <= 1 and 0 <= row["synthetic_oracle_dice"] <= 1
     assert "recommended λ" in (out / "validation.md").read_text()
     assert main(["validate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
+
+
+def test_per_kind_figures_see_a_kind_the_map_misses():
+    """A map that lights up ground glass and consolidation but not nodules: the pooled AUROC looks fine, the
+    nodule's per-kind AUROC is 0.5 (its voxels score like healthy lung)."""
+    from types import SimpleNamespace
+
+    from SACDiffLib.validate import score_setting
+
+    rng = np.random.default_rng(0)
+    shape = (2, 40, 40)
+    lung = np.ones(shape, np.uint8)
+    kinds = np.zeros(shape, np.uint8)
+    kinds[1, 5:25, 5:25] = 1  # ground glass: big
+    kinds[1, 28:34, 28:34] = 3  # nodule: small
+    truth = kinds > 0
+    error = rng.random(shape) * 0.1
+    error[kinds == 1] += 1.0
+    error[kinds == 3] = rng.random(int((kinds == 3).sum())) * 0.1  # like healthy lung
+
+    class FakeResult(SimpleNamespace):
+        pass
+
+    result = FakeResult(lung=lung, error=error, mask=np.zeros(shape, np.uint8))
+    import SACDiffLib.validate as validate_module
+
+    original = validate_module.rethreshold
+    validate_module.rethreshold = lambda r, lam: setattr(r, "mask", (r.error > 0.5 + lam).astype(np.uint8))
+    try:
+        row = score_setting([(result, {"clean": np.array([True, False]), "truth": truth, "kinds": kinds})],
+                            lambdas=(0.0, 1.0))
+    finally:
+        validate_module.rethreshold = original
+    assert row["synthetic_voxel_auroc"] > 0.9
+    assert row["per_kind"]["ground-glass"]["voxel_auroc"] == pytest.approx(1.0)
+    assert abs(row["per_kind"]["nodule"]["voxel_auroc"] - 0.5) < 0.2
