@@ -33,6 +33,11 @@ IMAGE_NOTE = "written by SACDiff"  # ITK_FileNotes of every image SACDiff writes
 _TMP = ".tmp-"
 
 
+def mark(folder: Path, kind: str) -> None:
+    """Write the marker that tells a later ``--overwrite`` this folder is SACDiff's own."""
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+
+
 def _renameat2(src: Path, dst: Path, flag: int) -> Optional[bool]:
     """True when done; False when ``dst`` exists (NOREPLACE); None when the call is unavailable here."""
     try:
@@ -208,7 +213,7 @@ class Output:
         self.tmp = self.target.with_name(f".{self.target.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
         if self.folder:
             self.tmp.mkdir()
-            (self.tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
+            mark(self.tmp, self.kind)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -222,8 +227,6 @@ class Output:
 
     def commit(self) -> None:
         tmp, target = self.tmp, self.target
-        if self.folder and not (tmp / MARKER).exists():
-            (tmp / MARKER).write_text(json.dumps({"kind": self.kind}) + "\n")
         try:
             if self.folder and _empty_folder(target):
                 try:

@@ -91,7 +91,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
                 compile_model: bool = False) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
-    from .atomic import MARKER
+    from .atomic import mark
     from .outputs import check_out_dir, write_run
     from .distributed import Distributed
 
@@ -101,7 +101,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
     rows = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MARKER).write_text(json.dumps({"kind": "results"}) + "\n")  # --overwrite may reuse it
+        mark(out_dir, "results")  # --overwrite may reuse it
         for i, scan in enumerate(mine):
             def scan_progress(fraction, message, i=i):
                 if progress is None:

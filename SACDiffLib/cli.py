@@ -470,11 +470,10 @@ def cmd_ablation(args) -> int:
 def cmd_validate(args) -> int:
     import json
 
+    from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
     from .detect import resolve_device
     from .validate import markdown, validate
-
-    from .atomic import Output
 
     output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
     model_path = args.model or str(shipped_model_path())
@@ -506,9 +505,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_slim(args) -> int:
-    from .checkpoint import load_checkpoint, slim_checkpoint
-
     from .atomic import Output
+    from .checkpoint import load_checkpoint, slim_checkpoint
 
     Output(args.out, "checkpoint", args.overwrite, inputs=[args.checkpoint])  # checks before any work
     detect = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps),

@@ -167,7 +167,6 @@ def preset(name: str) -> SACDiffConfig:
         cfg.preprocess.image_size = 256
         cfg.detect.steps = 150
         cfg.detect.sampling_steps = 10
-        cfg.detect.ensemble = 3
         cfg.train.batch_size = 4
         cfg.train.steps = 4000
         cfg.train.lr = 3e-4

@@ -51,10 +51,11 @@ def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list
            "lung_ml": q["lung_ml"]}
     if lesion is not None:
         lung = result.lung > 0
-        row.update(segmentation_metrics(result.mask, lesion, lung))
-        row["baseline_dice"] = segmentation_metrics(lung, lesion, lung)["dice"]
-        row["voxel_auroc"] = auroc(result.error[lung], lesion[lung])
-        row["oracle_dice"] = oracle_dice(result.error[lung], lesion[lung])[0]
+        error, truth = result.error[lung], lesion[lung]  # scored inside the lung
+        row.update(segmentation_metrics(result.mask[lung], truth))
+        row["baseline_dice"] = segmentation_metrics(np.ones_like(truth), truth)["dice"]
+        row["voxel_auroc"] = auroc(error, truth)
+        row["oracle_dice"] = oracle_dice(error, truth)[0]
     if slice_labels is not None:
         n = min(len(slice_labels), len(q["slice_anomaly_ml"]))
         row["slice_auroc"] = auroc(q["slice_anomaly_ml"][:n], slice_labels[:n])

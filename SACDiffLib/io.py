@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import SimpleITK as sitk
 
-from typing import TYPE_CHECKING
-
 from .config import PreprocessConfig
+from .errors import SACDiffError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made (the model grid), not to read or write images
     import torch
-from .errors import SACDiffError
 
 READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
 

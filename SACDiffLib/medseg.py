@@ -86,7 +86,7 @@ def score_slices(slices: list[dict]) -> dict:
     "pooled": METRICS over all their lung pixels together, "baseline": the same two for flagging the whole lung,
     "voxel_auroc", "oracle_dice", "oracle_threshold": E against truth over the pooled lung pixels,
     "no_truth_in_lung": slices left out, "truth_outside_lung_fraction": pooled}."""
-    rows, preds, truths, errors, lungs_all = [], [], [], [], []
+    rows, preds, truths, errors = [], [], [], []
     truth_total = truth_inside = 0
     for s in slices:
         lung, truth = s["lung"] > 0, s["truth"] > 0
@@ -103,7 +103,6 @@ def score_slices(slices: list[dict]) -> dict:
         preds.append(s["pred"][lung] > 0)
         truths.append(truth[lung])
         errors.append(s["error"][lung])
-        lungs_all.append(np.ones(int(lung.sum()), bool))
     scored = [r for r in rows if r["status"] == "ok"]
     out = {"per_slice": rows, "n_scored": len(scored),
            "no_truth_in_lung": [r["slice"] for r in rows if r["status"] != "ok"],
@@ -114,7 +113,7 @@ def score_slices(slices: list[dict]) -> dict:
     out["mean"] = {m: {"mean": st["mean"], "std": st["std"], "n": st["n"]}
                    for m, st in summarise(scored, METRICS + ("baseline_dice",)).items()}
     out["pooled"] = segmentation_metrics(pred, truth)
-    out["baseline_pooled_dice"] = segmentation_metrics(np.concatenate(lungs_all), truth)["dice"]
+    out["baseline_pooled_dice"] = segmentation_metrics(np.ones_like(truth), truth)["dice"]  # every lung pixel
     out["voxel_auroc"] = auroc(error, truth)
     out["oracle_dice"], out["oracle_threshold"] = oracle_dice(error, truth)
     return out

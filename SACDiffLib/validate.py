@@ -73,7 +73,8 @@ def synthetic_lesions(hu: np.ndarray, lung: np.ndarray, spacing_xy, rng: np.rand
     return (out, truth, kinds) if with_kinds else (out, truth)
 
 
-def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0):
+def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0,
+                    min_lung_fraction: float = 0.005):
     """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags) of the stacked held-out slices,
     synthetic lesions on every second slice."""
     rng = np.random.default_rng(seed)
@@ -82,7 +83,7 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         ct = io.read_ct(case_path(data_dir, name, "ct"))
         hu = io.ct_array(ct)
         lung = io.read_mask(case_path(data_dir, name, "lung"), ct)
-        z = holdout_split(io.lung_slices(lung, 0.005), holdout_every)[1]
+        z = holdout_split(io.lung_slices(lung, min_lung_fraction), holdout_every)[1]  # as training split them
         if z.size == 0:
             continue
         sub_hu, sub_lung = hu[z].copy(), lung[z].astype(np.uint8)
@@ -158,7 +159,8 @@ def validate(data_dir, model, diffusion, cfg, settings: list[dict], device, hold
     """One row per setting (a dict of DetectConfig overrides, e.g. {"steps": 150, "sampling_steps": 10})."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
-        volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed)
+        volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
+                                  cfg.preprocess.min_lung_fraction)
         if not volumes:
             from .errors import SACDiffError
 

@@ -8,23 +8,10 @@ DATA="${DATA:-../shared/data}"
 OLD="${OLD:-sacdiff-small.pt}"
 NEW="${NEW:-Resources/models/sacdiff-small256.pt}"
 HEALTHY="ctmd_normal001,ctmd_normal002,rt4dct"
-mkdir -p "$WORK/labelled/ct"
+[[ -f "$OLD" ]] || git show 4985bfd:Resources/models/sacdiff-small.pt > "$OLD"
 
 # The labelled cases only (ctmd_P001: slice labels; nsclc_lung1: tumour mask) and the 50 MedSeg slices.
-python - "$DATA" "$WORK/labelled" <<'PY'
-import json, os, sys
-data, out = sys.argv[1], sys.argv[2]
-cases = json.load(open(f"{data}/cases.json"))
-keep = {k: v for k, v in cases.items() if "slice_label_infection" in v or os.path.exists(f"{data}/ct/{k}_lesion.nii.gz")}
-json.dump(keep, open(f"{out}/cases.json", "w"), indent=1)
-for k in keep:
-    for s in ("ct", "lung", "lesion"):
-        src, dst = f"{data}/ct/{k}_{s}.nii.gz", f"{out}/ct/{k}_{s}.nii.gz"
-        if os.path.exists(src) and not os.path.lexists(dst):
-            os.symlink(os.path.abspath(src), dst)
-if not os.path.lexists(f"{out}/slices"):
-    os.symlink(os.path.abspath(f"{data}/slices"), f"{out}/slices")
-PY
+python Resources/results/labelled_cases.py "$DATA" "$WORK/labelled"
 
 # Each model at its own settings (old: T_s 250, 25 steps, K 3, λ 1; new: as `sacdiff validate` chose them).
 sacdiff evaluate --cases "$WORK/labelled" --model "$OLD" --out "$WORK/eval-old" --overwrite --device cpu

@@ -10,23 +10,9 @@ MODEL="${MODEL:-sacdiff-small.pt}"
 [[ -f "$MODEL" ]] || git show 4985bfd:Resources/models/sacdiff-small.pt > "$MODEL"
 mkdir -p "$WORK"
 
-# 1. The shipped model on the labelled real cases (ctmd_P001: slice labels; nsclc_lung1: tumour mask) and the 50
+# 1. MODEL on the labelled real cases (ctmd_P001: slice labels; nsclc_lung1: tumour mask) and the 50
 #    MedSeg COVID slices. (The normal cases are the training data and are left out.)
-mkdir -p "$WORK/labelled/ct"
-python - "$DATA" "$WORK/labelled" <<'PY'
-import json, os, sys
-data, out = sys.argv[1], sys.argv[2]
-cases = json.load(open(f"{data}/cases.json"))
-keep = {k: v for k, v in cases.items() if "slice_label_infection" in v or os.path.exists(f"{data}/ct/{k}_lesion.nii.gz")}
-json.dump(keep, open(f"{out}/cases.json", "w"), indent=1)
-for k in keep:
-    for s in ("ct", "lung", "lesion"):
-        src = f"{data}/ct/{k}_{s}.nii.gz"
-        if os.path.exists(src) and not os.path.exists(f"{out}/ct/{k}_{s}.nii.gz"):
-            os.symlink(os.path.abspath(src), f"{out}/ct/{k}_{s}.nii.gz")
-if not os.path.exists(f"{out}/slices"):
-    os.symlink(os.path.abspath(f"{data}/slices"), f"{out}/slices")
-PY
+python Resources/results/labelled_cases.py "$DATA" "$WORK/labelled"
 sacdiff evaluate --model "$MODEL" --cases "$WORK/labelled" --out "$WORK/shared" --overwrite --device cpu
 
 # (1b, the MedSeg run under one fitted window, is gone: MedSeg slices are now transposed and fitted per image by
