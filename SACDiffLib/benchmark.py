@@ -24,7 +24,7 @@ import torch
 from .checkpoint import build
 from .config import preset
 from .config import DetectConfig
-from .detect import DetectionResult, lung_box, reconstruct_ensemble, resolve_device, rethreshold
+from .detect import DetectionResult, crop_box, reconstruct_ensemble, resolve_device, rethreshold
 from .noise import RAW_OCTAVE_STD, SimplexNoise
 
 
@@ -223,7 +223,7 @@ def bench_volume(preset_name: str, slices: int, steps: int, device: str, naive: 
     lung = (((xx.abs() - 0.42) / 0.3) ** 2 + (yy / 0.6) ** 2 <= 1).float()
     c = lung.expand(slices, 1, s, s).contiguous().to(dev)
     x = (torch.rand(slices, 1, s, s, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(dev)
-    box = lung_box(c, cfg.model.size_multiple)
+    box = crop_box(c, cfg.model.size_multiple)
 
     def batched():
         reconstruct_ensemble(model, diffusion, x, c, steps, k, 0, box=box)
@@ -276,7 +276,7 @@ def bench_rethreshold(shape=(80, 512, 512), repeats: int = 5) -> dict:
     t_fast = _median_time(lambda: rethreshold(result, float(next(lams)), crf=False), repeats)
 
     def whole_volume():
-        t = background_threshold(err, lung, processed, 1.0, result.box)
+        t = background_threshold(err, lung, processed, 1.0, box=result.box)
         mask = np.zeros(shape, bool)
         mask[processed] = err[processed] > t.alpha
         yy, xx = np.mgrid[-1:2, -1:2]

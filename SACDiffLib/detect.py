@@ -26,7 +26,7 @@ from .config import DetectConfig, SACDiffConfig, validate
 from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
-from .lung import lung_labels, segment_lungs
+from .lung import body_mask, lung_labels, segment_lungs
 from .postprocess import DetectionResult, rethreshold  # noqa: F401  (their home: torch-free postprocess.py)
 
 # progress(fraction in [0, 1], message) -> False to cancel
@@ -47,15 +47,19 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-CROP_MARGIN = 8  # model-grid pixels kept around the lung bounding box (covers the UNet's first receptive field)
+CROP_MARGIN = 8  # model-grid pixels of air kept around the body's bounding box
 
 
-def lung_box(cond: torch.Tensor, multiple: int, margin: int = CROP_MARGIN) -> tuple[slice, slice]:
-    """In-plane bounding box of the lung over all slices (S, 1, H, W), widened by ``margin`` and to a multiple of
-    ``multiple`` (the UNet's size multiple), kept inside the grid. The whole grid when there is no lung."""
-    h, w = cond.shape[-2:]
-    rows = torch.nonzero(cond.amax(dim=(0, 1, 3)) > 0).flatten()
-    cols = torch.nonzero(cond.amax(dim=(0, 1, 2)) > 0).flatten()
+def crop_box(region: torch.Tensor, multiple: int, margin: int = CROP_MARGIN) -> tuple[slice, slice]:
+    """In-plane bounding box of ``region`` (S, 1, H, W) over all slices, widened by ``margin`` and to a multiple of
+    ``multiple`` (the UNet's size multiple), kept inside the grid. The whole grid when the region is empty.
+
+    Detection passes the body and the lung: the box's edges then lie in the air around the patient, where the
+    UNet's zero padding meets what it met at the image border in training. A box cut through the body (the lung's
+    box) makes the network paint an air band along the cut, ≈ 15 pixels deep, in the reconstruction."""
+    h, w = region.shape[-2:]
+    rows = torch.nonzero(region.amax(dim=(0, 1, 3)) > 0).flatten()
+    cols = torch.nonzero(region.amax(dim=(0, 1, 2)) > 0).flatten()
     if rows.numel() == 0:
         return slice(0, h), slice(0, w)
 
@@ -293,7 +297,9 @@ def detect_volume(
     x = io.to_model_grid(torch.from_numpy(io.window(hu[processed], pre)), pre.image_size, pad_value=-1.0).to(device)
     c = io.to_model_grid(torch.from_numpy(lung[processed] > 0), pre.image_size, 0.0, mask=True).to(device)
     cond = c if cfg.model.conditional else None
-    box = lung_box(c, cfg.model.size_multiple)
+    body = body_mask(hu)
+    body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)
+    box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
     chunk_stats: dict = {}
     members = reconstruct_ensemble(
         model, diffusion, x, cond, det.steps, det.ensemble, det.seed, det.batch_size, progress,
@@ -317,7 +323,7 @@ def detect_volume(
     pseudo = hu.copy()
     pseudo[processed] = io.unwindow(mean_ct.clip(-1, 1), pre)
     result = DetectionResult(ct, hu, lung, processed, error, uncertainty, pseudo, None, None, det,
-                             box=_box_on_ct_grid(box, pre.image_size, shape))
+                             box=_box_on_ct_grid(box, pre.image_size, shape), body=body)
     t2 = time.perf_counter()
     rethreshold(result, det.lam)
     timings["postprocess_s"] = time.perf_counter() - t2

@@ -60,6 +60,20 @@ def segment_lungs(hu: np.ndarray, image: sitk.Image, cropped: bool = False, airw
     return split_left_right(lungs, image)
 
 
+def body_mask(hu: np.ndarray) -> np.ndarray:
+    """The patient's body (z, y, x) → bool: the largest connected component above −320 HU, holes filled slice by
+    slice (so the lungs and airways count as body). The table and the air around the patient are not body."""
+    dense = hu > AIR_HU
+    labels, n = ndimage.label(dense)
+    if n == 0:
+        return dense
+    sizes = ndimage.sum_labels(dense, labels, index=np.arange(1, n + 1))
+    body = labels == int(np.argmax(sizes)) + 1
+    for z in range(body.shape[0]):
+        body[z] = ndimage.binary_fill_holes(body[z])
+    return body
+
+
 def exclude_airways(hu: np.ndarray, lung: np.ndarray, image: sitk.Image) -> np.ndarray:
     """A lung label image (any source, e.g. the user's) without the trachea and main bronchi; labels kept."""
     return np.where(airway_tree(hu, lung > 0, image), 0, lung).astype(lung.dtype)

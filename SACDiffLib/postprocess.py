@@ -1,6 +1,7 @@
 """From the error map to the anomaly mask (Section 2.4), and its quantification.
 
-    α_a = mean(E[c < 1]) + λ · std(E[c < 1])      (background-adaptive threshold, over the processed slices)
+    α_a = mean(E[c < 1]) + λ · std(E[c < 1])      (background-adaptive threshold, over the processed slices,
+                                                   on the body's voxels: not the air around the patient)
     → dense CRF (unary from E, Gaussian pairwise; Krähenbühl & Koltun 2012) slice by slice
     → erosion then dilation (in-plane) → restricted to the lung.
 """
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 
 from .config import DetectConfig
 from .errors import SACDiffError
-from .lung import LEFT, RIGHT
+from .lung import LEFT, RIGHT, body_mask
 
 
 @dataclass
@@ -28,27 +29,36 @@ class Threshold:
     mode: str  # "adaptive" or "fixed"
 
 
-def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, box=None) -> np.ndarray:
-    """E outside the lung (c < 1) on the processed slices, within the in-plane ``box`` (y0, y1, x0, x1) when given."""
-    if box is not None:
+def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body=None, box=None) -> np.ndarray:
+    """E outside the lung (c < 1) on the processed slices, inside the patient's ``body`` (``lung.body_mask``): the
+    air around the patient and the table are reconstructed trivially, and how much of them a field of view holds
+    would otherwise move α several-fold between scans. Without a body mask (a run folder with no CT), within the
+    in-plane analysis ``box`` (y0, y1, x0, x1)."""
+    outside = lung[processed] == 0
+    if body is not None:
+        outside &= body[processed]
+    elif box is not None:
         y0, y1, x0, x1 = box
-        error, lung = error[:, y0:y1, x0:x1], lung[:, y0:y1, x0:x1]
-    return error[processed][lung[processed] == 0]
+        inside_box = np.zeros(outside.shape[1:], bool)
+        inside_box[y0:y1, x0:x1] = True
+        outside &= inside_box
+    return error[processed][outside]
 
 
-def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, lam: float, box=None) -> Threshold:
-    """α_a = mean + λ·std of E outside the lung (c < 1) on the processed slices (Section 2.4), within ``box``
-    (detection passes the lung's bounding box + margin, so that air outside the body does not dilute the
-    statistics and the cropped and uncropped paths share one definition)."""
-    background = _background(error, lung, processed, box)
+def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, lam: float, body=None,
+                         box=None) -> Threshold:
+    """α_a = mean + λ·std of E outside the lung (c < 1) on the processed slices (Section 2.4), over the body's
+    voxels (``_background``)."""
+    background = _background(error, lung, processed, body, box)
     if background.size == 0:
         raise SACDiffError("no voxels outside the lung on the processed slices; the lung mask covers whole slices")
     mean, std = float(background.mean()), float(background.std())
     return Threshold(mean + lam * std, mean, std, float(lam), "adaptive")
 
 
-def fixed_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, alpha: float, box=None) -> Threshold:
-    background = _background(error, lung, processed, box)
+def fixed_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, alpha: float, body=None,
+                    box=None) -> Threshold:
+    background = _background(error, lung, processed, body, box)
     mean = float(background.mean()) if background.size else 0.0
     std = float(background.std()) if background.size else 0.0
     return Threshold(float(alpha), mean, std, float("nan"), "fixed")
@@ -194,7 +204,8 @@ class DetectionResult:
     threshold: Threshold
     detect: DetectConfig
     report: dict = field(default_factory=dict)
-    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: lung box of the analysis
+    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: the network's crop box
+    body: Optional[np.ndarray] = None  # bool (z, y, x): the patient's body (``lung.body_mask``), made on first use
 
 
 def _lung_counts(result: DetectionResult) -> np.ndarray:
@@ -203,6 +214,12 @@ def _lung_counts(result: DetectionResult) -> np.ndarray:
         counts = np.bincount(result.lung.ravel(), minlength=3)
         result.report["_lung_voxels"] = counts  # cached for the λ slider; not written to report.json
     return np.asarray(counts)
+
+
+def _body(result: DetectionResult) -> Optional[np.ndarray]:
+    if result.body is None and result.ct_hu is not None:
+        result.body = body_mask(result.ct_hu)
+    return result.body
 
 
 def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
@@ -216,9 +233,11 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
         threshold = Threshold(previous.background_mean + det.lam * previous.background_std,
                               previous.background_mean, previous.background_std, det.lam, "adaptive")
     elif det.threshold == "adaptive":
-        threshold = background_threshold(result.error, result.lung, result.processed, det.lam, result.box)
+        threshold = background_threshold(result.error, result.lung, result.processed, det.lam, _body(result),
+                                         result.box)
     else:
-        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, result.box)
+        threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, _body(result),
+                                    result.box)
     result.mask = binarise(
         result.error, result.lung, result.processed, threshold, det.crf, det.crf_iterations, det.morphology_radius
     )

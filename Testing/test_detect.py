@@ -118,17 +118,17 @@ def test_real_512_ct_keeps_its_geometry(tiny_checkpoint, tmp_path):
     assert 1500 < q["lung_ml"] < 9000  # adult lungs
 
 
-def test_lung_box_covers_the_lung_with_margin_and_fits_the_unet():
-    from SACDiffLib.detect import lung_box
+def test_crop_box_covers_the_lung_with_margin_and_fits_the_unet():
+    from SACDiffLib.detect import crop_box
 
     cond = torch.zeros(2, 1, 64, 64)
     cond[0, 0, 20:30, 10:15] = 1
     cond[1, 0, 25:41, 40:44] = 1  # union over slices: rows 20..40, cols 10..43
-    rows, cols = lung_box(cond, multiple=8, margin=4)
+    rows, cols = crop_box(cond, multiple=8, margin=4)
     assert rows.start <= 16 and rows.stop >= 45 and cols.start <= 6 and cols.stop >= 48
     assert (rows.stop - rows.start) % 8 == 0 and (cols.stop - cols.start) % 8 == 0
     assert 0 <= rows.start and rows.stop <= 64 and 0 <= cols.start and cols.stop <= 64
-    assert lung_box(torch.zeros(1, 1, 32, 32), 8) == (slice(0, 32), slice(0, 32))
+    assert crop_box(torch.zeros(1, 1, 32, 32), 8) == (slice(0, 32), slice(0, 32))
 
 
 def test_cropped_path_matches_the_plain_path_inside_the_lung(data_dir, tiny_checkpoint):
@@ -147,14 +147,14 @@ def test_cropped_path_matches_the_plain_path_inside_the_lung(data_dir, tiny_chec
 
 
 def test_cropped_reconstruction_matches_the_uncropped_one_away_from_the_box_border(tiny_checkpoint):
-    from SACDiffLib.detect import lung_box
+    from SACDiffLib.detect import crop_box
 
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 1, 64, 64, generator=g) * 2 - 1
     c = torch.zeros_like(x)
     c[:, :, 24:40, 20:44] = 1
-    box = lung_box(c, cfg.model.size_multiple)
+    box = crop_box(c, cfg.model.size_multiple)
     assert (box[0].stop - box[0].start) < 64 and (box[1].stop - box[1].start) < 64
     full = reconstruct_ensemble(model, diffusion, x, c, 5, 2, seed=0)
     crop = reconstruct_ensemble(model, diffusion, x, c, 5, 2, seed=0, box=box)

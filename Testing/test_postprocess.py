@@ -148,3 +148,31 @@ def test_own_dense_crf_matches_pydensecrf(seed):
         ours, ref = crf_refine(error, alpha, 0.006), _pydensecrf_reference(error, alpha, 0.006)
         assert (ours == ref).mean() >= 0.99
         assert 2 * (ours & ref).sum() / (ours.sum() + ref.sum()) >= 0.98
+
+
+def test_background_is_the_body_outside_the_lung_so_the_air_around_the_patient_does_not_move_alpha():
+    """α = mean + λ·std over body voxels outside the lung (closed form on a hand-made case): any error in the air
+    around the patient or on the table, and any amount of that air, leave α unchanged."""
+    from SACDiffLib.lung import body_mask
+
+    hu = np.full((2, 40, 40), -1000.0)
+    yy, xx = np.mgrid[:40, :40]
+    disc = (yy - 18) ** 2 + (xx - 20) ** 2 <= 14**2
+    hu[:, disc] = 40.0
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:, 12:24, 10:18] = 1
+    hu[lung > 0] = -850.0
+    hu[:, 36:38, 5:35] = 300.0  # the table: dense, not touching the body
+    body = body_mask(hu)
+    assert body[:, disc].all() and not body[:, 36:38].any() and not body[:, 0, 0].any()
+    error = np.zeros(hu.shape, np.float32)
+    error[:, disc] = np.where((xx[disc] % 2) == 0, 0.1, 0.3)  # body: half 0.1, half 0.3
+    error[lung > 0] = 5.0  # inside the lung: not background
+    error[~body] = 7.0  # air and table: not background either
+    processed = np.arange(2)
+    expected = error[(body & (lung == 0))]
+    th = background_threshold(error, lung, processed, 2.0, body)
+    assert th.background_mean == pytest.approx(float(expected.mean()), rel=1e-6)
+    assert th.alpha == pytest.approx(float(expected.mean() + 2.0 * expected.std()), rel=1e-6)
+    error[~body] = 70.0
+    assert background_threshold(error, lung, processed, 2.0, body).alpha == pytest.approx(th.alpha, rel=1e-6)

@@ -79,7 +79,11 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
     import SACDiffLib.validate as validate_module
 
     original = validate_module.rethreshold
-    validate_module.rethreshold = lambda r, lam: setattr(r, "mask", (r.error > 0.5 + lam).astype(np.uint8))
+    def fake_rethreshold(r, lam):
+        r.mask = (r.error > 0.5 + lam).astype(np.uint8)
+        r.threshold = SimpleNamespace(alpha=0.5 + lam)
+
+    validate_module.rethreshold = fake_rethreshold
     try:
         row = score_setting([(result, {"clean": np.array([True, False]), "truth": truth, "kinds": kinds})],
                             lambdas=(0.0, 1.0))
@@ -88,3 +92,21 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
     assert row["synthetic_voxel_auroc"] > 0.9
     assert row["per_kind"]["ground-glass"]["voxel_auroc"] == pytest.approx(1.0)
     assert abs(row["per_kind"]["nodule"]["voxel_auroc"] - 0.5) < 0.2
+
+
+def test_best_setting_takes_the_setting_whose_worst_kind_is_found_best():
+    """Hand-made rows: the pooled winner (A) misses nodules; B's worst kind is best; C ties B within 0.01 and wins on
+    the synthetic Dice; D has no λ that keeps healthy lung ≤ 1 % and never qualifies."""
+    from SACDiffLib.validate import best_setting
+
+    def row(name, kinds, dice, lam=1.0):
+        return {"setting": name, "recommended_lambda": lam, "synthetic_dice_at_recommended": dice,
+                "per_kind": {k: {"oracle_dice": v} for k, v in zip(("ground-glass", "consolidation", "nodule"), kinds)}}
+
+    a = row("A", (0.8, 0.7, 0.05), 0.6)
+    b = row("B", (0.6, 0.6, 0.40), 0.3)
+    c = row("C", (0.7, 0.6, 0.395), 0.4)
+    d = row("D", (0.9, 0.9, 0.90), 0.9, lam=None)
+    assert best_setting([a, b, d])["setting"] == "B"
+    assert best_setting([a, b, c, d])["setting"] == "C"
+    assert best_setting([d]) is None
