@@ -41,14 +41,14 @@ from .data import case_path, load_cases, optional_path
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
-COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml")
+COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml", "alpha")
 
 
 def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list]) -> dict:
     """Metrics a case's labels allow, from a finished detection."""
     q = result.report["quantification"]
     row = {"anomaly_ml": q["anomaly_ml"], "anomaly_percent_of_lung": q["anomaly_percent_of_lung"],
-           "lung_ml": q["lung_ml"]}
+           "lung_ml": q["lung_ml"], "alpha": result.threshold.alpha}
     if lesion is not None:
         lung = result.lung > 0
         error, truth = result.error[lung], lesion[lung]  # scored inside the lung
@@ -97,7 +97,7 @@ def evaluate(
                 if lesion.shape != result.mask.shape:
                     raise SACDiffError(f"case {name}: lesion mask shape {lesion.shape} differs from the CT's")
             row = score_case(result, lesion, info.get("slice_label_infection"))
-            per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly")}
+            per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly") or k == "alpha"}
             rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), **row})
         medseg = {}
         medseg_dir = cases_dir / "slices" / "medseg_covid"
@@ -204,14 +204,15 @@ def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) 
             failed.append({"slice": path.stem, "status": f"error: {exc}"})
             continue
         scored.append({"name": path.stem, "pred": result.mask, "truth": truth, "lung": result.lung,
-                       "error": result.error})
+                       "error": result.error, "alpha": result.threshold.alpha})
     summary = medseg.score_slices(scored)
     summary["per_slice"] = summary["per_slice"] + failed
     summary["failed"] = [r["slice"] for r in failed]
     return summary
 
 
-MEDSEG_COLUMNS = ("slice", "status") + METRICS + ("baseline_dice", "lung_fraction", "truth_outside_lung_fraction")
+MEDSEG_COLUMNS = ("slice", "status") + METRICS + ("baseline_dice", "lung_fraction", "truth_outside_lung_fraction",
+                                                  "alpha")
 
 
 def _fmt(v) -> str:
@@ -230,14 +231,14 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
     d = summary["detect"]
     lines = [f"# SACDiff evaluation (T_s={d['steps']}, K={d['ensemble']}, λ={d['lam']}, "
              f"threshold={d['threshold']}, CRF={'on' if d['crf'] else 'off'})", "",
-             "| case | diagnosis | " + " | ".join(ALL_METRICS) + " | anomaly ml | % lung |",
-             "|---|---|" + "---|" * (len(ALL_METRICS) + 2)]
+             "| case | diagnosis | " + " | ".join(ALL_METRICS) + " | anomaly ml | % lung | α |",
+             "|---|---|" + "---|" * (len(ALL_METRICS) + 3)]
     for r in rows:
         lines.append(f"| {r['case']} | {r['diagnosis']} | " + " | ".join(_fmt(r.get(m)) for m in ALL_METRICS)
-                     + f" | {r['anomaly_ml']:.1f} | {r['anomaly_percent_of_lung']:.2f} |")
+                     + f" | {r['anomaly_ml']:.1f} | {r['anomaly_percent_of_lung']:.2f} | {r['alpha']:.4f} |")
     ms = summary["mean_std"]
     lines.append("| **mean (std)** | | " + " | ".join(
-        f"{ms[m]['mean']:.4f} ({ms[m]['std']:.4f})" if m in ms else "" for m in ALL_METRICS) + " | | |")
+        f"{ms[m]['mean']:.4f} ({ms[m]['std']:.4f})" if m in ms else "" for m in ALL_METRICS) + " | | | |")
     lines += ["", "Voxel metrics are restricted to the lung mask; slice AUROC scores each slice by its detected "
               "anomaly volume (ml). Mean (std) over the cases that have the label (population std)."]
     if summary["medseg_covid"].get("n_scored"):
@@ -257,6 +258,9 @@ def medseg_markdown(m: dict) -> list[str]:
              f"Voxel AUROC of E (lesion vs healthy lung, pooled): **{m['voxel_auroc']:.4f}**; oracle Dice (best single "
              f"threshold on E, pooled): **{m['oracle_dice']:.4f}**. Truth outside the fallback lung mask: "
              f"{m['truth_outside_lung_fraction']:.1%} of the truth pixels.",
+             *([f"α from slice to slice (each slice is its own scan): median {m['alpha_spread']['median']:.4f}, "
+                f"5–95 % {m['alpha_spread']['p5']:.4f}–{m['alpha_spread']['p95']:.4f} "
+                f"(ratio {m['alpha_spread']['p95_over_p5']:.1f})."] if m.get("alpha_spread") else []),
              f"Slices with no truth inside the lung (left out of the means): {', '.join(m['no_truth_in_lung']) or 'none'}.",
              "Images transposed to the radiological axial view; grey levels mapped to HU per image (lung peak ↦ −850, "
              "soft-tissue peak ↦ +40 HU; `SACDiffLib/medseg.py`); lung mask from SACDiff's fallback; per-slice rows in "

@@ -92,7 +92,7 @@ def score_slices(slices: list[dict]) -> dict:
         lung, truth = s["lung"] > 0, s["truth"] > 0
         truth_total += int(truth.sum())
         truth_inside += int((truth & lung).sum())
-        row = {"slice": s["name"], "lung_fraction": float(lung.mean()),
+        row = {"slice": s["name"], "lung_fraction": float(lung.mean()), "alpha": s.get("alpha", float("nan")),
                "truth_outside_lung_fraction": float((truth & ~lung).sum() / max(int(truth.sum()), 1))}
         if not (truth & lung).any():
             rows.append(dict(row, status="no truth in lung"))
@@ -107,6 +107,11 @@ def score_slices(slices: list[dict]) -> dict:
     out = {"per_slice": rows, "n_scored": len(scored),
            "no_truth_in_lung": [r["slice"] for r in rows if r["status"] != "ok"],
            "truth_outside_lung_fraction": float(1 - truth_inside / truth_total) if truth_total else float("nan")}
+    alphas = np.array([r["alpha"] for r in rows if np.isfinite(r["alpha"])])
+    if alphas.size:  # α of each slice's own threshold: how much the background statistics move between images
+        p5, median, p95 = np.percentile(alphas, [5, 50, 95])
+        out["alpha_spread"] = {"p5": float(p5), "median": float(median), "p95": float(p95),
+                               "p95_over_p5": float(p95 / p5) if p5 > 0 else float("inf")}
     if not scored:
         return out
     pred, truth, error = np.concatenate(preds), np.concatenate(truths), np.concatenate(errors)

@@ -258,3 +258,60 @@ def test_preset_tracker_overwrites_settings_only_on_a_real_change():
     assert tracker.change("paper") == DETECTION_PRESETS["paper"]  # the user's choice
     assert tracker.change("paper") is None
     assert tracker.change("model") == DETECTION_PRESETS["model"]
+
+
+def test_slice_view_shows_the_anomaly_segment_on_the_mask_and_only_inside_the_lung(scene, logic, tiny_checkpoint):
+    """Slicer's own slice rendering (slice logic + segmentations displayable manager, offscreen) after loadResults:
+    the amber 'Anomaly' colour covers the mask's voxels on screen and appears nowhere off the mask (so nowhere
+    outside the lung); the CT underneath is drawn where its voxels are (lung dark, body bright)."""
+    from scipy import ndimage
+    from slicer_views import SliceView, sample
+
+    ct, lung, hu, labels, _ = _ct_and_lung(scene)
+    process, _ = _run(logic, ct, lung, tiny_checkpoint, seed=1, crf=False)
+    logic.loadResults(ct, process.runDir)
+    logic.setLambda(0.0, crf=False)
+    mask = logic.result.mask > 0
+    assert mask.any() and (mask <= (labels > 0)).all()
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    lung.CreateDefaultDisplayNodes()
+    lung.GetDisplayNode().SetVisibility(False)  # the input's segments get colours of their own (random without
+    view = SliceView("Axial")                   # Slicer's colour files): only 'Anomaly' is on screen
+    view.show(ct)
+    ras = _matrix(ct) @ np.array([hu.shape[2] / 2, hu.shape[1] / 2, z, 1.0])
+    view.jump_to(ras[:3])
+    rgb = view.render().astype(int)
+    kji = view.voxel_of_pixels(ct)
+    on_volume = np.all((kji >= 0) & (kji < np.array(hu.shape)), axis=-1)
+    assert on_volume.mean() > 0.5 and (kji[on_volume][:, 0] == z).all()  # the view shows slice z
+
+    grey = rgb.mean(axis=-1)
+    lung_px, body_px = sample(labels, kji) > 0, sample((hu > 0).astype(np.uint8), kji) > 0
+    segment = (rgb[..., 0] - rgb[..., 2]) > 60  # amber over grey: R − B ≈ ½·(0.95 − 0.1)·255 at fill opacity ½
+    mask_px = sample(mask.astype(np.uint8), kji) > 0
+    assert grey[body_px & ~segment].mean() > grey[lung_px & ~segment].mean() + 80
+    assert segment[mask_px].mean() > 0.9  # the fill covers the mask
+    off_mask = segment & ~ndimage.binary_dilation(mask_px, iterations=3)  # (the outline may sit on the border)
+    assert off_mask.sum() == 0
+    assert not (segment & ~ndimage.binary_dilation(lung_px, iterations=3)).any()
+
+
+def test_every_output_volume_has_a_colour_table_that_exists(scene, logic, tiny_checkpoint):
+    """slicer-core ships no colour files: the maps fall back to the project's own Inferno / Viridis tables (their
+    ends equal matplotlib's inferno / viridis ends); Grey is built in."""
+    from SACDiffModuleLib.logic import OWN_COLORS
+
+    ct, lung, *_ = _ct_and_lung(scene)
+    process, _ = _run(logic, ct, lung, tiny_checkpoint, seed=1, crf=False)
+    nodes = logic.loadResults(ct, process.runDir)
+    for key in ("anomaly_map", "uncertainty", "pseudo_healthy"):
+        color = nodes[key].GetDisplayNode().GetColorNode()
+        assert color is not None and color.GetScene() is scene
+        if key in OWN_COLORS:
+            rgba = [0.0] * 4
+            for index, anchor in ((0, OWN_COLORS[key][1][0]), (255, OWN_COLORS[key][1][-1])):
+                color.GetColor(index, rgba)
+                np.testing.assert_allclose(rgba[:3], anchor, atol=1 / 255)  # (the table stores 8-bit colours)
+    again = logic.loadResults(ct, process.runDir)  # a second load reuses the tables, makes no new ones
+    assert again["anomaly_map"].GetDisplayNode().GetColorNodeID() == nodes["anomaly_map"].GetDisplayNode().GetColorNodeID()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") >= 2

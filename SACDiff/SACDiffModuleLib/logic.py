@@ -96,11 +96,41 @@ OUTPUT_NAMES = {
     "uncertainty": "Uncertainty",
     "pseudo_healthy": "Pseudo-healthy",
 }
-COLOR_NODES = {  # Slicer's built-in colour tables
+COLOR_NODES = {  # Slicer's built-in colour tables (Slicer loads them from its ColorFiles folder at start-up)
     "anomaly_map": "vtkMRMLColorTableNodeFileInferno.txt",
     "uncertainty": "vtkMRMLColorTableNodeFileViridis.txt",
     "pseudo_healthy": "vtkMRMLColorTableNodeGrey",
 }
+# The same maps as 9 evenly spaced anchors (matplotlib's inferno / viridis), for a scene that lacks Slicer's files
+# (a custom application, slicer-core): the project's own table, named "SACDiff <name>", is made from them.
+OWN_COLORS = {
+    "anomaly_map": ("Inferno", ((0.001, 0.0, 0.014), (0.129, 0.047, 0.291), (0.342, 0.062, 0.429),
+                                (0.541, 0.135, 0.415), (0.736, 0.216, 0.33), (0.894, 0.353, 0.194),
+                                (0.978, 0.558, 0.035), (0.975, 0.798, 0.206), (0.988, 0.998, 0.645))),
+    "uncertainty": ("Viridis", ((0.267, 0.005, 0.329), (0.279, 0.175, 0.483), (0.23, 0.322, 0.546),
+                                (0.173, 0.449, 0.558), (0.128, 0.567, 0.551), (0.158, 0.684, 0.502),
+                                (0.369, 0.789, 0.383), (0.678, 0.864, 0.19), (0.993, 0.906, 0.144))),
+}
+
+
+def colorNodeID(key: str) -> str:
+    """The colour table for output ``key``: Slicer's own when the scene has it, else the project's (made once)."""
+    builtin = COLOR_NODES[key]
+    if slicer.mrmlScene.GetNodeByID(builtin) is not None or key not in OWN_COLORS:
+        return builtin
+    name, anchors = OWN_COLORS[key]
+    existing = slicer.mrmlScene.GetFirstNodeByName(f"SACDiff {name}")
+    if existing is not None:
+        return existing.GetID()
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", f"SACDiff {name}")
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    anchors = np.asarray(anchors)
+    positions = np.linspace(0.0, 1.0, len(anchors))
+    for i in range(256):
+        rgb = [float(np.interp(i / 255.0, positions, anchors[:, c])) for c in range(3)]
+        node.SetColor(i, f"{i}", *rgb, 1.0)
+    return node.GetID()
 
 
 class SACDiffInputError(ValueError):
@@ -396,7 +426,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
             node.CreateDefaultDisplayNodes()
             display = node.GetDisplayNode()
             if display is not None:
-                display.SetAndObserveColorNodeID(COLOR_NODES[key])
+                display.SetAndObserveColorNodeID(colorNodeID(key))
                 display.AutoWindowLevelOn()
             self.outputNodes[key] = node
 
