@@ -65,7 +65,7 @@ class SACDiffParameterNode:
     samplingSteps: Annotated[int, WithinRange(-1, 1000)] = 25
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     crf: bool = True
-    lam: Annotated[float, WithinRange(-2.0, 4.0)] = 1.0
+    lam: Annotated[float, WithinRange(-2.0, 8.0)] = 1.0
 
 
 class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -88,6 +88,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = SACDiffLogic()
         self._presets = PresetTracker()
+        self._lambdaTouched = False  # the user moved λ since the last result/preset: send it, else the model's own
 
         settings = qt.QSettings()
         self.ui.modelPathLineEdit.currentPath = settings.value(MODEL_SETTING, "")
@@ -196,6 +197,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         values = self._presets.change(self.ui.presetComboBox.currentText)
         if values is not None:
+            self._lambdaTouched = False
             self._parameterNode.ensemble = values["ensemble"]
             self._parameterNode.steps = values["steps"]
             self._parameterNode.samplingSteps = values["samplingSteps"]
@@ -222,7 +224,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._process = self.logic.startDetection(
                 p.inputVolume, p.lungMask, modelPath=self.ui.modelPathLineEdit.currentPath, device=p.device,
                 ensemble=p.ensemble, steps=p.steps, samplingSteps=p.samplingSteps, seed=p.seed, crf=p.crf,
-                lam=p.lam,
+                lam=p.lam if self._lambdaTouched or p.preset != "model" else None,
             )
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True
@@ -268,6 +270,12 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResults(self) -> None:
         nodes = self.logic.outputNodes
+        self._showingResult = True  # the slider follows the run's λ; not a user's move
+        try:
+            self._parameterNode.lam = self.logic.summary()["lambda"]
+        finally:
+            self._showingResult = False
+        self._lambdaTouched = False
         slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=nodes["anomaly_map"],
                                          foregroundOpacity=0.4)
         self.ui.exportButton.enabled = True
@@ -284,6 +292,8 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rethreshold(value, crf=False)
 
     def onLambdaChanged(self, value: float) -> None:
+        if not getattr(self, "_showingResult", False):
+            self._lambdaTouched = True
         self._rethreshold(value, crf=self._parameterNode.crf if self._parameterNode else None)
 
     def _rethreshold(self, value: float, crf) -> None:

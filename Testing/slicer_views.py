@@ -16,6 +16,7 @@ from vtk.util.numpy_support import vtk_to_numpy
 
 LAYOUTS = {"Axial": "Red", "Sagittal": "Yellow", "Coronal": "Green"}
 _registered = []
+_views = []  # every view's layout name is its own (two slice logics of one name would share one slice node)
 
 
 def _application_logic():
@@ -42,7 +43,8 @@ class SliceView:
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(app)
         self.logic.SetMRMLScene(slicer.mrmlScene)
-        self.node = self.logic.AddSliceNode(LAYOUTS[orientation])
+        _views.append(orientation)
+        self.node = self.logic.AddSliceNode(f"{LAYOUTS[orientation]}{len(_views)}")
         app.GetSliceLogics().AddItem(self.logic)
         self.node.SetOrientation(orientation)
         self.node.SetDimensions(self.width, self.height, 1)

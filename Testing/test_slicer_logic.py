@@ -315,3 +315,17 @@ def test_every_output_volume_has_a_colour_table_that_exists(scene, logic, tiny_c
     again = logic.loadResults(ct, process.runDir)  # a second load reuses the tables, makes no new ones
     assert again["anomaly_map"].GetDisplayNode().GetColorNodeID() == nodes["anomaly_map"].GetDisplayNode().GetColorNodeID()
     assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") >= 2
+
+
+def test_without_a_lambda_the_run_uses_the_models_own(scene, logic, tiny_checkpoint):
+    """The panel sends λ only when the user moved it: otherwise the checkpoint's λ (chosen by `sacdiff validate`)."""
+    from SACDiffLib.checkpoint import load_checkpoint
+
+    command = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run")
+    assert "--lambda" not in command
+    given = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run", lam=2.5)
+    assert given[given.index("--lambda") + 1] == "2.5"
+    ct, lung, *_ = _ct_and_lung(scene)
+    process, _ = _run(logic, ct, lung, tiny_checkpoint, seed=1, crf=False)
+    logic.loadResults(ct, process.runDir)
+    assert logic.summary()["lambda"] == pytest.approx(load_checkpoint(tiny_checkpoint)[0].detect.lam)

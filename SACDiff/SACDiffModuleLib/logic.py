@@ -359,11 +359,13 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def detectionCommand(ctPath, lungPath, runDir, modelPath: str = "", device: str = "auto", ensemble: int = 0,
                          steps: int = 0, samplingSteps: int = -1, seed: int = 0, crf: bool = True,
-                         lam: float = 1.0) -> list[str]:
-        """The ``sacdiff detect`` command line; 0 / −1 / "" keep the model's own setting."""
+                         lam: Optional[float] = None) -> list[str]:
+        """The ``sacdiff detect`` command line; 0 / −1 / "" / None keep the model's own setting."""
         command = [pythonExecutable(), "-m", "SACDiffLib", "detect", str(ctPath), "--lung", str(lungPath),
                    "--out", str(runDir), "--progress", "lines", "--device", device, "--seed", str(int(seed)),
-                   "--lambda", repr(float(lam)), "--crf" if crf else "--no-crf"]
+                   "--crf" if crf else "--no-crf"]
+        if lam is not None:
+            command += ["--lambda", repr(float(lam))]
         if modelPath:
             command += ["--model", str(modelPath)]
         if ensemble > 0:
