@@ -26,7 +26,6 @@ from SACDiffModuleLib.logic import (
     DETECTION_PRESETS,
     PresetTracker,
     REQUIREMENTS,
-    SACDiffInputError,
     SACDiffLogic,
     missingDependencies,
 )

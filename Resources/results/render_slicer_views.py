@@ -47,7 +47,7 @@ def main(ct_path, lung_path, slices, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     z0, z1 = (int(v) for v in slices.split(":"))
     ct_image, lung_image = sitk.ReadImage(str(ct_path))[:, :, z0:z1], sitk.ReadImage(str(lung_path))[:, :, z0:z1]
-    scene = slicer_standins.new_scene()
+    slicer_standins.new_scene()
     from SACDiffModuleLib.logic import SACDiffLogic
 
     logic = SACDiffLogic()
