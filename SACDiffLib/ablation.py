@@ -24,7 +24,6 @@ AUROC) and each row's evaluation under ``rows/``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Optional
@@ -32,6 +31,7 @@ from typing import Optional
 import numpy as np
 
 from .checkpoint import load_checkpoint
+from .config import derive
 from .config import preset as make_preset
 from .detect import detect_volume
 from .errors import SACDiffError
@@ -86,9 +86,8 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                 if given is not None and given.is_file():
                     checkpoints[name] = given
                     continue
-                cfg = make_preset(preset_name)
-                cfg.diffusion.noise.kind = "simplex" if simplex else "gaussian"
-                cfg.model.conditional = guidance
+                cfg = derive(make_preset(preset_name), diffusion={"noise": {"kind": "simplex" if simplex else "gaussian"}},
+                             model={"conditional": guidance})
                 log(f"training {name} ({preset_name} preset) on the normal cases of {train_dir}")
                 path = tmp / "models" / f"{name}.pt"
                 train(cfg, train_dir, path, device, steps=train_steps, show_progress_bar=False)
@@ -97,16 +96,12 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
         for label, simplex, guidance, adaptive, ensemble in ROWS:
             name = model_name(simplex, guidance)
             cfg, model, diffusion, _ = load_checkpoint(checkpoints[name], device)
-            for key, value in (detect_overrides or {}).items():
-                setattr(cfg.detect, key, value)
-            k = cfg.detect.ensemble
-            cfg.detect.ensemble = k if ensemble else 1
-            if adaptive:
-                cfg.detect.threshold = "adaptive"
-            else:
+            cfg = derive(cfg, detect=dict(detect_overrides or {}))
+            cfg = derive(cfg, detect={"ensemble": cfg.detect.ensemble if ensemble else 1, "threshold": "adaptive"})
+            if not adaptive:
                 if name not in alphas:
-                    alphas[name] = fixed_alpha(train_dir, model, diffusion, dataclasses.replace(cfg), device)
-                cfg.detect.threshold, cfg.detect.fixed_threshold = "fixed", alphas[name]
+                    alphas[name] = fixed_alpha(train_dir, model, diffusion, cfg, device)
+                cfg = derive(cfg, detect={"threshold": "fixed", "fixed_threshold": alphas[name]})
             log(f"row {label}: {name}, threshold {cfg.detect.threshold}, K = {cfg.detect.ensemble}")
             slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "and").replace("/", "")
             summary = evaluate(cases_dir, model, diffusion, cfg, tmp / "rows" / slug, device, log=lambda m: None)

@@ -124,13 +124,9 @@ def slim_checkpoint(src, dst, half: bool = True, detect: Optional[dict] = None, 
     ones ``sacdiff validate`` chose), checked like any config; ``note`` is added to the provenance."""
     payload = read_checkpoint(src)
     if detect:
-        config = from_dict(payload["config"])
-        for name, value in detect.items():
-            setattr(config.detect, name, value)
-        from .config import validate
+        from .config import derive
 
-        validate(config)
-        payload = dict(payload, config=to_dict(config))
+        payload = dict(payload, config=to_dict(derive(from_dict(payload["config"]), detect=detect)))
     weights = payload["ema"] or payload["model"]
     if half:
         weights = {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}

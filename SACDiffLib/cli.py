@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import ErrorMode, NoiseKind, ThresholdMode, choices, derive
 from .errors import Cancelled, SACDiffError
 from .protocol import error_line, progress_line
 
@@ -30,11 +31,11 @@ def _bool_flag(p, name, default, help_text):
 def _add_detect_options(p):
     p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
     p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
-    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default 1)")
-    p.add_argument("--threshold", choices=("adaptive", "fixed"), help="adaptive (Section 2.4) or fixed α")
+    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default: the model's)")
+    p.add_argument("--threshold", choices=choices(ThresholdMode), help="adaptive (Section 2.4) or fixed α")
     p.add_argument("--fixed-threshold", type=float, help="α for --threshold fixed")
-    p.add_argument("--error", choices=("mean-of-errors", "error-of-mean"), help="how members form E")
-    p.add_argument("--noise", choices=("simplex", "gaussian"), help="override the model's noise family")
+    p.add_argument("--error", choices=choices(ErrorMode), help="how members form E")
+    p.add_argument("--noise", choices=choices(NoiseKind), help="override the model's noise family")
     _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
     p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
     p.add_argument("--sampling-steps", type=int,
@@ -65,22 +66,14 @@ def _load_for_detection(args):
 
         args.model = str(shipped_model_path())
     cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
-    d = cfg.detect
-    d.seed = seed
-    for name, value in (("steps", args.steps), ("ensemble", args.ensemble), ("lam", args.lam),
-                        ("threshold", args.threshold), ("fixed_threshold", args.fixed_threshold),
-                        ("error", args.error), ("crf", args.crf), ("batch_size", args.batch_size),
-                        ("sampling_steps", args.sampling_steps), ("crop_to_lung", args.crop),
-                        ("exclude_airways", args.exclude_airways)):
-        if value is not None:
-            setattr(d, name, value)
-    from .config import validate
-
-    validate(cfg)  # every option range-checked before any scan is read
+    cfg = derive(cfg, detect=dict(  # every option range-checked before any scan is read
+        seed=seed, steps=args.steps, ensemble=args.ensemble, lam=args.lam, threshold=args.threshold,
+        fixed_threshold=args.fixed_threshold, error=args.error, crf=args.crf, batch_size=args.batch_size,
+        sampling_steps=args.sampling_steps, crop_to_lung=args.crop, exclude_airways=args.exclude_airways))
     if args.noise and args.noise != cfg.diffusion.noise.kind:
         print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
               file=sys.stderr)
-        cfg.diffusion.noise.kind = args.noise
+        cfg = derive(cfg, diffusion={"noise": {"kind": args.noise}})
         diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
     return cfg, model, diffusion, device
 
@@ -105,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="slices per step and per process")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-4, cosine decay)")
     p.add_argument("--image-size", type=int, help="in-plane model grid (default: the preset's)")
-    p.add_argument("--noise", choices=("simplex", "gaussian"), help="forward-process noise (default simplex)")
+    p.add_argument("--noise", choices=choices(NoiseKind), help="forward-process noise (default simplex)")
     _bool_flag(p, "conditional", None, "condition on the lung mask (default on; --no-conditional for baselines)")
     _bool_flag(p, "augment", None, "small rotations/scales/intensity jitter (default on)")
     p.add_argument("--timesteps", type=int, help="T (default: the preset's; paper 1000)")
@@ -262,7 +255,7 @@ class _ProgressBar:
 
 
 def cmd_train(args) -> int:
-    from .config import preset, validate
+    from .config import preset
     from .detect import resolve_device
     from .train import train
 
@@ -279,22 +272,15 @@ def cmd_train(args) -> int:
     if not continuing:  # --resume X --out X continues its own file
         Output(args.out, "checkpoint", args.overwrite, inputs=[args.data, args.init, args.resume])
     cfg = preset(args.preset or "fast")
-    t = cfg.train
-    for name, value in (("batch_size", args.batch_size), ("lr", args.lr), ("save_every", args.save_every),
-                        ("augment", args.augment)):
-        if value is not None:
-            setattr(t, name, value)
-    t.seed = args.seed
-    if args.image_size:
-        cfg.preprocess.image_size = args.image_size
-    if args.noise:
-        cfg.diffusion.noise.kind = args.noise
-    if args.conditional is not None:
-        cfg.model.conditional = args.conditional
-    if args.timesteps:
-        cfg.diffusion.timesteps = args.timesteps
-        cfg.detect.steps = min(cfg.detect.steps, args.timesteps)
-    validate(cfg)
+    cfg = derive(
+        cfg,
+        train=dict(batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, augment=args.augment,
+                   seed=args.seed),
+        preprocess=dict(image_size=args.image_size or None),
+        diffusion=dict(noise={"kind": args.noise}, timesteps=args.timesteps or None),
+        model=dict(conditional=args.conditional),
+        detect=dict(steps=min(cfg.detect.steps, args.timesteps) if args.timesteps else None),
+    )
     summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
                     include_uninfected_slices=args.include_uninfected_slices, steps=args.steps,
                     normal_cases=args.normal_cases.split(",") if args.normal_cases else None, init=args.init)

@@ -18,9 +18,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import SACDiffError
+
+# The choices of every string setting: one home, read by ``validate`` and by the command line's ``choices=``.
+NoiseKind = Literal["simplex", "gaussian"]  # AnoDDPM / SAC-Diff simplex, or the DDPM baselines' Gaussian
+Schedule = Literal["linear", "cosine"]
+Sigma = Literal["posterior", "beta"]
+ThresholdMode = Literal["adaptive", "fixed"]
+ErrorMode = Literal["mean-of-errors", "error-of-mean"]
+
+
+def choices(kind) -> tuple[str, ...]:
+    """The allowed values of a ``Literal`` choice type, e.g. ``choices(ThresholdMode)``."""
+    return get_args(kind)
 
 
 @dataclass
@@ -50,7 +62,7 @@ class ModelConfig:
 class NoiseConfig:
     """Noise of the forward and reverse process (Section 2.2, Appendix C)."""
 
-    kind: str = "simplex"  # "simplex" (AnoDDPM / SAC-Diff) or "gaussian" (DDPM baselines)
+    kind: NoiseKind = "simplex"  # "simplex" (AnoDDPM / SAC-Diff) or "gaussian" (DDPM baselines)
     octaves: int = 6  # N
     persistence: float = 0.8  # γ: amplitude ratio between successive octaves
     base_frequency: float = 2.0**-6  # ν: cycles per pixel of the first octave; each octave doubles it
@@ -63,12 +75,12 @@ class NoiseConfig:
 @dataclass
 class DiffusionConfig:
     timesteps: int = 1000  # T_training
-    schedule: str = "linear"  # "linear" (DDPM, β from beta_start to beta_end) or "cosine" (Nichol & Dhariwal)
+    schedule: Schedule = "linear"  # "linear" (DDPM, β from beta_start to beta_end) or "cosine" (Nichol & Dhariwal)
     beta_start: float = 1e-4
     beta_end: float = 0.02
     # σ_t² of the reverse step: "posterior" = β̃_t = β_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) (DDPM "fixed small", as
     # AnoDDPM), or "beta" = β_t ("fixed large").
-    sigma: str = "posterior"
+    sigma: Sigma = "posterior"
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
@@ -110,9 +122,9 @@ class DetectConfig:
     steps: int = 550  # T_sampling (Section 3.2)
     ensemble: int = 7  # K (Section 2.5); 1 = "SAC-Diff w/o Ensemble"
     lam: float = 1.0  # λ of the background-adaptive threshold (1 for COVID, −0.25 for ILD in the paper)
-    threshold: str = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
+    threshold: ThresholdMode = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
     fixed_threshold: float = 0.05  # α when threshold == "fixed" (error units of the [−1, 1] image, squared)
-    error: str = "mean-of-errors"  # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²
+    error: ErrorMode = "mean-of-errors"  # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²
     crf: bool = True
     crf_iterations: int = 5
     morphology_radius: int = 1  # in-plane radius (pixels) of the erosion-then-dilation
@@ -281,6 +293,33 @@ def _check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
         raise SACDiffError(f"{name} = {value} is out of range: it must be {span}{what}")
 
 
+def derive(cfg: SACDiffConfig, **sections: dict) -> SACDiffConfig:
+    """``cfg`` with options applied — the one way a preset or a checkpoint's config meets a command's options, e.g.
+    ``derive(cfg, detect={"steps": 150, "lam": None}, diffusion={"noise": {"kind": "gaussian"}})``. A None value keeps
+    the setting; an unknown section or name is an error; the result is a new, validated config (``cfg`` unchanged)."""
+
+    def replace(section, values: dict, where: str):
+        known = {f.name for f in dataclasses.fields(section)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SACDiffError(f"unknown setting(s) {', '.join(where + '.' + u for u in unknown)}")
+        changes = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            current = getattr(section, name)
+            changes[name] = (replace(current, value, f"{where}.{name}")
+                             if dataclasses.is_dataclass(current) and isinstance(value, dict) else value)
+        return dataclasses.replace(section, **changes)
+
+    unknown = sorted(set(sections) - {f.name for f in dataclasses.fields(cfg)})
+    if unknown:
+        raise SACDiffError(f"unknown config section(s) {', '.join(unknown)}")
+    out = replace(cfg, sections, "config")
+    validate(out)
+    return out
+
+
 def validate(cfg: SACDiffConfig) -> None:
     """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
     bad = _non_finite(cfg, "config")
@@ -320,12 +359,11 @@ def validate(cfg: SACDiffConfig) -> None:
             f"image_size {p.image_size} must be a multiple of {m.size_multiple} "
             f"(2^{len(m.channels) - 1} for {len(m.channels) - 1} downsampling modules)"
         )
-    if d.noise.kind not in ("simplex", "gaussian"):
-        raise SACDiffError(f"noise kind {d.noise.kind!r} unknown; choose simplex or gaussian")
-    if d.schedule not in ("linear", "cosine"):
-        raise SACDiffError(f"schedule {d.schedule!r} unknown; choose linear or cosine")
-    if d.sigma not in ("posterior", "beta"):
-        raise SACDiffError(f"sigma {d.sigma!r} unknown; choose posterior or beta")
+    for name, value, kind in (("noise kind", d.noise.kind, NoiseKind), ("schedule", d.schedule, Schedule),
+                              ("sigma", d.sigma, Sigma), ("detect.threshold", det.threshold, ThresholdMode),
+                              ("detect.error", det.error, ErrorMode)):
+        if value not in choices(kind):
+            raise SACDiffError(f"{name} {value!r} unknown; choose one of: {', '.join(choices(kind))}")
     if not 1 <= det.steps <= d.timesteps:
         raise SACDiffError(f"detection steps T_s={det.steps} must lie in 1..T={d.timesteps}")
     if cfg.train.max_timestep and not det.steps <= cfg.train.max_timestep <= d.timesteps:
@@ -335,9 +373,5 @@ def validate(cfg: SACDiffConfig) -> None:
         )
     if det.ensemble < 1:
         raise SACDiffError(f"ensemble size K={det.ensemble} must be at least 1")
-    if det.threshold not in ("adaptive", "fixed"):
-        raise SACDiffError(f"threshold {det.threshold!r} unknown; choose adaptive or fixed")
-    if det.error not in ("mean-of-errors", "error-of-mean"):
-        raise SACDiffError(f"error {det.error!r} unknown; choose mean-of-errors or error-of-mean")
     if p.hu_max <= p.hu_min:
         raise SACDiffError(f"HU window [{p.hu_min}, {p.hu_max}] is empty")

@@ -1,0 +1,32 @@
+"""``config.derive``: the one way a preset or checkpoint config meets a command's options."""
+
+import pytest
+
+from SACDiffLib.config import ThresholdMode, choices, derive, preset
+from SACDiffLib.errors import SACDiffError
+
+
+def test_derive_applies_options_keeps_none_and_leaves_the_original_alone():
+    base = preset("small256")
+    out = derive(base, detect={"steps": 120, "lam": None, "threshold": "fixed", "fixed_threshold": 0.02},
+                 diffusion={"noise": {"kind": "gaussian"}})
+    assert (out.detect.steps, out.detect.threshold, out.detect.fixed_threshold) == (120, "fixed", 0.02)
+    assert out.detect.lam == base.detect.lam  # None keeps the setting
+    assert out.diffusion.noise.kind == "gaussian" and out.diffusion.noise.octaves == base.diffusion.noise.octaves
+    assert base.detect.steps != 120 and base.diffusion.noise.kind == "simplex"  # a new config; the preset unchanged
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"detect": {"stepz": 3}}, "unknown setting(s) config.detect.stepz"),
+    ({"detekt": {"steps": 3}}, "unknown config section(s) detekt"),
+    ({"detect": {"threshold": "otsu"}}, "choose one of: adaptive, fixed"),
+    ({"detect": {"steps": 400}}, "exceed the largest timestep"),  # small256 trains on t ≤ 350 only
+    ({"detect": {"lam": float("nan")}}, "non-finite"),
+])
+def test_derive_refuses_what_validate_refuses(sections, message):
+    with pytest.raises(SACDiffError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        derive(preset("small256"), **sections)
+
+
+def test_choices_come_from_the_literal_types():
+    assert choices(ThresholdMode) == ("adaptive", "fixed")
