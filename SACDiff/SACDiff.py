@@ -25,10 +25,9 @@ from slicer.util import VTKObservationMixin
 from SACDiffModuleLib.logic import (
     DETECTION_PRESETS,
     PresetTracker,
-    REQUIREMENTS,
     SACDiffLogic,
-    missingDependencies,
 )
+from SACDiffModuleLib.dependencies import installDependencies, missingDependencies
 
 MODEL_SETTING = "SACDiff/ModelPath"
 EXPORT_SETTING = "SACDiff/ExportFolder"
@@ -170,20 +169,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ):
             return False
         with slicer.util.tryWithErrorDisplay(_("Installing the dependencies failed."), waitCursor=True):
-            if "torch" in missing:
-                try:
-                    import PyTorchUtils
-                except ImportError:
-                    raise RuntimeError(
-                        "the PyTorch extension is not installed: install 'PyTorch' from the Extensions Manager, "
-                        "restart Slicer and try again"
-                    ) from None
-                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-                if not torchLogic.torchInstalled():
-                    torchLogic.installTorch(askConfirmation=False)
-            packages = [REQUIREMENTS[name] for name in missing if REQUIREMENTS[name]]
-            if packages:
-                slicer.util.pip_install(" ".join(packages))
+            installDependencies(missing)
         return not missingDependencies()
 
     # --- actions --------------------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The module's package handling (``SACDiffModuleLib/dependencies.py``) and the CMake file lists.
+
+``slicer`` and ``PyTorchUtils`` are STAND-INS here (tiny recording fakes, labelled as such): the real ones exist only
+inside the Slicer application. What is checked is SACDiff's own decisions: what it asks pip for, what it never
+touches, and that a failed PyTorch installation is an error, not silence."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "SACDiff"))
+from SACDiffModuleLib import dependencies  # noqa: E402
+
+
+def test_requirements_are_wheels_only_and_never_what_slicer_provides():
+    reqs = dependencies.requirements()
+    names = [re.split(r"[<>=!~ ]", r)[0] for r in reqs]
+    assert set(names) == set(dependencies.IMPORT_NAMES)  # every requirement has its import name
+    assert not {n.lower() for n in names} & {p.lower() for p in dependencies.SLICER_PROVIDES}
+    assert not any("densecrf" in n for n in names)  # the only package that needed a compiler is gone
+
+
+@pytest.mark.parametrize("version, old", [("2.0.1+cu118", True), ("2.1.0", False), ("2.13.0", False)])
+def test_torch_older_than_the_minimum_counts_as_missing(monkeypatch, version, old):
+    monkeypatch.setattr(dependencies.importlib.metadata, "version", lambda name: version)
+    assert dependencies.torchTooOld() is old
+
+
+class _Recorder:
+    def __init__(self, result=True):
+        self.calls, self.result = [], result
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.result
+
+
+def _stand_in_slicer(monkeypatch, with_pydeps: bool):
+    fake = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=_Recorder()))
+    if with_pydeps:
+        fake.pydeps = types.SimpleNamespace(pip_ensure=_Recorder())
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    monkeypatch.setattr(dependencies, "missingDependencies", lambda: [])
+    return fake
+
+
+def test_slicer_5_12_installs_through_pydeps_skipping_what_slicer_provides(monkeypatch):
+    fake = _stand_in_slicer(monkeypatch, with_pydeps=True)
+    dependencies.installDependencies(["scikit-image", "tqdm"])
+    (args, kwargs), = fake.pydeps.pip_ensure.calls
+    assert sorted(str(r).split(">")[0] for r in args[0]) == ["scikit-image", "tqdm"]
+    assert set(kwargs["skip_packages"]) == {"numpy", "SimpleITK", "torch"} and kwargs["requester"] == "SACDiff"
+    assert not fake.util.pip_install.calls
+
+
+def test_older_slicer_installs_through_pip_install(monkeypatch):
+    fake = _stand_in_slicer(monkeypatch, with_pydeps=False)
+    dependencies.installDependencies(["opensimplex"])
+    (args, _), = fake.util.pip_install.calls
+    assert args[0].startswith("opensimplex>=")
+
+
+def test_a_failed_pytorch_installation_is_an_error_with_the_minimum_version(monkeypatch):
+    _stand_in_slicer(monkeypatch, with_pydeps=True)
+    install = _Recorder(result=None)  # SlicerPyTorch returns None when it could not install
+    logic = types.SimpleNamespace(installTorch=install)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: logic))
+    with pytest.raises(RuntimeError, match=r"PyTorch >=2\.1 could not be installed"):
+        dependencies.installDependencies(["torch"])
+    assert install.calls[0][1]["torchVersionRequirement"] == ">=2.1"
+
+
+def test_cmake_lists_every_module_file():
+    cmake = (ROOT / "SACDiff" / "CMakeLists.txt").read_text()
+    for path in sorted((ROOT / "SACDiff" / "SACDiffModuleLib").iterdir()):
+        if path.suffix in (".py", ".txt"):
+            assert f"SACDiffModuleLib/{path.name}" in cmake, path.name
