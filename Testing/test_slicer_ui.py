@@ -72,7 +72,7 @@ def test_cmake_lists_every_python_file_and_resource():
     for path in sorted((ROOT / "SACDiff").rglob("*.py")):
         rel = path.relative_to(ROOT / "SACDiff").as_posix()
         assert rel in module_cmake, f"SACDiff/CMakeLists.txt does not list {rel}"
-    for resource in ("Resources/Icons/SACDiff.png", "Resources/UI/SACDiff.ui"):
+    for resource in ("Resources/Icons/SACDiff.png", "Resources/UI/SACDiff.ui", "SACDiffModuleLib/requirements.txt"):
         assert resource in module_cmake and (ROOT / "SACDiff" / resource).is_file()
     top = (ROOT / "CMakeLists.txt").read_text()
     for path in sorted((ROOT / "SACDiffLib").glob("*.py")):
@@ -117,3 +117,18 @@ def test_extension_index_entry_and_license():
     assert re.search(r"EXTENSION_DEPENDS\s+PyTorch", cmake) and entry["scm_url"].startswith(
         re.search(r'EXTENSION_HOMEPAGE "([^"]+)"', cmake).group(1))
     assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+def test_screenshot_urls_name_pictures_in_the_repository():
+    """The ExtensionsIndex refuses an empty EXTENSION_SCREENSHOTURLS; each URL must name a PNG that is committed."""
+    from PIL import Image
+
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    urls = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]*)"', cmake).group(1).split()
+    homepage = re.search(r'EXTENSION_HOMEPAGE "https://github.com/([^"]+)"', cmake).group(1)
+    assert len(urls) >= 1
+    for url in urls:
+        prefix = f"https://raw.githubusercontent.com/{homepage}/main/"
+        assert url.startswith(prefix), url
+        with Image.open(ROOT / url[len(prefix):]) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
