@@ -158,7 +158,7 @@ def load_run(run_dir) -> DetectionResult:
     try:
         det = DetectConfig(**report["detect"])
         processed = np.asarray(report["processed_slices"], dtype=np.int64)
-        th = Threshold(**report["threshold"])
+        th = Threshold.from_report(report["threshold"])
     except (TypeError, ValueError) as exc:
         raise SACDiffError(f"{run_dir / FILES['report']} has unexpected settings ({exc}){damaged}") from None
     if processed.size and (processed.min() < 0 or processed.max() >= error.shape[0]):

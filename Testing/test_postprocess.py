@@ -14,13 +14,17 @@ def _case():
     return error, lung
 
 
-def test_adaptive_threshold_is_background_mean_plus_lambda_std():
+def test_adaptive_threshold_is_background_median_plus_lambda_normal_mad():
+    """Against scipy: α = median + λ · median_abs_deviation(scale="normal") of the background."""
+    from scipy.stats import median_abs_deviation
+
     error, lung = _case()
     processed = np.array([0, 1])
     bg = np.concatenate([error[z][lung[z] == 0] for z in processed])
     th = background_threshold(error, lung, processed, lam=1.5)
-    assert th.alpha == pytest.approx(bg.mean() + 1.5 * bg.std(), rel=1e-6)
-    assert th.background_mean == pytest.approx(bg.mean(), rel=1e-6)
+    scale = median_abs_deviation(bg, scale="normal")
+    assert th.alpha == pytest.approx(np.median(bg) + 1.5 * scale, rel=1e-4)
+    assert th.background_location == pytest.approx(np.median(bg), rel=1e-6)
     th_neg = background_threshold(error, lung, processed, lam=-0.25)
     assert th_neg.alpha < th.alpha
 
@@ -82,7 +86,7 @@ def _binarise_whole_volume(error, lung, processed, threshold, crf, radius):
             ys, xs = np.nonzero(inside[z])
             y0, y1 = max(ys.min() - 8, 0), min(ys.max() + 9, error.shape[1])
             x0, x1 = max(xs.min() - 8, 0), min(xs.max() + 9, error.shape[2])
-            scale = threshold.background_std
+            scale = threshold.background_scale
             mask[z, y0:y1, x0:x1] = crf_refine(error[z, y0:y1, x0:x1], threshold.alpha, scale)
         else:
             mask[z] = error[z] > threshold.alpha
@@ -172,7 +176,31 @@ def test_background_is_the_body_outside_the_lung_so_the_air_around_the_patient_d
     processed = np.arange(2)
     expected = error[(body & (lung == 0))]
     th = background_threshold(error, lung, processed, 2.0, body)
-    assert th.background_mean == pytest.approx(float(expected.mean()), rel=1e-6)
-    assert th.alpha == pytest.approx(float(expected.mean() + 2.0 * expected.std()), rel=1e-6)
+    assert th.background_location == pytest.approx(0.2, abs=0.1 + 1e-6)  # half 0.1, half 0.3 (ties: either)
+    assert th.alpha == pytest.approx(float(np.median(expected) + 2.0 * 1.4826 * np.median(np.abs(expected - np.median(expected)))), rel=1e-6)
     error[~body] = 70.0
     assert background_threshold(error, lung, processed, 2.0, body).alpha == pytest.approx(th.alpha, rel=1e-6)
+
+
+def test_a_heavy_tail_outside_the_lung_does_not_move_alpha():
+    """1 % of background voxels with a huge error (the body cut by the field of view, bone edges): α stays at the
+    bulk's mean + λ·std (Gaussian bulk: known mean 0.01, std 0.002), where the plain mean/std would triple it."""
+    rng = np.random.default_rng(1)
+    lung = np.zeros((2, 100, 100), np.uint8)
+    lung[:, 30:70, 30:70] = 1
+    error = rng.normal(0.01, 0.002, lung.shape).astype(np.float32)
+    outside = np.argwhere(lung == 0)
+    tail = outside[rng.choice(len(outside), len(outside) // 100, replace=False)]
+    error[tuple(tail.T)] = 1.0
+    th = background_threshold(error, lung, np.arange(2), lam=3.0)
+    assert th.alpha == pytest.approx(0.01 + 3 * 0.002, rel=0.03)
+    plain = error[lung == 0]
+    assert plain.mean() + 3 * plain.std() > 10 * th.alpha
+
+
+def test_runs_written_with_mean_and_std_still_load():
+    from SACDiffLib.postprocess import Threshold
+
+    old = {"alpha": 0.2, "background_mean": 0.05, "background_std": 0.15, "lam": 1.0, "mode": "adaptive"}
+    th = Threshold.from_report(old)
+    assert (th.background_location, th.background_scale, th.statistic) == (0.05, 0.15, "mean + std")

@@ -149,7 +149,7 @@ def test_lambda_rethresholds_the_segment_and_export_reads_back_equal(scene, logi
         counts[lam] = int(mask.sum())
         np.testing.assert_array_equal(mask > 0, logic.result.mask > 0)
         t = logic.result.threshold
-        assert summary["alpha"] == pytest.approx(t.background_mean + lam * t.background_std)
+        assert summary["alpha"] == pytest.approx(t.background_location + lam * t.background_scale)
     assert counts[-1.0] > counts[3.0]  # a lower λ flags more
 
     files = logic.exportResults(tmp_path / "export")
