@@ -63,7 +63,7 @@ class SACDiffParameterNode:
     samplingSteps: Annotated[int, WithinRange(-1, 1000)] = 25
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     crf: bool = True
-    lam: Annotated[float, WithinRange(-2.0, 12.0)] = 1.0
+    lam: Annotated[float, WithinRange(-2.0, 32.0)] = 1.0
 
 
 class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

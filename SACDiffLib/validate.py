@@ -37,7 +37,7 @@ from .detect import detect_volume, rethreshold
 from .metrics import auroc, oracle_dice, segmentation_metrics
 from .data import case_path, healthy_cases, holdout_split, load_cases
 
-LAMBDAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0)
+LAMBDAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 FLAGGED_TARGET_PERCENT = 1.0
 # (kind, target HU, radius range mm, blend weight): blended towards the target so vessels show through ground glass
 LESION_KINDS = (("ground-glass", -450.0, (8.0, 25.0), 0.75), ("consolidation", 20.0, (8.0, 20.0), 0.95),
