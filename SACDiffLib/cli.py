@@ -40,7 +40,7 @@ def _add_detect_options(p):
     p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
     p.add_argument("--sampling-steps", type=int,
                    help="respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)")
-    _bool_flag(p, "crop", None, "run the network on the lung's bounding box only (default on)")
+    _bool_flag(p, "crop", None, "run the network on the body's bounding box only (default on)")
     _bool_flag(p, "exclude-airways", None, "take the trachea and main bronchi out of the lung mask, the given one "
                "too (default on: air in a large airway is not lung and lights up in E)")
     p.add_argument("--compile", action="store_true",

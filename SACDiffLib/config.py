@@ -133,7 +133,7 @@ class DetectConfig:
     # Respaced reverse chain (guided-diffusion's respace): 0 = every step T_s, T_s − 1, …, 1; n > 0 = n evenly
     # spaced steps from T_s to 1 with β recomputed from ᾱ at the kept steps. Fewer network evaluations.
     sampling_steps: int = 0
-    crop_to_lung: bool = True  # run the UNet on the lung bounding box of the model grid only (+ margin)
+    crop_to_lung: bool = True  # run the UNet on the body's bounding box of the model grid only (+ margin of air)
     exclude_airways: bool = True  # trachea and main bronchi out of the lung mask, a given mask too (lung.airway_tree)
 
 
