@@ -8,7 +8,8 @@ CT + uncertainty | pseudo-healthy. Usage (repository root, inside .venv; ≈ 2 m
     python Resources/results/render_slicer_views.py ../shared/data/ct/ctmd_P001_ct.nii.gz \
         ../shared/data/ct/ctmd_P001_lung.nii.gz 36:68 Resources/Screenshots
 
-(the third argument keeps slices z0:z1 of the CT, to keep the run short).
+(the third argument keeps slices z0:z1 of the CT, to keep the run short). A fifth argument, a finished run folder
+of the same CT and slices (`sacdiff detect` / `evaluate`), is loaded by the Logic instead of detecting again.
 """
 
 import sys
@@ -42,7 +43,7 @@ def add_volume(image: sitk.Image, name: str, class_name="vtkMRMLScalarVolumeNode
     return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image), ijk_to_ras(image), name, class_name)
 
 
-def main(ct_path, lung_path, slices, out_dir):
+def main(ct_path, lung_path, slices, out_dir, run_dir=None):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     z0, z1 = (int(v) for v in slices.split(":"))
@@ -56,16 +57,18 @@ def main(ct_path, lung_path, slices, out_dir):
     lung.CreateDefaultDisplayNodes()
     lung.GetDisplayNode().SetVisibility(False)
     t0 = time.time()
-    process = logic.startDetection(ct, lung, device="cpu")
-    while process.running:
-        for event in process.poll():
-            if event[0] == "progress":
-                print(f"\r{event[1]:5.1%} {event[2] if len(event) > 2 else ''}"[:100], end="", flush=True)
-        time.sleep(0.5)
-    if process.returncode != 0:
-        raise SystemExit(process.errorMessage())
-    nodes = logic.loadResults(ct, process.runDir)
-    print(f"\ndetection {time.time() - t0:.0f} s; {logic.summary()}")
+    if run_dir is None:
+        process = logic.startDetection(ct, lung, device="cpu")
+        while process.running:
+            for event in process.poll():
+                if event[0] == "progress":
+                    print(f"\r{event[1]:5.1%} {event[2] if len(event) > 2 else ''}"[:100], end="", flush=True)
+            time.sleep(0.5)
+        if process.returncode != 0:
+            raise SystemExit(process.errorMessage())
+        run_dir = process.runDir
+    nodes = logic.loadResults(ct, run_dir)
+    print(f"\nready after {time.time() - t0:.0f} s; {logic.summary()}")
     mask = logic.result.mask > 0
     z = int(np.argmax(mask.sum(axis=(1, 2)))) if mask.any() else mask.shape[0] // 2
     ys, xs = np.nonzero(mask[z]) if mask[z].any() else (np.array([mask.shape[1] // 2]), np.array([mask.shape[2] // 2]))
@@ -113,6 +116,6 @@ def main(ct_path, lung_path, slices, out_dir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6):
         raise SystemExit(__doc__)
     main(*sys.argv[1:])

@@ -21,7 +21,10 @@ sacdiff evaluate --cases "$WORK/labelled" --model "$NEW" --out "$WORK/eval-new" 
 # old model was trained on all slices of ctmd_normal001/002, so its figures there are optimistic).
 sacdiff validate --data "$DATA" --model "$OLD" --out "$WORK/val-old" --overwrite --holdout-every 5 \
   --normal-cases "$HEALTHY" --device cpu
-sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-new" --overwrite --normal-cases "$HEALTHY" --device cpu
+# The new model's settings sweep (the declared rule in validate.py chooses among them; the shipped defaults are
+# its choice: T_s 100, 10 steps, K 3, λ 12).
+sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-new" --overwrite --normal-cases "$HEALTHY" --device cpu \
+  --settings 100x10x3,150x10x3,250x10x3
 
 # The picture: nsclc_lung1 heart-level and tumour slices.
 python Resources/results/render_nsclc_slices.py "$WORK/eval-old/runs/nsclc_lung1" "$WORK/eval-new/runs/nsclc_lung1" \
@@ -30,3 +33,9 @@ cp "$WORK/eval-old/summary.md" Resources/results/eval-old-model.md
 cp "$WORK/eval-new/summary.md" Resources/results/eval-new-model.md
 cp "$WORK/val-old/validation.md" Resources/results/validation-old-model.md
 cp "$WORK/val-new/validation.md" Resources/results/validation-new-model.md
+cp "$WORK/val-new/validation.json" Resources/results/validation-new-model.json
+
+# The Slicer pictures (README, EXTENSION_SCREENSHOTURLS): the evaluation's ctmd_P001 run, loaded by the module's
+# Logic into a real MRML scene and drawn by Slicer's own slice views.
+python Resources/results/render_slicer_views.py "$DATA/ct/ctmd_P001_ct.nii.gz" "$DATA/ct/ctmd_P001_lung.nii.gz" 0:148 \
+  Resources/Screenshots "$WORK/eval-new/runs/ctmd_P001"
