@@ -191,10 +191,14 @@ def test_concurrent_thresholds_leave_one_consistent_run(run_dir, tmp_path):
 
 # 5. faults while writing ------------------------------------------------------------------------------------------
 
+# A child of a non-interactive shell's background job (CI, nohup … &) inherits SIGINT *ignored*, and Python then
+# installs no KeyboardInterrupt handler; Ctrl-C in a terminal reaches a process with the default one. The writer
+# restores it so that the SIGINT case tests SACDiff's clean-up path, not the CI shell's signal disposition.
 _WRITER = """
-import sys, time
+import signal, sys, time
 from SACDiffLib.cli import _terminate_as_interrupt
 from SACDiffLib.atomic import Output
+signal.signal(signal.SIGINT, signal.default_int_handler)
 _terminate_as_interrupt()
 with Output(sys.argv[1], "results") as tmp:
     (tmp / "part.txt").write_text("x")
