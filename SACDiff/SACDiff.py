@@ -320,7 +320,7 @@ class SACDiffTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from SACDiffLib.phantom import chest_phantom
+        from SACDiffLib.experiments.phantom import chest_phantom
 
         self.delayDisplay("Creating a synthetic chest CT")
         hu, lungs, lesion, spacing = chest_phantom(size=128, slices=24, kind="covid", seed=0)

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("validate", help="choose detection settings without lesion labels: held-out healthy slices, "
-                       "% of healthy lung flagged per λ, synthetic lesions")
+                       "%% of healthy lung flagged per λ, synthetic lesions")
     p.add_argument("--data", required=True, help="data folder whose normal cases trained the model")
     p.add_argument("--model", help="checkpoint (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (validation.json, validation.md)")
@@ -338,13 +338,13 @@ def cmd_detect(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .atomic import Output
-    from .evaluate import evaluate
+    from .experiments.evaluate import evaluate
 
     Output(args.out, "results", args.overwrite, inputs=[args.cases, args.model])  # checks before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     bar = _progress(args, "evaluate")
     if args.sweep:
-        from .evaluate import parse_sweep, sweep
+        from .experiments.evaluate import parse_sweep, sweep
 
         try:
             table = sweep(args.cases, model, diffusion, cfg, args.out, device, parse_sweep(args.sweep),
@@ -397,7 +397,7 @@ def cmd_lungmask(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .experiments.demo import run_demo
 
     bar = _progress(args, "detect")
     try:
@@ -414,7 +414,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_phantom(args) -> int:
-    from .phantom import write_phantom_cases
+    from .experiments.phantom import write_phantom_cases
 
     out = write_phantom_cases(args.out, args.cases, args.kind, args.size, args.slices, args.seed, args.normals,
                               args.overwrite)
@@ -423,7 +423,7 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_ablation(args) -> int:
-    from .ablation import run_ablation
+    from .experiments.ablation import run_ablation
     from .atomic import Output
     from .detect import resolve_device
 
@@ -433,7 +433,7 @@ def cmd_ablation(args) -> int:
     if args.quick:
         import tempfile
 
-        from .phantom import write_phantom_cases
+        from .experiments.phantom import write_phantom_cases
 
         data = Path(tempfile.mkdtemp(prefix="sacdiff-ablation-"))
         write_phantom_cases(data, cases=2, kind="covid", size=48, slices=10, seed=0, normals=3, overwrite=True)
@@ -459,7 +459,7 @@ def cmd_validate(args) -> int:
     from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
     from .detect import resolve_device
-    from .validate import markdown, validate
+    from .experiments.validate import markdown, validate
 
     output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
     model_path = args.model or str(shipped_model_path())
@@ -504,7 +504,7 @@ def cmd_slim(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import run_benchmark
+    from .experiments.benchmark import run_benchmark
 
     results = run_benchmark(args.device, args.quick)
     if args.json:

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from SACDiffLib.ablation import ROWS, model_name
+from SACDiffLib.experiments.ablation import ROWS, model_name
 from SACDiffLib.checkpoint import load_checkpoint
 from SACDiffLib.cli import main
 from SACDiffLib.detect import detect_volume
-from SACDiffLib.phantom import write_phantom_cases
+from SACDiffLib.experiments.phantom import write_phantom_cases
 
 
 def test_ablation_quick_runs_every_row_and_calibrates_fixed_alpha_on_normals(tmp_path, capsys):
@@ -35,7 +35,7 @@ def test_ablation_quick_runs_every_row_and_calibrates_fixed_alpha_on_normals(tmp
 
 def test_fixed_alpha_flags_one_percent_of_healthy_lung(tmp_path, tiny_checkpoint):
     """The fixed threshold is the 99th percentile of the lung error of the normal cases: re-measure it."""
-    from SACDiffLib.ablation import fixed_alpha
+    from SACDiffLib.experiments.ablation import fixed_alpha
 
     data = write_phantom_cases(tmp_path / "d", cases=1, kind="covid", size=48, slices=8, seed=2, normals=2)
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)

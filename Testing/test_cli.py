@@ -207,3 +207,18 @@ def test_progress_and_error_lines_follow_the_shared_protocol(data_dir, tiny_chec
     assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tmp_path / "none.pt", "--out",
                    tmp_path / "o2") == 2
     assert is_error_line(capsys.readouterr().err.strip())
+
+
+def test_every_help_page_prints():
+    """argparse formats help strings with %: a bare '%' in one crashed `sacdiff --help` (found 2026-11-25)."""
+    import contextlib
+    import io as stdio
+
+    from SACDiffLib.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in [("sacdiff", parser), *commands.items()]:
+        with contextlib.redirect_stdout(stdio.StringIO()) as out:
+            sub.print_help()
+        assert "usage:" in out.getvalue(), name

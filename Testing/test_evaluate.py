@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 
 from SACDiffLib.cli import main
-from SACDiffLib.phantom import write_phantom_cases
+from SACDiffLib.experiments.phantom import write_phantom_cases
 
 
 def test_evaluate_tiny_phantom_folder(tmp_path, tiny_checkpoint, capsys):
@@ -51,7 +51,7 @@ def test_evaluate_scores_medseg_slices_per_slice(tmp_path, tiny_checkpoint):
     the summary's mean (std) equals the per-slice rows."""
     from PIL import Image
 
-    from SACDiffLib.phantom import chest_phantom
+    from SACDiffLib.experiments.phantom import chest_phantom
 
     cases = write_phantom_cases(tmp_path / "cases", cases=1, kind="covid", size=48, slices=8, seed=5)
     medseg = cases / "slices" / "medseg_covid"

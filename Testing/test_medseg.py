@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from SACDiffLib import medseg
+from SACDiffLib.experiments import medseg
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MEDSEG = DATA / "slices" / "medseg_covid"

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from SACDiffLib.cli import main
 from SACDiffLib.errors import SACDiffError
 from SACDiffLib.lung import LEFT, RIGHT
-from SACDiffLib.phantom import chest_phantom, write_phantom_cases
+from SACDiffLib.experiments.phantom import chest_phantom, write_phantom_cases
 
 
 def test_phantom_is_deterministic_per_seed():

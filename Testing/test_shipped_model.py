@@ -36,7 +36,7 @@ def test_demo_with_the_shipped_model_short_form(tmp_path, capsys):
 def test_shipped_model_separates_infected_slices_of_ctmd_p001(tmp_path):
     """Short settings (K = 1, 5 steps) for speed on CI's 2 cores; the reported figure comes from `sacdiff evaluate`
     at the model's own settings (Resources/results)."""
-    from SACDiffLib.evaluate import score_case
+    from SACDiffLib.experiments.evaluate import score_case
     from SACDiffLib.detect import detect_volume
 
     cfg, model, diffusion, _ = load_checkpoint(MODEL)

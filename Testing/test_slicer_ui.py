@@ -75,8 +75,9 @@ def test_cmake_lists_every_python_file_and_resource():
     for resource in ("Resources/Icons/SACDiff.png", "Resources/UI/SACDiff.ui", "SACDiffModuleLib/requirements.txt"):
         assert resource in module_cmake and (ROOT / "SACDiff" / resource).is_file()
     top = (ROOT / "CMakeLists.txt").read_text()
-    for path in sorted((ROOT / "SACDiffLib").glob("*.py")):
-        assert f"SACDiffLib/{path.name}" in top, f"CMakeLists.txt does not list SACDiffLib/{path.name}"
+    for path in sorted((ROOT / "SACDiffLib").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        assert rel in top, f"CMakeLists.txt does not list {rel}"
     assert "find_package(Slicer REQUIRED)" in top and "EXTENSION_DEPENDS PyTorch" in top
     assert "add_subdirectory(SACDiff)" in top
 

@@ -15,7 +15,8 @@ sys.modules["torch"] = None  # any `import torch` now raises ImportError
 from SACDiffLib.outputs import load_run, write_threshold_update
 from SACDiffLib.postprocess import rethreshold
 from SACDiffLib.lung import segment_lungs
-from SACDiffLib import atomic, io, medseg, metrics
+from SACDiffLib import atomic, io, metrics
+from SACDiffLib.experiments import medseg
 result = load_run(sys.argv[1])
 before = int(result.mask.sum())
 rethreshold(result, 3.0)

@@ -8,7 +8,7 @@ import pytest
 
 from SACDiffLib.cli import main
 from SACDiffLib.data import HOLDOUT_SLAB, holdout_split
-from SACDiffLib.validate import LAMBDAS, synthetic_lesions
+from SACDiffLib.experiments.validate import LAMBDAS, synthetic_lesions
 
 
 def test_holdout_split_takes_every_nth_slab_and_is_disjoint():
@@ -35,7 +35,7 @@ def test_synthetic_lesions_stay_in_the_lung_and_move_hu_towards_their_targets():
 
 
 def test_validate_cli_on_phantoms(tmp_path, tiny_checkpoint):
-    from SACDiffLib.phantom import write_phantom_cases
+    from SACDiffLib.experiments.phantom import write_phantom_cases
 
     data = write_phantom_cases(tmp_path / "data", cases=1, kind="covid", size=48, slices=40, seed=2, normals=2)
     out = tmp_path / "val"
@@ -59,7 +59,7 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
     nodule's per-kind AUROC is 0.5 (its voxels score like healthy lung)."""
     from types import SimpleNamespace
 
-    from SACDiffLib.validate import score_setting
+    from SACDiffLib.experiments.validate import score_setting
 
     rng = np.random.default_rng(0)
     shape = (2, 40, 40)
@@ -76,7 +76,7 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
         pass
 
     result = FakeResult(lung=lung, error=error, mask=np.zeros(shape, np.uint8))
-    import SACDiffLib.validate as validate_module
+    import SACDiffLib.experiments.validate as validate_module
 
     original = validate_module.rethreshold
     def fake_rethreshold(r, lam):
@@ -97,7 +97,7 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
 def test_best_setting_takes_the_setting_whose_worst_kind_is_found_best():
     """Hand-made rows: the pooled winner (A) misses nodules; B's worst kind is best; C ties B within 0.01 and wins on
     the synthetic Dice; D has no λ that keeps healthy lung ≤ 1 % and never qualifies."""
-    from SACDiffLib.validate import best_setting
+    from SACDiffLib.experiments.validate import best_setting
 
     def row(name, kinds, dice, lam=1.0):
         return {"setting": name, "recommended_lambda": lam, "synthetic_dice_at_recommended": dice,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
+from ..metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
 
 LUNG_HU, SOFT_TISSUE_HU = -850.0, 40.0  # anchors of the per-image grey → HU fit
 FALLBACK_HU_PER_GREY = 5.35  # median fitted slope of the 42 MedSeg images whose soft tissue is not saturated

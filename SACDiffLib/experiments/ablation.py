@@ -30,15 +30,15 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_checkpoint
-from .config import derive
-from .config import preset as make_preset
-from .detect import detect_volume
-from .errors import SACDiffError
+from ..checkpoint import load_checkpoint
+from ..config import derive
+from ..config import preset as make_preset
+from ..detect import detect_volume
+from ..errors import SACDiffError
 from .evaluate import ALL_METRICS, evaluate
-from .atomic import Output
-from .data import case_path, healthy_cases, load_cases, optional_path
-from .train import train
+from ..atomic import Output
+from ..data import case_path, healthy_cases, load_cases, optional_path
+from ..train import train
 
 # (name, simplex, guidance, adaptive, ensemble)
 ROWS = (

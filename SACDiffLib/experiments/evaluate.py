@@ -29,15 +29,15 @@ from typing import Callable, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .config import SACDiffConfig
-from .lung import segment_lungs
-from .detect import detect_volume
-from .errors import SACDiffError
+from ..config import SACDiffConfig
+from ..lung import segment_lungs
+from ..detect import detect_volume
+from ..errors import SACDiffError
 from . import medseg
-from .metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
-from .atomic import Output
-from .outputs import write_run
-from .data import case_path, load_cases, optional_path
+from ..metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summarise
+from ..atomic import Output
+from ..outputs import write_run
+from ..data import case_path, load_cases, optional_path
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
@@ -140,7 +140,7 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
     import dataclasses
     import time
 
-    from .detect import network_evaluations
+    from ..detect import network_evaluations
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=overwrite)
@@ -263,6 +263,6 @@ def medseg_markdown(m: dict) -> list[str]:
                 f"(ratio {m['alpha_spread']['p95_over_p5']:.1f})."] if m.get("alpha_spread") else []),
              f"Slices with no truth inside the lung (left out of the means): {', '.join(m['no_truth_in_lung']) or 'none'}.",
              "Images transposed to the radiological axial view; grey levels mapped to HU per image (lung peak ↦ −850, "
-             "soft-tissue peak ↦ +40 HU; `SACDiffLib/medseg.py`); lung mask from SACDiff's fallback; per-slice rows in "
+             "soft-tissue peak ↦ +40 HU; `SACDiffLib/experiments/medseg.py`); lung mask from SACDiff's fallback; per-slice rows in "
              "medseg_covid.csv."]
     return lines

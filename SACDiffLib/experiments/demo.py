@@ -16,16 +16,16 @@ from typing import Optional
 
 import SimpleITK as sitk
 
-from .checkpoint import load_checkpoint, shipped_model_path
-from .config import preset
-from .detect import detect_volume, resolve_device
-from .errors import SACDiffError
+from ..checkpoint import load_checkpoint, shipped_model_path
+from ..config import preset
+from ..detect import detect_volume, resolve_device
+from ..errors import SACDiffError
 from .evaluate import score_case
-from .outputs import write_overview, write_run
-from .atomic import Output
-from .data import case_path
+from ..outputs import write_overview, write_run
+from ..atomic import Output
+from ..data import case_path
 from .phantom import write_phantom_cases
-from .train import train
+from ..train import train
 
 
 def run_demo(

@@ -32,10 +32,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import io
-from .detect import detect_volume, rethreshold
-from .metrics import auroc, oracle_dice, segmentation_metrics
-from .data import case_path, healthy_cases, holdout_split, load_cases
+from .. import io
+from ..detect import detect_volume, rethreshold
+from ..metrics import auroc, oracle_dice, segmentation_metrics
+from ..data import case_path, healthy_cases, holdout_split, load_cases
 
 LAMBDAS = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 FLAGGED_TARGET_PERCENT = 1.0
@@ -185,7 +185,7 @@ def validate(data_dir, model, diffusion, cfg, settings: list[dict], device, hold
         volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
                                   cfg.preprocess.min_lung_fraction)
         if not volumes:
-            from .errors import SACDiffError
+            from ..errors import SACDiffError
 
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
         log("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))

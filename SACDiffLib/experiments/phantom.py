@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from . import io
-from .atomic import Output
-from .errors import SACDiffError
+from .. import io
+from ..atomic import Output
+from ..errors import SACDiffError
 
 KINDS = ("covid", "ild", "normal")
 FOV_MM = 360.0

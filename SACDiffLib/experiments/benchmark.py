@@ -21,11 +21,11 @@ import numpy as np
 import opensimplex
 import torch
 
-from .checkpoint import build
-from .config import preset
-from .config import DetectConfig
-from .detect import DetectionResult, crop_box, reconstruct_ensemble, resolve_device, rethreshold
-from .noise import RAW_OCTAVE_STD, SimplexNoise
+from ..checkpoint import build
+from ..config import preset
+from ..config import DetectConfig
+from ..detect import DetectionResult, crop_box, reconstruct_ensemble, resolve_device, rethreshold
+from ..noise import RAW_OCTAVE_STD, SimplexNoise
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -101,7 +101,7 @@ def bench_noise_octaves(sizes=(128, 256, 512), device: str = "cpu", fields: int 
 def bench_training(preset_name: str, device: str = "cpu", steps: int = 3, compile_noise: bool = True) -> dict:
     """Training throughput of a preset (synthetic batch of its size): samples/s and the share of each part of a
     step — data (batch gather + augmentation), noise (the simplex fields) and network (forward, backward, AdamW)."""
-    from .train import augment
+    from ..train import augment
 
     cfg = preset(preset_name)
     dev = torch.device(device)
@@ -257,7 +257,7 @@ def bench_rethreshold(shape=(80, 512, 512), repeats: int = 5) -> dict:
     """λ slider path on a synthetic 512 × 512 × 80 result (two lungs, a lesion) vs the whole-volume path."""
     from scipy import ndimage
 
-    from .postprocess import background_threshold
+    from ..postprocess import background_threshold
 
     import SimpleITK as sitk
 
