@@ -87,6 +87,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = SACDiffLogic()
         self._presets = PresetTracker()
         self._lambdaTouched = False  # the user moved λ since the last result/preset: send it, else the model's own
+        self._showingResult = False  # set while the slider is moved to a run's λ by the code, not by the user
 
         settings = qt.QSettings()
         self.ui.modelPathLineEdit.currentPath = settings.value(MODEL_SETTING, "")
@@ -277,7 +278,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rethreshold(value, crf=False)
 
     def onLambdaChanged(self, value: float) -> None:
-        if not getattr(self, "_showingResult", False):
+        if not self._showingResult:
             self._lambdaTouched = True
         self._rethreshold(value, crf=self._parameterNode.crf if self._parameterNode else None)
 

@@ -109,9 +109,9 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
 
 def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     """Label-free figures of one detection setting over the held-out volumes (see the module docstring)."""
-    errors, truths, kinds, lungs_clean = [], [], [], []
+    errors, truths, kinds = [], [], []
     flagged = {lam: [0, 0] for lam in lambdas}
-    per_case = {vol.get("case", str(i)): {"flagged_percent": {}, "alpha": {}} for i, (_, vol) in enumerate(results)}
+    per_case = {}
     pipeline = {lam: [] for lam in lambdas}
     healthy_error = []
     for i, (result, vol) in enumerate(results):
@@ -122,14 +122,15 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
         errors.append(result.error[lesion_lung])
         truths.append(vol["truth"][lesion_lung])
         kinds.append(vol["kinds"][lesion_lung] if "kinds" in vol else vol["truth"][lesion_lung].astype(np.uint8))
-        lungs_clean.append(int(clean_lung.sum()))
+        n_clean = int(clean_lung.sum())
+        case = per_case.setdefault(vol.get("case", str(i)), {"flagged_percent": {}, "alpha": {}})
         for lam in lambdas:
             rethreshold(result, lam)
             mask = result.mask > 0
-            flagged[lam][0] += int((mask & clean_lung).sum())
-            flagged[lam][1] += int(clean_lung.sum())
-            case = per_case[vol.get("case", str(i))]
-            case["flagged_percent"][str(lam)] = 100.0 * int((mask & clean_lung).sum()) / max(int(clean_lung.sum()), 1)
+            hits = int((mask & clean_lung).sum())
+            flagged[lam][0] += hits
+            flagged[lam][1] += n_clean
+            case["flagged_percent"][str(lam)] = 100.0 * hits / max(n_clean, 1)
             case["alpha"][str(lam)] = result.threshold.alpha
             pipeline[lam].append((mask[lesion_lung], vol["truth"][lesion_lung]))
     error, truth = np.concatenate(errors), np.concatenate(truths)
