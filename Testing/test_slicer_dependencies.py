@@ -43,9 +43,12 @@ class _Recorder:
 
 def _stand_in_slicer(monkeypatch, with_pydeps: bool):
     fake = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=_Recorder()))
-    if with_pydeps:
-        fake.pydeps = types.SimpleNamespace(pip_ensure=_Recorder())
     monkeypatch.setitem(sys.modules, "slicer", fake)
+    if with_pydeps:  # a submodule, as in Slicer ≥ 5.11 (imported, not an attribute read)
+        fake.pydeps = types.SimpleNamespace(pip_ensure=_Recorder())
+        monkeypatch.setitem(sys.modules, "slicer.pydeps", fake.pydeps)
+    else:
+        monkeypatch.delitem(sys.modules, "slicer.pydeps", raising=False)
     monkeypatch.setattr(dependencies, "missingDependencies", lambda: [])
     return fake
 

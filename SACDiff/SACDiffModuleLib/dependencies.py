@@ -8,6 +8,7 @@ through ``slicer.util.pip_install``. No Qt here: the widget asks the user first.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import re
@@ -65,7 +66,10 @@ def installDependencies(missing: list[str]) -> None:
     wanted = [r for r in requirements() if _name(r) in missing]
     if not wanted:
         return
-    pydeps = getattr(slicer, "pydeps", None)
+    try:  # a submodule: present (and importable) from Slicer 5.11 on
+        pydeps = importlib.import_module("slicer.pydeps")
+    except ImportError:
+        pydeps = None
     if pydeps is not None and hasattr(pydeps, "pip_ensure"):  # Slicer ≥ 5.11
         from packaging.requirements import Requirement
 
