@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import slicer
 import vtk
-from vtk.util.numpy_support import vtk_to_numpy
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 LAYOUTS = {"Axial": "Red", "Sagittal": "Yellow", "Coronal": "Green"}
 _registered = []
@@ -112,8 +112,6 @@ def write_png(rgb: np.ndarray, path) -> None:
     """Save a render (row 0 at the bottom) as a PNG the right way up."""
     image = vtk.vtkImageData()
     image.SetDimensions(rgb.shape[1], rgb.shape[0], 1)
-    from vtk.util.numpy_support import numpy_to_vtk
-
     image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(rgb).reshape(-1, 3), deep=True))
     writer = vtk.vtkPNGWriter()
     writer.SetFileName(str(path))
