@@ -13,9 +13,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .errors import Cancelled, SACDiffError
+from .progress import Progress, part
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -87,7 +88,7 @@ def collect_scans(inputs) -> list[Scan]:
 
 
 def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overwrite: bool = False,
-                progress: Optional[Callable[[float, str], bool]] = None, log=print,
+                progress: Optional[Progress] = None, log=print,
                 compile_model: bool = False) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
@@ -103,15 +104,11 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
         out_dir.mkdir(parents=True, exist_ok=True)
         mark(out_dir, "results")  # --overwrite may reuse it
         for i, scan in enumerate(mine):
-            def scan_progress(fraction, message, i=i):
-                if progress is None:
-                    return True
-                return progress((i + fraction) / len(mine), f"{scan.name}: {message}")
-
             row = {"scan": scan.name, "ct": str(scan.ct), "lung": str(scan.lung) if scan.lung else "automatic",
                    "rank": dist.rank}
             try:
-                result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device, scan_progress,
+                result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device,
+                                       part(progress, i, len(mine), scan.name),
                                        compile_model=compile_model)
                 write_run(result, check_out_dir(out_dir / scan.name, overwrite, [scan.ct, scan.lung]))
                 q = result.report["quantification"]
@@ -135,9 +132,9 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
             return None
         every = []
         for rank in range(dist.world):
-            part = out_dir / f".rank{rank}.json"
-            every += json.loads(part.read_text())
-            part.unlink()
+            share = out_dir / f".rank{rank}.json"
+            every += json.loads(share.read_text())
+            share.unlink()
         order = {s.name: i for i, s in enumerate(scans)}
         every.sort(key=lambda r: order[r["scan"]])
         _write_summary(every, out_dir / "summary.csv")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import ErrorMode, NoiseKind, ThresholdMode, choices, derive
 from .errors import Cancelled, SACDiffError
-from .protocol import error_line, progress_line
+from .progress import for_terminal
+from .protocol import error_line
 
 
 def _add_device(p):
@@ -54,27 +55,17 @@ def _add_detect_options(p):
 
 
 def _load_for_detection(args):
-    """Checkpoint → (cfg with the command's detect options applied, model, diffusion, device)."""
-    from .checkpoint import load_checkpoint
+    """The command's checkpoint and detection options → (cfg, model, diffusion, device)."""
+    from .checkpoint import load_for_detection
     from .detect import resolve_device
-    from .diffusion import Diffusion
 
     device = resolve_device(args.device)
-    seed = 0 if args.seed is None else args.seed
-    if args.model is None:
-        from .checkpoint import shipped_model_path
-
-        args.model = str(shipped_model_path())
-    cfg, model, diffusion, _ = load_checkpoint(args.model, device, noise_seed=seed)
-    cfg = derive(cfg, detect=dict(  # every option range-checked before any scan is read
-        seed=seed, steps=args.steps, ensemble=args.ensemble, lam=args.lam, threshold=args.threshold,
-        fixed_threshold=args.fixed_threshold, error=args.error, crf=args.crf, batch_size=args.batch_size,
-        sampling_steps=args.sampling_steps, crop_to_lung=args.crop, exclude_airways=args.exclude_airways))
-    if args.noise and args.noise != cfg.diffusion.noise.kind:
-        print(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {args.noise}",
-              file=sys.stderr)
-        cfg = derive(cfg, diffusion={"noise": {"kind": args.noise}})
-        diffusion = Diffusion(cfg.diffusion, noise_seed=seed).to(device)
+    cfg, model, diffusion = load_for_detection(
+        args.model, device, seed=0 if args.seed is None else args.seed, noise_kind=args.noise,
+        log=lambda m: print(m, file=sys.stderr), steps=args.steps, ensemble=args.ensemble, lam=args.lam,
+        threshold=args.threshold, fixed_threshold=args.fixed_threshold, error=args.error, crf=args.crf,
+        batch_size=args.batch_size, sampling_steps=args.sampling_steps, crop_to_lung=args.crop,
+        exclude_airways=args.exclude_airways)
     return cfg, model, diffusion, device
 
 
@@ -209,49 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ProgressLines:
-    """Machine-readable progress for front ends: one flushed stdout line per update, at most every 0.2 s."""
-
-    def __init__(self):
-        self.last = 0.0
-
-    def __call__(self, fraction: float, message: str = "") -> bool:
-        now = time.monotonic()
-        if now - self.last >= 0.2 or fraction >= 1.0:
-            self.last = now
-            print(progress_line(fraction, message), flush=True)
-        return True
-
-    def close(self):
-        pass
-
-
 def _progress(args, desc: str):
-    return _ProgressLines() if getattr(args, "progress", "bar") == "lines" else _ProgressBar(desc)
-
-
-class _ProgressBar:
-    """A tqdm bar over the fraction of network evaluations done; shown from the first update on, so that input
-    errors found before the model runs stay one line."""
-
-    def __init__(self, desc: str):
-        self.desc = desc
-        self.bar = None
-
-    def __call__(self, fraction: float, message: str = "") -> bool:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=1000, desc=self.desc, dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-        self.bar.n = int(round(fraction * 1000))
-        self.bar.set_postfix_str(message, refresh=False)
-        self.bar.refresh()
-        return True
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+    return for_terminal(getattr(args, "progress", "bar"), desc)
 
 
 def cmd_train(args) -> int:
@@ -281,9 +231,14 @@ def cmd_train(args) -> int:
         model=dict(conditional=args.conditional),
         detect=dict(steps=min(cfg.detect.steps, args.timesteps) if args.timesteps else None),
     )
-    summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
-                    include_uninfected_slices=args.include_uninfected_slices, steps=args.steps,
-                    normal_cases=args.normal_cases.split(",") if args.normal_cases else None, init=args.init)
+    bar = _progress(args, "train") if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        summary = train(cfg, args.data, args.out, resolve_device(args.device), resume=args.resume,
+                        include_uninfected_slices=args.include_uninfected_slices, steps=args.steps, progress=bar,
+                        normal_cases=args.normal_cases.split(",") if args.normal_cases else None, init=args.init)
+    finally:
+        if bar is not None:
+            bar.close()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps on {summary['slices']} slices in {summary['seconds']:.1f} s; "
               f"final loss {summary['final_loss']:.4f}; checkpoint: {args.out}")
@@ -379,27 +334,27 @@ def cmd_threshold(args) -> int:
 
 
 def cmd_lungmask(args) -> int:
-    from . import io
-    from .lung import segment_lungs
+    import numpy as np
 
+    from . import io
     from .atomic import Output
+    from .lung import segment_lungs
+    from .postprocess import quantify
 
     output = Output(args.out, "image", args.overwrite, inputs=[args.ct])
-    out = output.target
     ct = io.read_ct(args.ct)
     labels = segment_lungs(io.ct_array(ct), ct, airways=not args.exclude_airways)
     with output as tmp:
         io.write_image(labels, ct, tmp)
-    voxel_ml = ct.GetSpacing()[0] * ct.GetSpacing()[1] * ct.GetSpacing()[2] / 1000
-    print(f"lung mask: right {(labels == 1).sum() * voxel_ml:.0f} ml, left {(labels == 2).sum() * voxel_ml:.0f} ml "
-          f"→ {out}")
+    volumes = quantify(np.zeros_like(labels), labels, ct.GetSpacing())
+    print(f"lung mask: right {volumes['right_lung_ml']:.0f} ml, left {volumes['left_lung_ml']:.0f} ml → {output.target}")
     return 0
 
 
 def cmd_demo(args) -> int:
     from .experiments.demo import run_demo
 
-    bar = _progress(args, "detect")
+    bar = _progress(args, "demo")
     try:
         summary = run_demo(args.out, args.ct, args.model, args.train_steps, args.seed, args.device, progress=bar,
                            detect_steps=args.steps, ensemble=args.ensemble, sampling_steps=args.sampling_steps)
@@ -423,45 +378,33 @@ def cmd_phantom(args) -> int:
 
 
 def cmd_ablation(args) -> int:
-    from .experiments.ablation import run_ablation
     from .atomic import Output
     from .detect import resolve_device
+    from .experiments.ablation import run_ablation, run_quick_ablation
 
     Output(args.out, "results", args.overwrite, inputs=[args.train, args.cases, args.models])
     overrides = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps)) if v is not None}
-    preset_name, train_steps, train_dir, cases_dir = args.preset, args.train_steps, args.train, args.cases
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.quick:
-        import tempfile
-
-        from .experiments.phantom import write_phantom_cases
-
-        data = Path(tempfile.mkdtemp(prefix="sacdiff-ablation-"))
-        write_phantom_cases(data, cases=2, kind="covid", size=48, slices=10, seed=0, normals=3, overwrite=True)
-        preset_name, train_steps = "tiny", train_steps or 30
-        train_dir = cases_dir = data
-        overrides.setdefault("crf", False)
-    if train_dir is None:
+        result = run_quick_ablation(args.out, args.train_steps, resolve_device(args.device), args.overwrite,
+                                    overrides, log)
+    elif args.train is None:
         raise SACDiffError("give --train DIR (a data folder with normal cases) or --quick")
-    result = run_ablation(train_dir, cases_dir or train_dir, args.out, preset_name, train_steps, args.models,
-                          resolve_device(args.device), args.overwrite, overrides,
-                          log=lambda m: print(m, file=sys.stderr))
+    else:
+        result = run_ablation(args.train, args.cases or args.train, args.out, args.preset, args.train_steps,
+                              args.models, resolve_device(args.device), args.overwrite, overrides, log=log)
     print((Path(args.out) / "ablation.md").read_text())
-    if args.quick:
-        import shutil
-
-        shutil.rmtree(train_dir, ignore_errors=True)
     return 0 if result["rows"] else 1
 
 
 def cmd_validate(args) -> int:
-    import json
-
     from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
     from .detect import resolve_device
-    from .experiments.validate import markdown, validate
+    from .experiments.validate import parse_settings, validate, write_validation
 
     output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
+    settings = parse_settings(args.settings)
     model_path = args.model or str(shipped_model_path())
     device = resolve_device(args.device)
     cfg, model, diffusion, _ = load_checkpoint(model_path, device, noise_seed=args.seed)
@@ -469,24 +412,11 @@ def cmd_validate(args) -> int:
     if not every:
         raise SACDiffError(f"{model_path} was trained without a hold-out; give --holdout-every N (its held-out "
                            "slices were then seen in training: say so when you report the figures)")
-    settings = [{}]
-    if args.settings:
-        settings = []
-        for item in args.settings.split(","):
-            try:
-                steps, n, k = (int(v) for v in item.lower().split("x"))
-            except ValueError:
-                raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K (e.g. 150x10x3)") from None
-            settings.append({"steps": steps, "sampling_steps": n, "ensemble": k})
     rows = validate(args.data, model, diffusion, cfg, settings, device, every,
                     args.normal_cases.split(",") if args.normal_cases else None,
                     log=lambda m: print(m, file=sys.stderr), seed=args.seed)
-    table = markdown(rows, Path(model_path).name)
     with output as tmp:
-        (tmp / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": every,
-                                                         "rows": rows}, indent=1, allow_nan=False))
-        (tmp / "validation.md").write_text(table)
-    print(table)
+        print(write_validation(tmp, rows, model_path, every))
     return 0
 
 

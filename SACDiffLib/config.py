@@ -320,12 +320,25 @@ def derive(cfg: SACDiffConfig, **sections: dict) -> SACDiffConfig:
     return out
 
 
-def validate(cfg: SACDiffConfig) -> None:
-    """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
-    bad = _non_finite(cfg, "config")
+def detect_from_dict(data: dict) -> DetectConfig:
+    """The detection settings of a finished run (its report's ``detect``), read as strictly as a checkpoint's
+    config: unknown or missing fields named, every value range-checked."""
+    det = _build(DetectConfig, data, "detect")
+    bad = _non_finite(det, "detect")
     if bad:
         raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
-    m, d, p, det, t = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect, cfg.train
+    _validate_detect(det)
+    return det
+
+
+def _check_choices(items) -> None:
+    for name, value, kind in items:
+        if value not in choices(kind):
+            raise SACDiffError(f"{name} {value!r} unknown; choose one of: {', '.join(choices(kind))}")
+
+
+def _validate_detect(det: DetectConfig) -> None:
+    """The checks that need nothing but the detection settings (the rest need the model: ``validate``)."""
     _check_range("detect.sampling_steps (--sampling-steps)", det.sampling_steps, 0, det.steps,
                  f" (0 = every one of the T_s = {det.steps} steps)")
     _check_range("detect.batch_size (--batch-size)", det.batch_size, 0, None, " (0 = automatic)")
@@ -334,6 +347,18 @@ def validate(cfg: SACDiffConfig) -> None:
     _check_range("detect.morphology_radius", det.morphology_radius, 0, 50)
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
+    _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode)))
+    if det.ensemble < 1:
+        raise SACDiffError(f"ensemble size K={det.ensemble} must be at least 1")
+
+
+def validate(cfg: SACDiffConfig) -> None:
+    """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
+    bad = _non_finite(cfg, "config")
+    if bad:
+        raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+    m, d, p, det, t = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect, cfg.train
+    _validate_detect(det)
     _check_range("train.steps (--steps)", t.steps, 1, None)
     _check_range("train.batch_size (--batch-size)", t.batch_size, 1, None)
     if t.lr <= 0:
@@ -359,11 +384,8 @@ def validate(cfg: SACDiffConfig) -> None:
             f"image_size {p.image_size} must be a multiple of {m.size_multiple} "
             f"(2^{len(m.channels) - 1} for {len(m.channels) - 1} downsampling modules)"
         )
-    for name, value, kind in (("noise kind", d.noise.kind, NoiseKind), ("schedule", d.schedule, Schedule),
-                              ("sigma", d.sigma, Sigma), ("detect.threshold", det.threshold, ThresholdMode),
-                              ("detect.error", det.error, ErrorMode)):
-        if value not in choices(kind):
-            raise SACDiffError(f"{name} {value!r} unknown; choose one of: {', '.join(choices(kind))}")
+    _check_choices((("noise kind", d.noise.kind, NoiseKind), ("schedule", d.schedule, Schedule),
+                    ("sigma", d.sigma, Sigma)))
     if not 1 <= det.steps <= d.timesteps:
         raise SACDiffError(f"detection steps T_s={det.steps} must lie in 1..T={d.timesteps}")
     if cfg.train.max_timestep and not det.steps <= cfg.train.max_timestep <= d.timesteps:
@@ -371,7 +393,5 @@ def validate(cfg: SACDiffConfig) -> None:
             f"detection steps T_s={det.steps} exceed the largest timestep this model was trained on "
             f"({cfg.train.max_timestep}); choose --steps ≤ {cfg.train.max_timestep}"
         )
-    if det.ensemble < 1:
-        raise SACDiffError(f"ensemble size K={det.ensemble} must be at least 1")
     if p.hu_max <= p.hu_min:
         raise SACDiffError(f"HU window [{p.hu_min}, {p.hu_max}] is empty")

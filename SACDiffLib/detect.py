@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from contextlib import nullcontext
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,9 +28,8 @@ from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import body_mask, lung_labels, segment_lungs
 from .postprocess import DetectionResult, rethreshold  # noqa: F401  (their home: torch-free postprocess.py)
+from .progress import Progress, report
 
-# progress(fraction in [0, 1], message) -> False to cancel
-Progress = Callable[[float, str], Optional[bool]]
 
 
 def cuda_available() -> bool:
@@ -194,9 +193,8 @@ def reconstruct_ensemble(
         cb = None if cc is None else cc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
 
         def on_step(i: int, total: int, start=start, n=n):
-            if progress is None:
-                return True
-            return progress((start + n * i / total) / s, f"reverse step {i}/{total}, slices {start + 1}-{start + n} of {s}")
+            return report(progress, (start + n * i / total) / s,
+                          f"reverse step {i}/{total}, slices {start + 1}-{start + n} of {s}")
 
         try:
             recon = diffusion.partial_chain(eps_model, xb, cb, steps, noise, on_step, sampling_steps)

@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, io
-from .config import DetectConfig
+from .config import detect_from_dict
 from .postprocess import DetectionResult
 from .atomic import MARKER, Output
 from .errors import SACDiffError
@@ -156,10 +156,10 @@ def load_run(run_dir) -> DetectionResult:
     if not np.isfinite(error).all():
         raise SACDiffError(f"the anomaly map of {run_dir} holds NaN/infinite values{damaged}")
     try:
-        det = DetectConfig(**report["detect"])
+        det = detect_from_dict(report["detect"])
         processed = np.asarray(report["processed_slices"], dtype=np.int64)
         th = Threshold.from_report(report["threshold"])
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, KeyError, SACDiffError) as exc:
         raise SACDiffError(f"{run_dir / FILES['report']} has unexpected settings ({exc}){damaged}") from None
     if processed.size and (processed.min() < 0 or processed.max() >= error.shape[0]):
         raise SACDiffError(f"{run_dir / FILES['report']} names slices outside the map{damaged}")

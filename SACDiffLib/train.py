@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ from . import io
 from .checkpoint import build, read_checkpoint, save_checkpoint
 from .data import case_path, healthy_cases, holdout_split, load_cases
 from .distributed import Distributed
-from .config import SACDiffConfig, from_dict, validate
+from .config import SACDiffConfig, derive, from_dict
 from .errors import SACDiffError
+from .progress import Progress, report
 
 
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
@@ -104,8 +105,7 @@ def train(
     resume: Optional[str] = None,
     include_uninfected_slices: bool = False,
     steps: Optional[int] = None,
-    progress: Optional[Callable[[int, int, float], Optional[bool]]] = None,
-    show_progress_bar: bool = True,
+    progress: Optional[Progress] = None,
     normal_cases: Optional[list] = None,
     init: Optional[str] = None,
 ) -> dict:
@@ -122,9 +122,7 @@ def train(
         train_state = payload.get("train_state")
         if not train_state:
             raise SACDiffError(f"{resume} holds no training state (optimizer, step); it cannot be resumed")
-    if steps is not None:
-        cfg.train.steps = int(steps)
-    validate(cfg)
+    cfg = derive(cfg, train={"steps": None if steps is None else int(steps)})  # validated; the caller's cfg unchanged
     tc = cfg.train
     ddp = Distributed(device)
     device = ddp.device
@@ -169,11 +167,6 @@ def train(
             extra = {"training_data": used, "world_size": ddp.world, "steps_done": step, "init": init}
             save_checkpoint(out_path, cfg, model, ema, state, extra)
 
-    bar = None
-    if show_progress_bar and ddp.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     step = start
     try:
@@ -203,10 +196,8 @@ def train(
                     be.copy_(bm)
             value = float(loss.detach())
             losses.append(round(value, 6))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if progress is not None and progress(step + 1, tc.steps, value) is False:
+            if not report(progress, (step + 1) / tc.steps, f"step {step + 1}/{tc.steps}, loss {value:.4f}, "
+                          f"lr {scheduler.get_last_lr()[0]:.2e}"):
                 save(step + 1)
                 break
             if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < tc.steps:
@@ -216,9 +207,6 @@ def train(
     except KeyboardInterrupt:
         save(step)  # resumable with --resume
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     done = min(step + 1, tc.steps)
     summary = {"steps": done, "final_loss": losses[-1] if losses else float("nan"),
                "seconds": time.perf_counter() - t0, "slices": int(images.shape[0]), "cases": used,

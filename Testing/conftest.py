@@ -88,5 +88,5 @@ def tiny_checkpoint(data_dir, tmp_path_factory) -> Path:
     cfg = preset("tiny")
     cfg.train.steps = 6
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
-    train(cfg, data_dir, out, show_progress_bar=False)
+    train(cfg, data_dir, out)
     return out

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from SACDiffLib.experiments.ablation import ROWS, model_name

@@ -30,3 +30,20 @@ def test_derive_refuses_what_validate_refuses(sections, message):
 
 def test_choices_come_from_the_literal_types():
     assert choices(ThresholdMode) == ("adaptive", "fixed")
+
+
+def test_a_runs_detect_settings_are_read_strictly():
+    from dataclasses import asdict
+
+    from SACDiffLib.config import detect_from_dict
+
+    det = preset("small256").detect
+    assert detect_from_dict(asdict(det)) == det
+    old = {k: v for k, v in asdict(det).items() if k != "exclude_airways"}  # written before that field existed
+    assert detect_from_dict(old).exclude_airways is True
+    with pytest.raises(SACDiffError, match="unknown fields: \\['stepz'\\]"):
+        detect_from_dict({**asdict(det), "stepz": 1})
+    with pytest.raises(SACDiffError, match="ensemble size K=0"):
+        detect_from_dict({**asdict(det), "ensemble": 0})
+    with pytest.raises(SACDiffError, match="non-finite"):
+        detect_from_dict({**asdict(det), "lam": float("inf")})

@@ -3,7 +3,6 @@
 
 import json
 
-import pytest
 
 from conftest import ROOT, SHARED_DATA, needs_shared_data
 from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, shipped_model_path

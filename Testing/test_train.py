@@ -64,16 +64,15 @@ def test_cosine_schedule():
 
 
 def test_same_seed_same_losses_and_resume_continues_identically(data_dir, tmp_path):
-    full = train(_cfg(6), data_dir, tmp_path / "full.pt", show_progress_bar=False)
-    train(_cfg(6), data_dir, tmp_path / "again.pt", show_progress_bar=False)
+    full = train(_cfg(6), data_dir, tmp_path / "full.pt")
+    train(_cfg(6), data_dir, tmp_path / "again.pt")
     losses_full = read_checkpoint(tmp_path / "full.pt")["train_state"]["losses"]
     assert losses_full == read_checkpoint(tmp_path / "again.pt")["train_state"]["losses"]
     assert full["steps"] == 6
     # Stop after 3 of 6 steps (as Ctrl-C or a cancel would), then resume: the same 6 losses as the full run.
-    train(_cfg(6), data_dir, tmp_path / "half.pt", progress=lambda step, total, loss: step < 3,
-          show_progress_bar=False)
+    train(_cfg(6), data_dir, tmp_path / "half.pt", progress=lambda fraction, message: fraction < 3 / 6)
     assert read_checkpoint(tmp_path / "half.pt")["train_state"]["step"] == 3
-    train(_cfg(), data_dir, tmp_path / "resumed.pt", resume=tmp_path / "half.pt", show_progress_bar=False)
+    train(_cfg(), data_dir, tmp_path / "resumed.pt", resume=tmp_path / "half.pt")
     resumed = read_checkpoint(tmp_path / "resumed.pt")["train_state"]
     assert resumed["step"] == 6
     assert resumed["losses"] == pytest.approx(losses_full, abs=1e-5)
@@ -83,7 +82,7 @@ def test_loss_decreases_on_a_small_problem(data_dir, tmp_path):
     cfg = _cfg(60)
     cfg.train.lr = 2e-3
     cfg.train.augment = False
-    train(cfg, data_dir, tmp_path / "m.pt", show_progress_bar=False)
+    train(cfg, data_dir, tmp_path / "m.pt")
     losses = read_checkpoint(tmp_path / "m.pt")["train_state"]["losses"]
     assert sum(losses[-15:]) / 15 < 0.8 * sum(losses[:15]) / 15
 

@@ -90,7 +90,7 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                              model={"conditional": guidance})
                 log(f"training {name} ({preset_name} preset) on the normal cases of {train_dir}")
                 path = tmp / "models" / f"{name}.pt"
-                train(cfg, train_dir, path, device, steps=train_steps, show_progress_bar=False)
+                train(cfg, train_dir, path, device, steps=train_steps)
                 checkpoints[name] = path
         rows, alphas = [], {}
         for label, simplex, guidance, adaptive, ensemble in ROWS:
@@ -114,6 +114,24 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
         (tmp / "ablation.json").write_text(json.dumps(result, indent=1, default=float))
         (tmp / "ablation.md").write_text(ablation_markdown(result))  # networks stay in RESULTS/models (--models)
     return result
+
+
+def run_quick_ablation(out_dir, train_steps: Optional[int] = None, device="cpu", overwrite: bool = False,
+                       detect_overrides: Optional[dict] = None, log=print) -> dict:
+    """The whole table in about a minute (CI): tiny phantoms (2 COVID-like + 3 normal, 48², 10 slices), the tiny
+    preset, 30 training steps, no CRF. Checks that every row runs; its figures say nothing about the method."""
+    import shutil
+    import tempfile
+
+    from .phantom import write_phantom_cases
+
+    data = Path(tempfile.mkdtemp(prefix="sacdiff-ablation-"))
+    try:
+        write_phantom_cases(data, cases=2, kind="covid", size=48, slices=10, seed=0, normals=3, overwrite=True)
+        overrides = {"crf": False, **(detect_overrides or {})}
+        return run_ablation(data, data, out_dir, "tiny", train_steps or 30, None, device, overwrite, overrides, log)
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def ablation_markdown(result: dict) -> str:

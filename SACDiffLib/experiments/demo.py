@@ -17,11 +17,12 @@ from typing import Optional
 import SimpleITK as sitk
 
 from ..checkpoint import load_checkpoint, shipped_model_path
-from ..config import preset
+from ..config import derive, preset
 from ..detect import detect_volume, resolve_device
 from ..errors import SACDiffError
 from .evaluate import score_case
 from ..outputs import write_overview, write_run
+from ..progress import Progress, part
 from ..atomic import Output
 from ..data import case_path
 from .phantom import write_phantom_cases
@@ -36,7 +37,7 @@ def run_demo(
     seed: int = 0,
     device: str = "auto",
     overwrite: bool = True,
-    progress=None,
+    progress: Optional[Progress] = None,
     log=print,
     detect_steps: Optional[int] = None,
     ensemble: Optional[int] = None,
@@ -59,18 +60,15 @@ def run_demo(
             size = 96
             log(f"[1/3] synthetic healthy chests for training → {data}")
             write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, normals=4, overwrite=True)
-            cfg = preset("demo")
-            cfg.train.seed = seed
+            cfg = derive(preset("demo"), train={"seed": seed})
             model = out_dir / "demo-model.pt"
             log(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
-            summary = train(cfg, data, model, dev, steps=train_steps)
+            summary = train(cfg, data, model, dev, steps=train_steps, progress=part(progress, 0, 2, "train"))
+            progress = part(progress, 1, 2, "detect")  # the bar's second half
             log(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
         cfg, net, diffusion, _ = load_checkpoint(model, dev, noise_seed=seed)
-        cfg.detect.seed = seed
-        cfg.detect.steps = detect_steps or cfg.detect.steps
-        cfg.detect.ensemble = ensemble or cfg.detect.ensemble
-        if sampling_steps is not None:
-            cfg.detect.sampling_steps = sampling_steps
+        cfg = derive(cfg, detect={"seed": seed, "steps": detect_steps, "ensemble": ensemble,
+                                  "sampling_steps": sampling_steps})
         if ct is None:
             case = "phantom_covid_000"
             if not case_path(data, case, "ct").exists():

@@ -24,12 +24,12 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..config import SACDiffConfig
+from ..config import SACDiffConfig, derive
 from ..lung import segment_lungs
 from ..detect import detect_volume
 from ..errors import SACDiffError
@@ -38,6 +38,7 @@ from ..metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summari
 from ..atomic import Output
 from ..outputs import write_run
 from ..data import case_path, load_cases, optional_path
+from ..progress import Progress, part
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
@@ -70,7 +71,7 @@ def evaluate(
     out_dir,
     device,
     overwrite: bool = False,
-    progress: Optional[Callable] = None,
+    progress: Optional[Progress] = None,
     log=print,
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
@@ -88,8 +89,7 @@ def evaluate(
             lung = optional_path(cases_dir, name, "lung")
             lesion_path = case_path(cases_dir, name, "lesion")
             log(f"[{i + 1}/{len(todo)}] {name}")
-            step = (lambda f, m, i=i: progress((i + f) / len(todo), f"{name}: {m}")) if progress else None
-            result = detect_volume(ct, model, diffusion, cfg, lung, device, step)
+            result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name))
             write_run(result, tmp / "runs" / name)
             lesion = None
             if lesion_path.exists():
@@ -137,7 +137,6 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
           log=print) -> str:
     """``evaluate`` once per (K, n) setting into OUT/<K>x<n>/, and a table of accuracy against network evaluations
     per slice (K × reverse steps) and wall time: OUT/sweep.md and OUT/sweep.json."""
-    import dataclasses
     import time
 
     from ..detect import network_evaluations
@@ -146,11 +145,11 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
     out_dir.mkdir(parents=True, exist_ok=overwrite)
     rows = []
     for i, (k, n) in enumerate(settings):
-        run_cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, ensemble=k, sampling_steps=n))
+        run_cfg = derive(cfg, detect={"ensemble": k, "sampling_steps": n})
         log(f"[{i + 1}/{len(settings)}] K = {k}, reverse steps = {n or run_cfg.detect.steps}")
-        step = (lambda f, m, i=i: progress((i + f) / len(settings), m)) if progress else None
         t0 = time.perf_counter()
-        summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite, step,
+        summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite,
+                           part(progress, i, len(settings)),
                            log=lambda m: None)
         rows.append({"ensemble": k, "sampling_steps": n, "evaluations_per_slice": network_evaluations(run_cfg.detect),
                      "seconds": time.perf_counter() - t0, "mean_std": summary["mean_std"],

@@ -22,7 +22,6 @@ stable the threshold is from scan to scan. Real lesion masks are never read.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
@@ -33,6 +32,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .. import io
+from ..config import derive
+from ..errors import SACDiffError
 from ..detect import detect_volume, rethreshold
 from ..metrics import auroc, oracle_dice, segmentation_metrics
 from ..data import case_path, healthy_cases, holdout_split, load_cases
@@ -178,6 +179,29 @@ def best_setting(rows: list[dict], tie: float = 0.01) -> Optional[dict]:
     return max(near, key=lambda r: r["synthetic_dice_at_recommended"])
 
 
+def parse_settings(text: Optional[str]) -> list[dict]:
+    """``--settings 100x10x3,150x10x3`` → DetectConfig overrides; None → the model's own setting."""
+    if not text:
+        return [{}]
+    settings = []
+    for item in text.split(","):
+        try:
+            steps, n, k = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K (e.g. 150x10x3)") from None
+        settings.append({"steps": steps, "sampling_steps": n, "ensemble": k})
+    return settings
+
+
+def write_validation(folder: Path, rows: list[dict], model_path, holdout_every: int) -> str:
+    """validation.json (every figure) and validation.md (the table) into ``folder``; returns the table."""
+    table = markdown(rows, Path(model_path).name)
+    (folder / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": holdout_every,
+                                                        "rows": rows}, indent=1, allow_nan=False))
+    (folder / "validation.md").write_text(table)
+    return table
+
+
 def validate(data_dir, model, diffusion, cfg, settings: list[dict], device, holdout_every: int,
              normal_cases: Optional[list] = None, log: Callable = print, seed: int = 0) -> list[dict]:
     """One row per setting (a dict of DetectConfig overrides, e.g. {"steps": 150, "sampling_steps": 10})."""
@@ -186,12 +210,10 @@ def validate(data_dir, model, diffusion, cfg, settings: list[dict], device, hold
         volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
                                   cfg.preprocess.min_lung_fraction)
         if not volumes:
-            from ..errors import SACDiffError
-
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
         log("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))
         for setting in settings:
-            run_cfg = dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, **setting))
+            run_cfg = derive(cfg, detect=setting)
             results = []
             for vol in volumes:
                 results.append((detect_volume(vol["ct"], model, diffusion, run_cfg, vol["lung"], device), vol))
