@@ -146,80 +146,42 @@ class SACDiffConfig:
     detect: DetectConfig = field(default_factory=DetectConfig)
 
 
+# Each preset: the preset it starts from (None: the paper's defaults above) and the settings it changes.
+_PRESETS = {
+    "paper": (None, {}),
+    "fast": ("paper", {"model": {"channels": (32, 32, 64, 64, 128, 128, 256), "blocks_per_module": 2},
+                       "preprocess": {"image_size": 256}, "detect": {"steps": 250, "ensemble": 3}}),
+    # the first shipped reference model (128²): trains on CPU, detects in minutes
+    "small": ("paper", {"model": {"channels": (16, 32, 64, 64, 128), "blocks_per_module": 2, "bottleneck_blocks": 1},
+                        "preprocess": {"image_size": 128},
+                        "detect": {"steps": 250, "ensemble": 3, "sampling_steps": 25},
+                        "train": {"batch_size": 12, "steps": 5000, "lr": 5e-4, "warmup_steps": 100,
+                                  "ema_decay": 0.995, "save_every": 250}}),
+    # native resolution of 256² CTs (≈ 1.3–1.9 mm pixels), trained on t ≤ 350 with a hold-out; the shipped model
+    "small256": ("small", {"preprocess": {"image_size": 256}, "detect": {"steps": 150, "sampling_steps": 10},
+                           "train": {"batch_size": 4, "steps": 4000, "lr": 3e-4, "ema_decay": 0.998, "save_every": 200,
+                                     "max_timestep": 350, "holdout_every": 5}}),
+    # small enough to train on 2 CPU cores in a couple of minutes (sacdiff demo --train-steps)
+    "demo": ("paper", {"model": {"channels": (16, 32, 64, 64), "blocks_per_module": 1, "bottleneck_blocks": 1},
+                       "preprocess": {"image_size": 64}, "detect": {"steps": 250, "ensemble": 3},
+                       "train": {"batch_size": 16, "steps": 1500, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.99,
+                                 "save_every": 0}}),
+    # tests
+    "tiny": ("paper", {"model": {"channels": (8, 16, 16), "blocks_per_module": 1, "bottleneck_blocks": 1,
+                                 "groups": 4},
+                       "preprocess": {"image_size": 32}, "diffusion": {"timesteps": 100},
+                       "detect": {"steps": 10, "ensemble": 2}, "train": {"batch_size": 4, "steps": 20, "save_every": 10}}),
+}
+PRESETS = tuple(_PRESETS)
+
+
 def preset(name: str) -> SACDiffConfig:
-    """The named preset: one of ``PRESETS`` (see the module docstring)."""
-    if name == "paper":
-        return SACDiffConfig()
-    if name == "fast":
-        cfg = SACDiffConfig()
-        cfg.model.channels = (32, 32, 64, 64, 128, 128, 256)
-        cfg.model.blocks_per_module = 2
-        cfg.preprocess.image_size = 256
-        cfg.detect.steps = 250
-        cfg.detect.ensemble = 3
-        return cfg
-    if name == "small":  # the shipped reference model (Resources/models): trains on CPU, detects in minutes
-        cfg = SACDiffConfig()
-        cfg.model.channels = (16, 32, 64, 64, 128)
-        cfg.model.blocks_per_module = 2
-        cfg.model.bottleneck_blocks = 1
-        cfg.preprocess.image_size = 128
-        cfg.detect.steps = 250
-        cfg.detect.ensemble = 3
-        cfg.detect.sampling_steps = 25
-        cfg.train.batch_size = 12
-        cfg.train.steps = 5000
-        cfg.train.lr = 5e-4
-        cfg.train.warmup_steps = 100
-        cfg.train.ema_decay = 0.995
-        cfg.train.save_every = 250
-        return cfg
-    if name == "small256":  # native resolution of 256² CTs (≈ 1.3–1.9 mm pixels); trains on one CPU core
-        cfg = preset("small")
-        cfg.preprocess.image_size = 256
-        cfg.detect.steps = 150
-        cfg.detect.sampling_steps = 10
-        cfg.train.batch_size = 4
-        cfg.train.steps = 4000
-        cfg.train.lr = 3e-4
-        cfg.train.ema_decay = 0.998
-        cfg.train.save_every = 200
-        cfg.train.max_timestep = 350
-        cfg.train.holdout_every = 5
-        return cfg
-    if name == "demo":  # small enough to train on 2 CPU cores in a couple of minutes (sacdiff demo)
-        cfg = SACDiffConfig()
-        cfg.model.channels = (16, 32, 64, 64)
-        cfg.model.blocks_per_module = 1
-        cfg.model.bottleneck_blocks = 1
-        cfg.preprocess.image_size = 64
-        cfg.detect.steps = 250
-        cfg.detect.ensemble = 3
-        cfg.train.batch_size = 16
-        cfg.train.steps = 1500
-        cfg.train.lr = 1e-3
-        cfg.train.warmup_steps = 50
-        cfg.train.ema_decay = 0.99
-        cfg.train.save_every = 0
-        return cfg
-    if name == "tiny":
-        cfg = SACDiffConfig()
-        cfg.model.channels = (8, 16, 16)
-        cfg.model.blocks_per_module = 1
-        cfg.model.bottleneck_blocks = 1
-        cfg.model.groups = 4
-        cfg.preprocess.image_size = 32
-        cfg.diffusion.timesteps = 100
-        cfg.detect.steps = 10
-        cfg.detect.ensemble = 2
-        cfg.train.batch_size = 4
-        cfg.train.steps = 20
-        cfg.train.save_every = 10
-        return cfg
-    raise SACDiffError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-
-
-PRESETS = ("paper", "fast", "small", "small256", "demo", "tiny")
+    """The named preset: one of ``PRESETS`` (see the module docstring), a new validated config each call."""
+    if name not in _PRESETS:
+        raise SACDiffError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    base, changes = _PRESETS[name]
+    cfg = SACDiffConfig() if base is None else preset(base)
+    return derive(cfg, **changes) if changes else cfg
 
 
 def to_dict(cfg: Any) -> dict:
