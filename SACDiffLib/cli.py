@@ -319,7 +319,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_threshold(args) -> int:
-    from .detect import rethreshold
+    from .postprocess import rethreshold  # torch-free: no model runs
     from .outputs import load_run, write_threshold_update
 
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import body_mask, lung_labels, segment_lungs
-from .postprocess import DetectionResult, rethreshold  # noqa: F401  (their home: torch-free postprocess.py)
+from .postprocess import DetectionResult, rethreshold
 from .progress import Progress, report
 
 
@@ -292,8 +292,7 @@ def detect_volume(
         )
 
     t1 = time.perf_counter()
-    x = io.to_model_grid(torch.from_numpy(io.window(hu[processed], pre)), pre.image_size, pad_value=-1.0).to(device)
-    c = io.to_model_grid(torch.from_numpy(lung[processed] > 0), pre.image_size, 0.0, mask=True).to(device)
+    x, c = (t.to(device) for t in io.model_inputs(hu[processed], lung[processed], pre))
     cond = c if cfg.model.conditional else None
     body = body_mask(hu)
     body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)

@@ -217,6 +217,17 @@ def to_model_grid(slices: "torch.Tensor", size: int, pad_value: float, mask: boo
     return (x > 0.5).float() if mask else x
 
 
+def model_inputs(hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Slices (S, Y, X) in HU and their lung mask → the network's image x₀ and condition c, (S, 1, size, size)
+    each: windowed to [−1, 1] (Section 3.1) and put on the model grid (air −1 / no lung 0 as padding). The one
+    preparation of slices, for training and detection alike."""
+    import torch
+
+    x = to_model_grid(torch.from_numpy(window(hu, cfg)), cfg.image_size, pad_value=-1.0)
+    c = to_model_grid(torch.from_numpy(lung > 0), cfg.image_size, 0.0, mask=True)
+    return x, c
+
+
 def from_model_grid(x: "torch.Tensor", shape: tuple[int, int]) -> "torch.Tensor":
     """Inverse of :func:`to_model_grid`: (S, 1, size, size) → (S, Y, X) on the CT's in-plane grid."""
     import torch.nn.functional as F

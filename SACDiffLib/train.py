@@ -61,8 +61,9 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
         z = holdout_split(z, cfg.train.holdout_every)[0 if split == "train" else 1]
         if z.size == 0:
             continue
-        images.append(io.to_model_grid(torch.from_numpy(io.window(hu[z], pre)), pre.image_size, -1.0))
-        masks.append(io.to_model_grid(torch.from_numpy(lung[z] > 0), pre.image_size, 0.0, mask=True))
+        image, mask = io.model_inputs(hu[z], lung[z], pre)
+        images.append(image)
+        masks.append(mask)
         used.append((name, [int(i) for i in z]))
     if not images:
         raise SACDiffError(

@@ -8,7 +8,8 @@ import SimpleITK as sitk
 import torch
 
 from SACDiffLib.checkpoint import load_checkpoint
-from SACDiffLib.detect import detect_volume, error_maps, reconstruct_ensemble, rethreshold
+from SACDiffLib.detect import detect_volume, error_maps, reconstruct_ensemble
+from SACDiffLib.postprocess import rethreshold
 from SACDiffLib.outputs import FILES, load_run, write_run
 
 

@@ -24,7 +24,8 @@ import torch
 from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
-from ..detect import DetectionResult, crop_box, reconstruct_ensemble, resolve_device, rethreshold
+from ..detect import crop_box, reconstruct_ensemble, resolve_device
+from ..postprocess import DetectionResult, rethreshold
 from ..noise import RAW_OCTAVE_STD, SimplexNoise
 
 

@@ -34,7 +34,8 @@ from scipy import ndimage
 from .. import io
 from ..config import derive
 from ..errors import SACDiffError
-from ..detect import detect_volume, rethreshold
+from ..detect import detect_volume
+from ..postprocess import rethreshold
 from ..metrics import auroc, oracle_dice, segmentation_metrics
 from ..data import case_path, healthy_cases, holdout_split, load_cases
 
