@@ -17,6 +17,7 @@ temporary name. A SIGKILL leaves it; the next SACDiff writer beside it removes i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -24,13 +25,28 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from .errors import SACDiffError
 
 MARKER = ".sacdiff-output"  # in every folder SACDiff writes: {"kind": ...}
 IMAGE_NOTE = "written by SACDiff"  # ITK_FileNotes of every image SACDiff writes (NIfTI descrip, NRRD/MHA field)
 _TMP = ".tmp-"
+
+
+@contextlib.contextmanager
+def replaced_file(path) -> Iterator[Path]:
+    """A file inside an output SACDiff already owns (a summary, a picture, its own checkpoint re-saved): yields a
+    temporary name beside ``path`` in the leftover-cleaning style of ``Output``; renamed over ``path`` when the
+    block succeeds, removed when it fails. (New targets beside the user's files go through ``Output``.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def mark(folder: Path, kind: str) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .atomic import replaced_file
 from .errors import Cancelled, SACDiffError
 from .progress import Progress, part
 
@@ -146,9 +146,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
 def _write_summary(rows: list[dict], path: Path) -> None:
     fields = ["scan", "status", "anomaly_ml", "anomaly_percent_of_lung", "right_anomaly_percent",
               "left_anomaly_percent", "alpha", "seconds", "rank", "ct", "lung"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with replaced_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

@@ -6,7 +6,6 @@ network that was trained. Files are written to a temporary name and renamed when
 
 from __future__ import annotations
 
-import os
 import platform
 from pathlib import Path
 from typing import Optional
@@ -16,6 +15,7 @@ import torch
 from . import __version__
 from .config import SACDiffConfig, from_dict, to_dict
 from .diffusion import Diffusion
+from .atomic import replaced_file
 from .errors import SACDiffError
 from .unet import UNet
 
@@ -59,13 +59,8 @@ def _save_atomically(payload: dict, path) -> Path:
     """torch.save to a temporary name beside ``path``, renamed into place when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with replaced_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

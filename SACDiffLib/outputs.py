@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from . import __version__, io
 from .config import detect_from_dict
 from .postprocess import DetectionResult
-from .atomic import MARKER, Output
+from .atomic import MARKER, Output, replaced_file
 from .errors import SACDiffError
 from .postprocess import Threshold
 
@@ -272,7 +272,6 @@ def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = 
     titles = ["CT", "error map", "anomaly (red)" + (" / truth (green)" if truth is not None else ""), "uncertainty"]
     for i, title in enumerate(titles):
         draw.text((i * width + 4, 3), title, fill="white")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with replaced_file(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

@@ -330,3 +330,18 @@ def test_model_folder_and_geometry_messages(data_dir, tmp_path, capsys):
     b = sitk.Image(4, 4, 4, sitk.sitkUInt8)
     b.SetSpacing((2, 2, 2))
     assert "np.float64" not in " ".join(io.geometry_differences(a, b))
+
+
+def test_replaced_file_lands_whole_or_not_at_all(tmp_path):
+    from SACDiffLib.atomic import replaced_file
+
+    target = tmp_path / "summary.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replaced_file(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+    with replaced_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]

@@ -20,6 +20,8 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from .process import LIBRARY_PARENT, DetectionProcess, cudaAvailable, pythonExecutable
 
+from SACDiffLib.errors import SACDiffError  # noqa: E402  (torch-free; found through LIBRARY_PARENT by .process)
+
 
 def _paper_detection() -> dict:
     from SACDiffLib.config import preset  # torch-free
@@ -101,8 +103,9 @@ def colorNodeID(key: str) -> str:
     return node.GetID()
 
 
-class SACDiffInputError(ValueError):
-    """A problem with what the user selected; the message says what to do."""
+class SACDiffInputError(SACDiffError):
+    """A problem with what the user selected in the panel; the message says what to do. One family with the
+    library's errors: the panel shows either as the one line it is."""
 
 
 class _NoNewNodes:
@@ -392,16 +395,12 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         """Write anomaly.seg.nrrd (Slicer segmentation, for annotation tools), the NIfTI masks and maps and
         report.json of the current λ into ``folder``, assembled under a temporary name and renamed when complete."""
         from SACDiffLib.atomic import Output
-        from SACDiffLib.errors import SACDiffError
         from SACDiffLib.outputs import write_threshold_update
 
         if self.result is None or self.runDir is None:
             raise SACDiffInputError("Nothing to export yet; run detection first.")
         folder = Path(folder)
-        try:
-            output = Output(folder, "results", overwrite=True)  # only an earlier SACDiff export is replaced
-        except SACDiffError as exc:
-            raise SACDiffInputError(str(exc)) from None
+        output = Output(folder, "results", overwrite=True)  # only an earlier SACDiff export is replaced
         write_threshold_update(self.result, self.runDir)  # mask / report / overview of the current λ
         with output as tmp:
             for item in Path(self.runDir).iterdir():
