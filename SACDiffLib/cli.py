@@ -69,19 +69,9 @@ def _load_for_detection(args):
     return cfg, model, diffusion, device
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _train_args(p):
     from .config import PRESETS
 
-    parser = argparse.ArgumentParser(
-        prog="sacdiff",
-        description="SAC-Diff: unsupervised anomaly detection in chest CT with a lung-conditioned simplex diffusion "
-        "model (Zheng et al., MIDL 2026).",
-    )
-    parser.add_argument("--version", action="version", version=f"sacdiff {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train a model on healthy CTs (Algorithm 1)")
     p.add_argument("--data", required=True, help="folder with cases.json and ct/<case>_ct.nii.gz, ct/<case>_lung.nii.gz")
     p.add_argument("--out", required=True, help="checkpoint file to write (.pt)")
     p.add_argument("--preset", choices=PRESETS, help="network/grid preset (default: fast)")
@@ -104,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train on slices of non-normal cases labelled 0 in slice_label_infection")
     _add_device(p)
 
-    p = sub.add_parser("detect", help="detect anomalies in a CT (Algorithm 2 + Section 2.4)")
+
+def _detect_args(p):
     p.add_argument("ct", nargs="+",
                    help="CT volume (.nii.gz, .nrrd, .mha) or DICOM series folder, in HU; several, a folder of volumes "
                    "or a data folder (cases.json + ct/) run one after the other (under torchrun: shared over ranks) "
@@ -114,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     _add_detect_options(p)
 
-    p = sub.add_parser("evaluate", help="detect on every case of a data folder and score it (Tables 1–2)")
+
+def _evaluate_args(p):
     p.add_argument("--cases", required=True, help="folder with cases.json and ct/ (like ../shared/data)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (cases.csv, summary.json, summary.md, runs/)")
@@ -122,12 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "n respaced reverse steps; n = 0: every step), e.g. 3x10,3x25,3x0 → OUT/<K>x<n>/ and OUT/sweep.md")
     _add_detect_options(p)
 
-    p = sub.add_parser("threshold", help="re-binarise a finished run with another λ (no model run)")
+
+def _threshold_args(p):
     p.add_argument("run", help="output folder of `sacdiff detect`")
     p.add_argument("--lambda", dest="lam", type=float, required=True, help="new λ")
     _bool_flag(p, "crf", None, "dense CRF refinement (default: as the run)")
 
-    p = sub.add_parser("demo", help="the whole method on a synthetic chest in minutes (or on --ct)")
+
+def _demo_args(p):
     p.add_argument("--out", default="sacdiff-demo", help="output folder (default ./sacdiff-demo, replaced)")
     p.add_argument("--ct", help="run on this CT instead of the synthetic chest (lung mask from the fallback)")
     p.add_argument("--model", help="use this checkpoint (default: the shipped reference model)")
@@ -139,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_device(p)
 
-    p = sub.add_parser("phantom", help="write synthetic chest CTs with known lesions in the data-folder layout")
+
+def _phantom_args(p):
     p.add_argument("--out", required=True, help="folder to write (cases.json + ct/)")
     p.add_argument("--cases", type=int, default=3, help="number of cases of --kind")
     p.add_argument("--kind", choices=("covid", "ild", "normal"), default="covid")
@@ -149,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
 
-    p = sub.add_parser("validate", help="choose detection settings without lesion labels: held-out healthy slices, "
-                       "%% of healthy lung flagged per λ, synthetic lesions")
+
+def _validate_args(p):
     p.add_argument("--data", required=True, help="data folder whose normal cases trained the model")
     p.add_argument("--model", help="checkpoint (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (validation.json, validation.md)")
@@ -163,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
 
-    p = sub.add_parser("slim", help="a checkpoint for shipping: EMA weights in float16, no optimizer state")
+
+def _slim_args(p):
     p.add_argument("checkpoint", help="checkpoint from `sacdiff train`")
     p.add_argument("--out", required=True, help="file to write (.pt)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
@@ -173,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", type=int, help="set the model's default K")
     p.add_argument("--lambda", dest="lam", type=float, help="set the model's default λ")
 
-    p = sub.add_parser("ablation", help="the generative rows of Tables 1–2: train 4 networks, evaluate 9 configs")
+
+def _ablation_args(p):
+    from .config import PRESETS
+
     p.add_argument("--train", help="data folder whose normal cases train the networks (and calibrate fixed α)")
     p.add_argument("--cases", help="data folder with the labelled test cases (default: --train)")
     p.add_argument("--out", required=True, help="results folder (ablation.md, ablation.json, rows/, models/)")
@@ -187,16 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
 
-    p = sub.add_parser("benchmark", help="speed of noise and of one detection step, as ratios from one run")
+
+def _benchmark_args(p):
     p.add_argument("--quick", action="store_true", help="small sizes (CI)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     _add_device(p)
 
-    p = sub.add_parser("lungmask", help="automatic lung mask (threshold + components), labels 1 right / 2 left")
+
+def _lungmask_args(p):
     p.add_argument("ct", help="CT volume or DICOM folder, in HU")
     p.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .seg.nrrd)")
     _bool_flag(p, "exclude-airways", True, "leave the trachea and main bronchi out (default on)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sacdiff",
+        description="SAC-Diff: unsupervised anomaly detection in chest CT with a lung-conditioned simplex diffusion "
+        "model (Zheng et al., MIDL 2026).",
+    )
+    parser.add_argument("--version", action="version", version=f"sacdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, add_arguments, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -442,11 +457,31 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+# command → (what runs it, its options, its help line); the parser lists them in this order
 COMMANDS = {
-    "ablation": cmd_ablation, "benchmark": cmd_benchmark, "demo": cmd_demo, "detect": cmd_detect, "evaluate": cmd_evaluate,
-    "lungmask": cmd_lungmask, "phantom": cmd_phantom, "slim": cmd_slim, "threshold": cmd_threshold,
-    "validate": cmd_validate,
-    "train": cmd_train,
+    "train": (cmd_train, _train_args,
+                 "train a model on healthy CTs (Algorithm 1)"),
+    "detect": (cmd_detect, _detect_args,
+                 "detect anomalies in a CT (Algorithm 2 + Section 2.4)"),
+    "evaluate": (cmd_evaluate, _evaluate_args,
+                 "detect on every case of a data folder and score it (Tables 1–2)"),
+    "threshold": (cmd_threshold, _threshold_args,
+                 "re-binarise a finished run with another λ (no model run)"),
+    "demo": (cmd_demo, _demo_args,
+                 "the whole method on a synthetic chest in minutes (or on --ct)"),
+    "phantom": (cmd_phantom, _phantom_args,
+                 "write synthetic chest CTs with known lesions in the data-folder layout"),
+    "validate": (cmd_validate, _validate_args,
+                 "choose detection settings without lesion labels: held-out healthy slices, "
+                 "%% of healthy lung flagged per λ, synthetic lesions"),
+    "slim": (cmd_slim, _slim_args,
+                 "a checkpoint for shipping: EMA weights in float16, no optimizer state"),
+    "ablation": (cmd_ablation, _ablation_args,
+                 "the generative rows of Tables 1–2: train 4 networks, evaluate 9 configs"),
+    "benchmark": (cmd_benchmark, _benchmark_args,
+                 "speed of noise and of one detection step, as ratios from one run"),
+    "lungmask": (cmd_lungmask, _lungmask_args,
+                 "automatic lung mask (threshold + components), labels 1 right / 2 left"),
 }
 
 
@@ -457,7 +492,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     previous = _terminate_as_interrupt()
     try:
-        return COMMANDS[args.command](args)
+        return COMMANDS[args.command][0](args)
     except SACDiffError as exc:
         print(error_line(args.command, str(exc)), file=sys.stderr)
         return 2
