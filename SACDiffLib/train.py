@@ -98,6 +98,37 @@ def cosine_lr(step: int, cfg) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _initial_networks(cfg: SACDiffConfig, device, resumed: Optional[dict], init: Optional[str]):
+    """(model, its EMA copy, diffusion) on ``device``: seeded fresh weights (identical on every rank), a resumed
+    checkpoint's weights and EMA, or ``init``'s weights (warm start; its EMA weights when present)."""
+    torch.manual_seed(cfg.train.seed)
+    model, diffusion = build(cfg, noise_seed=cfg.train.seed)
+    model.to(device)
+    diffusion.to(device)
+    if resumed:
+        model.load_state_dict(resumed["model"])
+    elif init:
+        source = read_checkpoint(init)
+        weights = source.get("ema") or source["model"]
+        try:
+            model.load_state_dict({k: v.float() for k, v in weights.items()})
+        except RuntimeError:
+            raise SACDiffError(f"--init {init}: its network does not have the shape of this preset's network; "
+                               "warm-start only from a checkpoint of the same widths and blocks") from None
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if resumed and resumed.get("ema"):
+        ema.load_state_dict(resumed["ema"])
+    return model, ema, diffusion
+
+
+def _ranks_in_sync(model) -> bool:
+    """True when every DDP rank holds the same weights (a checksum gathered from all ranks)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(checksum) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, checksum)
+    return bool(all(torch.equal(g, gathered[0]) for g in gathered))
+
+
 def train(
     cfg: SACDiffConfig,
     data_dir,
@@ -116,7 +147,7 @@ def train(
     total number of optimisation steps in either case. ``init`` starts a new training from the weights of another
     checkpoint whose network has the same shape (warm start; its EMA weights when present)."""
     out_path = Path(out_path)
-    train_state = None
+    train_state = payload = None
     if resume:
         payload = read_checkpoint(resume)
         cfg = from_dict(payload["config"])
@@ -130,23 +161,7 @@ def train(
     images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases)
     images, masks = images.to(device), masks.to(device)
 
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model, diffusion = build(cfg, noise_seed=tc.seed)
-    model.to(device)
-    diffusion.to(device)
-    if resume:
-        model.load_state_dict(payload["model"])
-    elif init:
-        source = read_checkpoint(init)
-        weights = source.get("ema") or source["model"]
-        try:
-            model.load_state_dict({k: v.float() for k, v in weights.items()})
-        except RuntimeError:
-            raise SACDiffError(f"--init {init}: its network does not have the shape of this preset's network; "
-                               "warm-start only from a checkpoint of the same widths and blocks") from None
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    if resume and payload.get("ema"):
-        ema.load_state_dict(payload["ema"])
+    model, ema, diffusion = _initial_networks(cfg, device, payload if resume else None, init)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.active else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, tc))
@@ -161,11 +176,11 @@ def train(
         diffusion.compile_noise()  # seconds to compile, then ≈ 8× faster fields on the CPU (SimplexNoise.compile)
     use_amp = tc.mixed_precision and device.type == "cuda"
 
-    def save(step: int):
+    def save(step: int, **more):
         if ddp.main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                      "losses": losses}
-            extra = {"training_data": used, "world_size": ddp.world, "steps_done": step, "init": init}
+            extra = {"training_data": used, "world_size": ddp.world, "steps_done": step, "init": init, **more}
             save_checkpoint(out_path, cfg, model, ema, state, extra)
 
     t0 = time.perf_counter()
@@ -213,15 +228,7 @@ def train(
                "seconds": time.perf_counter() - t0, "slices": int(images.shape[0]), "cases": used,
                "world_size": ddp.world}
     if ddp.active:  # every rank must hold the same weights after DDP; record the check
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        gathered = [torch.zeros_like(checksum) for _ in range(ddp.world)]
-        dist.all_gather(gathered, checksum)
-        summary["ranks_in_sync"] = bool(all(torch.equal(g, gathered[0]) for g in gathered))
-    if ddp.main:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": done,
-                 "losses": losses}
-        extra = {"training_data": used, "world_size": ddp.world, "steps_done": done, "init": init,
-                 "ranks_in_sync": summary.get("ranks_in_sync", True)}
-        save_checkpoint(out_path, cfg, model, ema, state, extra)
+        summary["ranks_in_sync"] = _ranks_in_sync(model)
+    save(done, ranks_in_sync=summary.get("ranks_in_sync", True))
     ddp.close()
     return summary
