@@ -34,13 +34,18 @@ IMAGE_NOTE = "written by SACDiff"  # ITK_FileNotes of every image SACDiff writes
 _TMP = ".tmp-"
 
 
+def temp_name(target: Path, suffix: str = "") -> Path:
+    """A unique temporary name beside ``target`` (``.NAME.tmp-PID-RANDOM``), the form ``clean_stale`` recognises."""
+    return target.with_name(f".{target.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 @contextlib.contextmanager
 def replaced_file(path) -> Iterator[Path]:
     """A file inside an output SACDiff already owns (a summary, a picture, its own checkpoint re-saved): yields a
     temporary name beside ``path`` in the leftover-cleaning style of ``Output``; renamed over ``path`` when the
     block succeeds, removed when it fails. (New targets beside the user's files go through ``Output``.)"""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -87,7 +92,7 @@ def exchange(a: Path, b: Path) -> None:
     """Swap two existing paths, atomically where the system allows (Linux RENAME_EXCHANGE)."""
     if _renameat2(a, b, 2):
         return
-    aside = b.with_name(f".{b.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}")
+    aside = temp_name(b)
     os.rename(b, aside)
     os.rename(a, b)
     os.rename(aside, a)
@@ -226,7 +231,7 @@ class Output:
 
     def __enter__(self) -> Path:
         suffix = "" if self.folder else "".join(self.target.suffixes)  # writers choose the format by the suffix
-        self.tmp = self.target.with_name(f".{self.target.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+        self.tmp = temp_name(self.target, suffix)
         if self.folder:
             self.tmp.mkdir()
             mark(self.tmp, self.kind)

@@ -249,6 +249,12 @@ def _non_finite(section, where: str) -> list[str]:
     return bad
 
 
+def _check_finite(section, where: str) -> None:
+    bad = _non_finite(section, where)
+    if bad:
+        raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+
+
 def _check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         span = f"≥ {lo}" if hi is None else f"≤ {hi}" if lo is None else f"in {lo}..{hi}"
@@ -286,9 +292,7 @@ def detect_from_dict(data: dict) -> DetectConfig:
     """The detection settings of a finished run (its report's ``detect``), read as strictly as a checkpoint's
     config: unknown or missing fields named, every value range-checked."""
     det = _build(DetectConfig, data, "detect")
-    bad = _non_finite(det, "detect")
-    if bad:
-        raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+    _check_finite(det, "detect")
     _validate_detect(det)
     return det
 
@@ -316,9 +320,7 @@ def _validate_detect(det: DetectConfig) -> None:
 
 def validate(cfg: SACDiffConfig) -> None:
     """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
-    bad = _non_finite(cfg, "config")
-    if bad:
-        raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+    _check_finite(cfg, "config")
     m, d, p, det, t = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect, cfg.train
     _validate_detect(det)
     _check_range("train.steps (--steps)", t.steps, 1, None)
