@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .config import ErrorMode, NoiseKind, ThresholdMode, choices, derive
 from .errors import Cancelled, SACDiffError
 from .progress import for_terminal
@@ -486,6 +487,7 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+    keep_freed_memory()  # every command, `python -m SACDiffLib` and the Slicer child process (allocator.py)
     for stream in (sys.stdout, sys.stderr):  # never crash on λ, α, ≥ under an ASCII locale
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -3,8 +3,9 @@
 ``reconstruct_ensemble`` is pure tensors in, tensors out: K members of the partial chain T_s → 0, batched as
 members × slices. Every slice of a volume sees the same noise field per member and step (Section 3.2: a fixed seed
 gives one noise pattern per volume, which keeps neighbouring slices consistent); members get different fields.
-Slices are processed in chunks (``batch_size``) and each chunk re-seeds the generator, so the result does not
-depend on the chunk size.
+Each field is drawn once per volume (one generator, one field per member and timestep); the network then runs
+over chunks of slices (``batch_size``) within each step, so the noise and the updates do not depend on the chunk
+size (only the network's batch arithmetic can, in the last bits).
 
 ``detect_volume`` reads the CT geometry, selects lung slices, moves them to the model grid, runs the ensemble, maps
 error / uncertainty / pseudo-healthy back to the CT grid and binarises the error (``postprocess``).
@@ -137,8 +138,9 @@ def reconstruct_ensemble(
     ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
     H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
     the query itself (no error). ``batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``); a CUDA
-    out-of-memory error halves the chunk and redoes it (each chunk re-seeds the generator, so the result does not
-    depend on the chunk size). ``stats`` receives the chunk size used and the number of retries.
+    out-of-memory error halves the chunk and redoes the network's part of that step. Memory: the state of all
+    slices (K × S × box) plus one step's K fields, never all steps' fields. ``stats`` receives the chunk size used,
+    the number of retries and the seconds spent drawing noise.
     """
     s, _, h, w = x.shape
     k = ensemble
@@ -153,14 +155,13 @@ def reconstruct_ensemble(
         chunk = auto_chunk(s, k, hc, wc, getattr(getattr(model, "cfg", None), "channels", (32,))[0], device)
     retries = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
     net, compiled = prepare_model(model, device, compile_model)
-    fields = k * (len(diffusion.sampling_timesteps(steps, sampling_steps)) + 1) * -(-s // chunk)
+    fields = k * len(diffusion.sampling_timesteps(steps, sampling_steps))
     if compile_model or fields * h * w >= COMPILE_NOISE_FROM_PIXELS:
         diffusion.compile_noise()  # seconds to compile once, then ≈ 8× faster fields (SimplexNoise.compile)
     eager = [not compiled]
 
-    def eps_model(x_t, c, t):
+    def forward(x_t, c, t):
         if device.type == "cuda":
             x_t = x_t.contiguous(memory_format=torch.channels_last)
         with autocast:
@@ -176,42 +177,49 @@ def reconstruct_ensemble(
                     eager[0] = True
             return model(x_t, c, t).float()
 
-    noise_seconds = [0.0]
-    start = 0
-    while start < s:
-        stop = min(start + chunk, s)
-        n = stop - start
-        generator = torch.Generator(device=device).manual_seed(seed)
+    def eps_model(x_t, c, t):
+        """ε̂ for a part (K, n, 1, hc, wc) of the state, as K × n images; a CUDA out-of-memory error halves the
+        slices per forward from then on and redoes the part."""
+        nonlocal chunk, retries
+        n = x_t.shape[1]
+        while True:
+            try:
+                out = [forward(x_t[:, a:a + chunk].reshape(-1, 1, hc, wc),
+                               None if c is None else c[:, a:a + chunk].reshape(-1, 1, hc, wc),
+                               t[:1].repeat(k * min(chunk, n - a))).view(k, -1, 1, hc, wc)
+                       for a in range(0, n, chunk)]
+                return out[0] if len(out) == 1 else torch.cat(out, 1)
+            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+                if not _is_oom(exc) or chunk == 1:
+                    raise
+                del exc
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                chunk, retries = max(1, chunk // 2), retries + 1
 
-        def noise(_t: int) -> torch.Tensor:  # (K, 1, H, W) → the same field for every slice of member k
-            t0 = time.perf_counter()
-            z = diffusion.sample_noise(k, h, w, generator, device=device)[:, :, rows, cols]
-            noise_seconds[0] += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
-            return z.unsqueeze(1).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
+    # One generator for the volume: the fields of (member k, timestep t) are drawn once and shared by every slice.
+    generator = torch.Generator(device=device).manual_seed(seed)
+    noise_seconds = 0.0
 
-        xb = xc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
-        cb = None if cc is None else cc[start:stop].unsqueeze(0).expand(k, n, 1, hc, wc).reshape(k * n, 1, hc, wc)
+    def noise(_t: int) -> torch.Tensor:  # (K, 1, 1, hc, wc): the same field for every slice of member k
+        nonlocal noise_seconds
+        t0 = time.perf_counter()
+        z = diffusion.sample_noise(k, h, w, generator, device=device)[:, :, rows, cols]
+        noise_seconds += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
+        return z.unsqueeze(1)
 
-        def on_step(i: int, total: int, start=start, n=n):
-            return report(progress, (start + n * i / total) / s,
-                          f"reverse step {i}/{total}, slices {start + 1}-{start + n} of {s}")
+    def on_step(done: float, total: int):
+        return report(progress, done / total, f"reverse step {min(int(done) + 1, total)}/{total}, {s} slices")
 
-        try:
-            recon = diffusion.partial_chain(eps_model, xb, cb, steps, noise, on_step, sampling_steps)
-        except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
-            if not _is_oom(exc) or chunk == 1:
-                raise
-            del exc
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            chunk = max(1, chunk // 2)
-            retries += 1
-            continue
-        out[:, start:stop, :, rows, cols] = recon.view(k, n, 1, hc, wc)
-        start = stop
+    x0 = xc.unsqueeze(0).expand(k, s, 1, hc, wc)
+    c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)
+    parts = [(slice(None), slice(a, a + chunk)) for a in range(0, s, chunk)]
+    recon = diffusion.partial_chain(eps_model, x0, c0, steps, noise, on_step, sampling_steps, parts)
+    out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
+    out[:, :, :, rows, cols] = recon
     if stats is not None:
         stats.update({"chunk_slices": chunk, "oom_retries": retries, "compiled": not eager[0],
-                      "noise_s": round(noise_seconds[0], 3)})
+                      "noise_s": round(noise_seconds, 3)})
     return out
 
 

@@ -8,7 +8,7 @@ them with the model.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,23 +137,36 @@ class Diffusion(nn.Module):
         cond: Optional[torch.Tensor],
         steps: int,
         noise: Callable[[int], torch.Tensor],
-        on_step: Optional[Callable[[int, int], bool]] = None,
+        on_step: Optional[Callable[[float, int], bool]] = None,
         sampling_steps: int = 0,
+        parts: Optional[Sequence] = None,
     ) -> torch.Tensor:
         """Alg. 2: noise the query to x_{T_s} and run the reverse chain T_s → 0; returns the reconstruction.
 
         ``noise(t)`` gives the ε used at timestep t (t = T_s for the forward corruption, then the z of the step that
-        lands on t), broadcastable to ``x0``. ``sampling_steps`` > 0 respaces the chain (``sampling_timesteps``).
-        ``on_step(done, total)`` is called after each step; returning False cancels.
+        lands on t), broadcastable to ``x0``; it is called once per timestep, in that order. ``sampling_steps`` > 0
+        respaces the chain (``sampling_timesteps``). ``parts`` (default: all of ``x0`` at once) are index
+        expressions into ``x0``: every step draws its noise once and then runs the network and the update part by
+        part, so the network sees bounded batches while all parts share the step's field (detection's chunks of
+        slices). The update is elementwise, so the result does not depend on the parts beyond the network's own
+        batch arithmetic. ``on_step(done, total)`` is called after each part with ``done`` in steps (fractional
+        within a step); returning False cancels.
         """
-        x = self.q_sample(x0, torch.full((x0.shape[0],), steps, device=x0.device), noise(steps).expand_as(x0))
+        parts = [slice(None)] if parts is None else list(parts)
         visited = self.sampling_timesteps(steps, sampling_steps)
         total = len(visited) - 1
+        x = torch.empty_like(x0)
+        eps = noise(steps).expand_as(x0)
+        t_s = torch.full((x0.shape[0],), steps, device=x0.device)
+        for part in parts:  # x_{T_s} = √ᾱ x₀ + √(1 − ᾱ) ε (Alg. 2 line 2)
+            x[part] = self.q_sample(x0[part], t_s[:x0[part].shape[0]], eps[part])
         for i, (t, t_prev) in enumerate(zip(visited[:-1], visited[1:])):
-            tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-            eps_hat = eps_model(x, cond, tt)
-            z = noise(t_prev).expand_as(x) if t_prev > 0 else torch.zeros_like(x)
-            x, _ = self.p_step(x, t, eps_hat, z, t_prev)
-            if on_step is not None and on_step(i + 1, total) is False:
-                raise Cancelled("detection cancelled")
+            z = noise(t_prev).expand_as(x) if t_prev > 0 else None  # drawn once per step, for every part
+            for j, part in enumerate(parts):
+                x_t = x[part]
+                tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x.device)
+                eps_hat = eps_model(x_t, None if cond is None else cond[part], tt)
+                x[part], _ = self.p_step(x_t, t, eps_hat, torch.zeros_like(x_t) if z is None else z[part], t_prev)
+                if on_step is not None and on_step(i + (j + 1) / len(parts), total) is False:
+                    raise Cancelled("detection cancelled")
         return x

@@ -65,6 +65,66 @@ def test_result_does_not_depend_on_the_chunk_size(data_dir, tiny_checkpoint):
     np.testing.assert_allclose(whole.error, chunked.error, rtol=1e-4, atol=1e-6)
 
 
+def _per_chunk_reference(model, diffusion, x, cond, steps, k, seed, chunk, sampling_steps=0):
+    """Detection's loop before the noise was drawn once per volume (kept here as the reference): every chunk of
+    slices re-seeds the generator, draws every (member, step) field again and runs the whole chain on its own."""
+    s, _, h, w = x.shape
+    out = []
+    for start in range(0, s, chunk):
+        n = min(chunk, s - start)
+        g = torch.Generator().manual_seed(seed)
+
+        def noise(_t, n=n, g=g):
+            return diffusion.sample_noise(k, h, w, g).unsqueeze(1).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
+
+        def flat(v, n=n, start=start):
+            return v[start:start + n].unsqueeze(0).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
+
+        with torch.inference_mode():
+            recon = diffusion.partial_chain(model, flat(x), flat(cond), steps, noise, None, sampling_steps)
+        out.append(recon.view(k, n, 1, h, w))
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_noise_drawn_once_per_volume_is_byte_identical_to_the_per_chunk_path(tiny_checkpoint, chunk):
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    c = (torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(3)) > 0.3).float()
+    expected = _per_chunk_reference(model, diffusion, x, c, 6, 3, seed=7, chunk=chunk, sampling_steps=4)
+    got = reconstruct_ensemble(model, diffusion, x, c, 6, 3, seed=7, batch_size=chunk, sampling_steps=4)
+    assert torch.equal(got, expected)
+
+
+class _PerPixelNet(torch.nn.Module):
+    """A stand-in ε-network whose output for one image cannot depend on the batch (elementwise only), so any
+    difference between chunk sizes would come from the noise or the updates."""
+
+    def forward(self, x, c, t):
+        return torch.tanh(0.7 * x + 0.2 * c) * (t.float() / 10).view(-1, 1, 1, 1)
+
+
+def test_noise_and_updates_do_not_depend_on_the_chunk_size_byte_for_byte(tiny_checkpoint):
+    _, _, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    x = torch.rand(7, 1, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    c = torch.ones_like(x)
+    runs = [reconstruct_ensemble(_PerPixelNet(), diffusion, x, c, 8, 2, seed=1, batch_size=b) for b in (1, 3, 7)]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_each_field_is_drawn_once_per_volume_whatever_the_chunks(tiny_checkpoint, monkeypatch):
+    from SACDiffLib.diffusion import Diffusion
+
+    _, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    calls = []
+    draw = diffusion.sample_noise
+    monkeypatch.setattr(diffusion, "sample_noise", lambda n, *a, **kw: calls.append(n) or draw(n, *a, **kw))
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    reconstruct_ensemble(model, diffusion, x, torch.ones_like(x), 9, 3, seed=0, batch_size=2, sampling_steps=5)
+    # T_s's forward field plus one z per reverse step that lands on t > 0, each K fields at once
+    assert calls == [3] * (len(Diffusion.sampling_timesteps(9, 5)) - 1)
+
+
 def test_every_slice_sees_the_same_noise_and_members_differ(tiny_checkpoint):
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
     x = torch.full((1, 1, 32, 32), -0.5).expand(4, 1, 32, 32).contiguous()  # four identical slices

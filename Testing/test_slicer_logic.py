@@ -328,3 +328,9 @@ def test_without_a_lambda_the_run_uses_the_models_own(scene, logic, tiny_checkpo
     process, _ = _run(logic, ct, lung, tiny_checkpoint, seed=1, crf=False)
     logic.loadResults(ct, process.runDir)
     assert logic.summary()["lambda"] == pytest.approx(load_checkpoint(tiny_checkpoint)[0].detect.lam)
+
+
+def test_the_detection_child_runs_python_m_sacdifflib(logic, tmp_path):
+    """The entry point that sets the allocator up (test_allocator reads the setting back from that entry point)."""
+    command = logic.detectionCommand(tmp_path / "ct.nrrd", tmp_path / "lung.nrrd", tmp_path / "run")
+    assert command[1:4] == ["-m", "SACDiffLib", "detect"]
