@@ -198,6 +198,23 @@ def _lungmask_args(p):
     p.add_argument("ct", help="CT volume or DICOM folder, in HU")
     p.add_argument("--out", required=True, help="mask file to write (.nii.gz, .nrrd, .seg.nrrd)")
     _bool_flag(p, "exclude-airways", True, "leave the trachea and main bronchi out (default on)")
+    p.add_argument("--method", choices=("classical", "learned"), default="classical",
+                   help="classical: −320 HU threshold + components; learned: SACDiff's lung network, which keeps "
+                   "consolidation and pleural masses inside (default: classical)")
+    p.add_argument("--lung-model", help="lung network from `sacdiff train-lungmask` (default: the shipped one)")
+
+
+def _train_lungmask_args(p):
+    p.add_argument("--data", required=True, help="folder with cases.json and ct/<case>_ct.nii.gz, ct/<case>_lung.nii.gz")
+    p.add_argument("--out", required=True, help="lung network file to write (.pt)")
+    p.add_argument("--steps", type=int, default=3000, help="optimisation steps (default 3000)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine decay (default 2e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and synthetic pathology")
+    p.add_argument("--cases", help="comma-separated healthy cases to train on (default: diagnosis mentions 'normal')")
+    p.add_argument("--save-every", type=int, default=100, help="write the resumable state every N steps (default 100)")
+    p.add_argument("--resume", help="continue this lung network's training (its settings are kept)")
+    p.add_argument("--progress", choices=("bar", "lines"), default="bar")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -357,13 +374,35 @@ def cmd_lungmask(args) -> int:
     from .lung import segment_lungs
     from .postprocess import quantify
 
-    output = Output(args.out, "image", args.overwrite, inputs=[args.ct])
+    output = Output(args.out, "image", args.overwrite, inputs=[args.ct] + ([args.lung_model] if args.lung_model else []))
     ct = io.read_ct(args.ct)
-    labels = segment_lungs(io.ct_array(ct), ct, airways=not args.exclude_airways)
+    if args.method == "learned":
+        from .lungnet import learned_lungs
+
+        labels = learned_lungs(io.ct_array(ct), ct, args.lung_model, airways=not args.exclude_airways)
+    else:
+        labels = segment_lungs(io.ct_array(ct), ct, airways=not args.exclude_airways)
     with output as tmp:
         io.write_image(labels, ct, tmp)
     volumes = quantify(np.zeros_like(labels), labels, ct.GetSpacing())
     print(f"lung mask: right {volumes['right_lung_ml']:.0f} ml, left {volumes['left_lung_ml']:.0f} ml → {output.target}")
+    return 0
+
+
+def cmd_train_lungmask(args) -> int:
+    from .lungnet import train_lungnet
+
+    if not (0 <= args.seed < 2**63):
+        raise SACDiffError("--seed must lie in 0 … 2⁶³−1")
+    bar = _progress(args, "train-lungmask")
+    try:
+        summary = train_lungnet(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                seed=args.seed, resume=args.resume, save_every=args.save_every, progress=bar,
+                                cases=args.cases.split(",") if args.cases else None)
+    finally:
+        bar.close()
+    print(f"lung network: {summary['steps']} steps on {summary['slices']} slices of {', '.join(summary['cases'])} "
+          f"in {summary['seconds']:.0f} s; final loss {summary['final_loss']:.4f} → {args.out}")
     return 0
 
 
@@ -482,7 +521,9 @@ COMMANDS = {
     "benchmark": (cmd_benchmark, _benchmark_args,
                  "speed of noise and of one detection step, as ratios from one run"),
     "lungmask": (cmd_lungmask, _lungmask_args,
-                 "automatic lung mask (threshold + components), labels 1 right / 2 left"),
+                 "automatic lung mask (threshold or the lung network), labels 1 right / 2 left"),
+    "train-lungmask": (cmd_train_lungmask, _train_lungmask_args,
+                 "train SACDiff's pathology-inclusive lung network on healthy CTs"),
 }
 
 
@@ -499,9 +540,9 @@ def main(argv=None) -> int:
         print(error_line(args.command, str(exc)), file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
-        if args.command == "train" and Path(args.out).is_file():
-            print(f"sacdiff train: stopped; the training state was saved to {args.out}: continue with "
-                  f"`sacdiff train --data {args.data} --out {args.out} --resume {args.out}`", file=sys.stderr)
+        if args.command in ("train", "train-lungmask") and Path(args.out).is_file():
+            print(f"sacdiff {args.command}: stopped; the training state was saved to {args.out}: continue with "
+                  f"`sacdiff {args.command} --data {args.data} --out {args.out} --resume {args.out}`", file=sys.stderr)
         else:
             print(f"sacdiff {args.command}: cancelled; no partial output was left", file=sys.stderr)
         return 130

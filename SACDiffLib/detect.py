@@ -87,12 +87,13 @@ def auto_chunk(slices: int, ensemble: int, height: int, width: int, base_channel
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device, compile_model: bool = False):
-    """The network as detection runs it: channels_last on CUDA (faster convolutions with bf16 autocast) and, with
+    """The network as detection runs it: channels_last (CUDA: faster convolutions with bf16 autocast; CPU: oneDNN's
+    convolutions 1.22× faster on the shipped model, 24 × 208 × 256 batch, 2 cores — outputs differ from the
+    NCHW layout's in the last bits, |Δε̂| ≤ 6e-5) and, with
     ``compile_model``, ``torch.compile`` (CUDA: mode "reduce-overhead", i.e. CUDA graphs for the fixed-shape reverse
     loop; CPU: inductor's default). Returns a callable and whether it is compiled. The compiled module is cached
     on the model so that chunks and volumes reuse it; any failure falls back to the eager model."""
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     if not compile_model:
         return model, False
     compiled = model.__dict__.get("_sacdiff_compiled")  # (not an attribute: nn.Module would register it)
@@ -162,8 +163,7 @@ def reconstruct_ensemble(
     eager = [not compiled]
 
     def forward(x_t, c, t):
-        if device.type == "cuda":
-            x_t = x_t.contiguous(memory_format=torch.channels_last)
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
         with autocast:
             if not eager[0]:
                 try:

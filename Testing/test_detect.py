@@ -69,6 +69,7 @@ def _per_chunk_reference(model, diffusion, x, cond, steps, k, seed, chunk, sampl
     """Detection's loop before the noise was drawn once per volume (kept here as the reference): every chunk of
     slices re-seeds the generator, draws every (member, step) field again and runs the whole chain on its own."""
     s, _, h, w = x.shape
+    model = model.to(memory_format=torch.channels_last)  # detection's layout (detect.prepare_model)
     out = []
     for start in range(0, s, chunk):
         n = min(chunk, s - start)
@@ -80,8 +81,11 @@ def _per_chunk_reference(model, diffusion, x, cond, steps, k, seed, chunk, sampl
         def flat(v, n=n, start=start):
             return v[start:start + n].unsqueeze(0).expand(k, n, 1, h, w).reshape(k * n, 1, h, w)
 
+        def eps(x_t, c, t):
+            return model(x_t.contiguous(memory_format=torch.channels_last), c, t)
+
         with torch.inference_mode():
-            recon = diffusion.partial_chain(model, flat(x), flat(cond), steps, noise, None, sampling_steps)
+            recon = diffusion.partial_chain(eps, flat(x), flat(cond), steps, noise, None, sampling_steps)
         out.append(recon.view(k, n, 1, h, w))
     return torch.cat(out, 1)
 

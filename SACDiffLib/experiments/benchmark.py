@@ -292,6 +292,117 @@ def peak_host_memory_mb() -> float:
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
 
+def _rusage() -> dict:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": time.perf_counter(), "user": r.ru_utime, "system": r.ru_stime, "faults": r.ru_minflt}
+
+
+def _since(before: dict) -> dict:
+    now = _rusage()
+    return {k: now[k] - before[k] for k in now}
+
+
+def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3) -> dict:
+    """Measured in THIS process (``allocator_comparison`` runs it in two children): whole-volume detection of a
+    ``size``² chest phantom of ``slices`` slices (2.5 mm; ≈ 100 of them hold lung) with the shipped model's
+    defaults (random small256 weights where the model is not installed), and training samples/s per preset.
+    Wall and CPU time (user, system), minor page faults (``getrusage``), noise seconds, UNet evaluations and a
+    checksum of the anomaly map."""
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from .. import allocator, io
+    from ..checkpoint import load_for_detection, shipped_model_path
+    from ..detect import detect_volume
+    from .phantom import FOV_MM, chest_phantom
+
+    active = allocator.keep_freed_memory()  # a no-op in the child that runs with SACDIFF_KEEP_FREED_MEMORY=0
+    out = {"keep_freed_memory": active, "training": {}}
+    for name in train_presets:
+        before = _rusage()
+        tr = bench_training(name, "cpu", train_steps, compile_noise=True)
+        spent = _since(before)
+        out["training"][name] = dict(tr, system_share=spent["system"] / max(spent["user"] + spent["system"], 1e-9))
+    hu, lungs, _, spacing = chest_phantom(size, slices, "covid", seed=0, slice_mm=2.5)
+    try:
+        model_path, model_note = shipped_model_path(), "shipped model"
+    except Exception:  # not installed: the same architecture with random weights times the same
+        model_path, model_note = None, "small256 preset, random weights"
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = sitk.GetImageFromArray(hu)
+        ref.SetSpacing(spacing)
+        ref.SetOrigin((-FOV_MM / 2, -FOV_MM / 2, 0.0))
+        ct_path, lung_path = Path(tmp) / "ct.nii.gz", Path(tmp) / "lung.nii.gz"
+        io.write_image(hu, ref, ct_path)
+        io.write_image(lungs, ref, lung_path)
+        if model_path is not None:
+            cfg, model, diffusion = load_for_detection(model_path, torch.device("cpu"), seed=0, log=lambda m: None)
+        else:
+            cfg = preset("small256")
+            model, diffusion = build(cfg)
+            model.eval()
+        before = _rusage()
+        result = detect_volume(ct_path, model, diffusion, cfg, lung_path=lung_path)
+        spent = _since(before)
+    evaluations = result.report["network_evaluations"]
+    out.update(model=model_note, slices=slices, size=size, lung_slices=int(result.processed.size),
+               detect_s=spent["wall"], user_s=spent["user"], system_s=spent["system"], faults=spent["faults"],
+               noise_s=result.report["timings"]["noise_s"], evaluations=evaluations,
+               error_sha256=hashlib.sha256(np.ascontiguousarray(result.error).tobytes()).hexdigest())
+    return out
+
+
+def allocator_comparison(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3) -> dict:
+    """``volume_run`` in two child processes, glibc's default (SACDIFF_KEEP_FREED_MEMORY=0) and SACDiff's setting:
+    the allocator is process-wide and cannot be switched back exactly, so each side gets a fresh process."""
+    import json
+    import os
+    import subprocess
+
+    from ..allocator import ENV_SWITCH
+
+    runs = {}
+    for label, switch in (("glibc_default", "0"), ("keep_freed_memory", "1")):
+        code = ("import json, sys\nfrom SACDiffLib.experiments.benchmark import volume_run\n"
+                f"print('RESULT', json.dumps(volume_run({slices}, {size}, {tuple(train_presets)!r}, {train_steps})))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env={**os.environ, ENV_SWITCH: switch})
+        if done.returncode != 0:
+            raise RuntimeError(f"benchmark child ({label}) failed:\n{done.stderr[-2000:]}")
+        runs[label] = json.loads(done.stdout.split("RESULT", 1)[1])
+    off, on = runs["glibc_default"], runs["keep_freed_memory"]
+    runs["speedup"] = off["detect_s"] / on["detect_s"]
+    runs["identical_outputs"] = off["error_sha256"] == on["error_sha256"]
+    return runs
+
+
+def allocator_lines(a: dict) -> list[str]:
+    """The comparison as printed: each figure glibc's default → SACDiff's setting, with the ratio."""
+    off, on = a["glibc_default"], a["keep_freed_memory"]
+
+    def cpu(r):
+        total = r["user_s"] + r["system_s"]
+        return (f"{r['detect_s']:.0f} s (system {r['system_s'] / total:.0%} of {total:.0f} s CPU, "
+                f"{r['faults'] / max(r['evaluations'], 1):.0f} page faults per UNet evaluation, "
+                f"noise {r['noise_s'] / r['detect_s']:.1%})")
+
+    lines = [f"whole-volume detection, {on['size']}²×{on['slices']} phantom ({on['lung_slices']} lung slices, "
+             f"{on['evaluations']} UNet evaluations, {on['model']}, its default settings): glibc default {cpu(off)}; "
+             f"freed memory kept {cpu(on)} → {a['speedup']:.2f}× faster; anomaly maps byte-identical: "
+             f"{'yes' if a['identical_outputs'] else 'NO'}"]
+    if not on["keep_freed_memory"]:
+        lines.append("(the allocator setting does not apply on this system: both runs used the default)")
+    for name, tr_on in on["training"].items():
+        tr_off = off["training"][name]
+        lines.append(f"training, preset {name}: {tr_off['samples_per_s']:.1f} → {tr_on['samples_per_s']:.1f} "
+                     f"samples/s ({tr_on['samples_per_s'] / tr_off['samples_per_s']:.2f}×); system CPU "
+                     f"{tr_off['system_share']:.0%} → {tr_on['system_share']:.0%}")
+    return lines
+
+
 def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     dev = str(resolve_device(device))
     results = {"threads": torch.get_num_threads()}
@@ -349,6 +460,11 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     results["rethreshold"] = r
     log(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
         f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
+    a = allocator_comparison(16 if quick else 120, 64 if quick else 256,
+                             ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3)
+    results["allocator"] = a
+    for line in allocator_lines(a):
+        log(line)
     results["peak_host_memory_mb"] = peak_host_memory_mb()
     line = f"peak memory: host {results['peak_host_memory_mb']:.0f} MB"
     if dev.startswith("cuda"):

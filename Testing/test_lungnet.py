@@ -1,0 +1,99 @@
+"""The learned lung mask (lungnet.py): synthetic pathology keeps the label, edge refinement and completion on
+hand-made masks, resumable training, refusal of scans without lungs; the shipped network against the shared data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import to_image
+from SACDiffLib.errors import SACDiffError
+from SACDiffLib.lungnet import (LungNetConfig, complete_lung, learned_lungs, load_lungnet, read_lungnet,
+                                refine_edges, synthetic_pathology, train_lungnet)
+
+TINY = LungNetConfig(image_size=64, channels=(8, 16))
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_synthetic_pathology_changes_only_the_lung_and_densifies_it():
+    cfg = LungNetConfig()
+    lung = _disc((128, 128), 64, 64, 40)
+    stack = np.where(lung, -0.6, 0.2).astype(np.float32)[None].repeat(3, 0)  # lung ≈ −700 HU units, body denser
+    changed = np.zeros(lung.shape, bool)
+    for seed in range(20):
+        out = synthetic_pathology(stack, lung, np.random.default_rng(seed), cfg, pixel_mm=1.4)
+        diff = np.abs(out - stack).max(0) > 1e-4
+        # lesions are drawn into the lung; only their soft (partial-volume) edge may reach a pixel or two outside
+        assert not (diff & ~_disc((128, 128), 64, 64, 43)).any()
+        changed |= diff
+        assert np.isfinite(out).all() and out.min() >= -1.01 and out.max() <= 1.01
+    assert changed[lung].mean() > 0.3  # over many draws, much of the lung, the pleural rim included
+    rim = lung & ~_disc((128, 128), 64, 64, 36)
+    assert changed[rim].mean() > 0.3
+
+
+def test_refine_edges_takes_air_at_the_edge_and_keeps_dense_lung_inside():
+    hu = np.full((1, 64, 64), 40.0, np.float32)
+    air_lung = _disc((64, 64), 32, 32, 20)
+    hu[0][air_lung] = -850.0
+    consolidation = _disc((64, 64), 32, 32, 8)  # dense, well inside the network's mask
+    hu[0][consolidation] = 30.0
+    learned = _disc((64, 64), 32, 32, 22)[None]  # the network's edge 2 px too far out
+    image = to_image(hu, spacing=(1.0, 1.0, 2.0))
+    out = refine_edges(hu, learned, image)[0]
+    assert out[consolidation].all()  # dense but inside: kept
+    assert not out[~air_lung].any()  # the overshoot into the soft tissue is gone
+    assert out[air_lung].all()
+
+
+def test_complete_lung_adds_only_touching_parts_and_never_removes():
+    given = np.zeros((1, 32, 32), np.uint8)
+    given[0, 8:24, 4:12] = 1
+    learned = np.zeros_like(given)
+    learned[0, 8:24, 4:16] = 1  # a consolidation beside the given lung
+    learned[0, 2:4, 26:30] = 2  # an unrelated blob
+    out = complete_lung(given, learned)
+    assert (out[given > 0] == given[given > 0]).all()
+    assert out[0, 8:24, 12:16].all() and not out[0, 2:4, 26:30].any()
+
+
+def test_training_resumes_to_the_same_weights(data_dir, tmp_path):
+    whole = tmp_path / "whole.pt"
+    train_lungnet(data_dir, whole, steps=4, batch_size=2, save_every=0, cfg=TINY, holdout_every=0)
+    part = tmp_path / "part.pt"
+    train_lungnet(data_dir, part, steps=4, batch_size=2, save_every=0, cfg=TINY, holdout_every=0,
+                  progress=lambda f, m: f < 0.5)  # stops after step 2 and saves
+    assert read_lungnet(part)["train_state"]["step"] == 2
+    train_lungnet(data_dir, part, steps=4, resume=part)
+    a, b = read_lungnet(whole)["model"], read_lungnet(part)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg, net, _ = load_lungnet(whole)
+    assert cfg == TINY and not net.training
+
+
+def test_a_scan_without_lungs_is_refused(data_dir, tmp_path, monkeypatch):
+    from SACDiffLib import lungnet
+
+    model = tmp_path / "m.pt"
+    train_lungnet(data_dir, model, steps=1, batch_size=2, save_every=0, cfg=TINY, holdout_every=0)
+    hu = np.full((6, 64, 64), 40.0, np.float32)  # soft tissue only: an abdomen-like block
+    monkeypatch.setattr(lungnet, "lung_probability", lambda *a, **k: np.zeros(hu.shape, np.float32))
+    with pytest.raises(SACDiffError, match="does not look like a chest CT"):
+        learned_lungs(hu, to_image(hu), model)
+
+
+def test_damaged_lung_models_are_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(SACDiffError, match="corrupt"):
+        load_lungnet(bad)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(SACDiffError, match="not a SACDiff lung model"):
+        load_lungnet(tmp_path / "other.pt")
+    with pytest.raises(SACDiffError, match="does not exist"):
+        load_lungnet(tmp_path / "missing.pt")
