@@ -155,6 +155,14 @@ def written_by_sacdiff(path: Path, kind: str) -> bool:
             return True
         except SACDiffError:
             return False
+    if kind == "lung-model":
+        from .lungnet import read_lungnet
+
+        try:
+            read_lungnet(path)
+            return True
+        except SACDiffError:
+            return False
     if kind == "image":
         import SimpleITK as sitk
 

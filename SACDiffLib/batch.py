@@ -16,6 +16,7 @@ from typing import Optional
 
 from .atomic import replaced_file
 from .errors import Cancelled, SACDiffError
+from .lung import LungSource
 from .progress import Progress, part
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -89,7 +90,7 @@ def collect_scans(inputs) -> list[Scan]:
 
 def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overwrite: bool = False,
                 progress: Optional[Progress] = None, log=print,
-                compile_model: bool = False) -> Optional[dict]:
+                compile_model: bool = False, lung_source: LungSource = LungSource()) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
     from .atomic import mark
@@ -109,8 +110,8 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
             try:
                 result = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, dist.device,
                                        part(progress, i, len(mine), scan.name),
-                                       compile_model=compile_model)
-                write_run(result, check_out_dir(out_dir / scan.name, overwrite, [scan.ct, scan.lung]))
+                                       compile_model=compile_model, lung_source=lung_source)
+                write_run(result, check_out_dir(out_dir / scan.name, overwrite, [scan.ct, scan.lung, lung_source.model]))
                 q = result.report["quantification"]
                 row.update(status="ok", anomaly_ml=round(q["anomaly_ml"], 3),
                            anomaly_percent_of_lung=round(q["anomaly_percent_of_lung"], 4),

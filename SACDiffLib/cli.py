@@ -45,6 +45,13 @@ def _add_detect_options(p):
     _bool_flag(p, "crop", None, "run the network on the body's bounding box only (default on)")
     _bool_flag(p, "exclude-airways", None, "take the trachea and main bronchi out of the lung mask, the given one "
                "too (default on: air in a large airway is not lung and lights up in E)")
+    p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
+                   help="automatic lung mask when none is given: classical (−320 HU threshold) or learned (SACDiff's "
+                   "lung network: keeps consolidation and pleural masses inside; default: classical)")
+    p.add_argument("--lung-model", help="lung network for --lung-method learned / --complete-lung (default: shipped)")
+    p.add_argument("--complete-lung", action="store_true",
+                   help="add to the given lung mask the lung network's parts it lacks that touch it (e.g. dense "
+                   "consolidation a threshold mask cut out); the given mask is never reduced (default off)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to eager")
     p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
@@ -68,6 +75,14 @@ def _load_for_detection(args):
         batch_size=args.batch_size, sampling_steps=args.sampling_steps, crop_to_lung=args.crop,
         exclude_airways=args.exclude_airways)
     return cfg, model, diffusion, device
+
+
+def _lung_source(args):
+    from .lung import LungSource
+
+    if args.lung_model and args.lung_method != "learned" and not args.complete_lung:
+        raise SACDiffError("--lung-model is used only with --lung-method learned or --complete-lung")
+    return LungSource(args.lung_method, args.lung_model, args.complete_lung)
 
 
 def _train_args(p):
@@ -202,6 +217,7 @@ def _lungmask_args(p):
                    help="classical: −320 HU threshold + components; learned: SACDiff's lung network, which keeps "
                    "consolidation and pleural masses inside (default: classical)")
     p.add_argument("--lung-model", help="lung network from `sacdiff train-lungmask` (default: the shipped one)")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def _train_lungmask_args(p):
@@ -214,8 +230,8 @@ def _train_lungmask_args(p):
     p.add_argument("--cases", help="comma-separated healthy cases to train on (default: diagnosis mentions 'normal')")
     p.add_argument("--save-every", type=int, default=100, help="write the resumable state every N steps (default 100)")
     p.add_argument("--resume", help="continue this lung network's training (its settings are kept)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing lung network file SACDiff wrote")
     p.add_argument("--progress", choices=("bar", "lines"), default="bar")
-    p.add_argument("--overwrite", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +303,7 @@ def cmd_detect(args) -> int:
     if many and args.lung:
         raise SACDiffError("--lung names the mask of one scan; for several scans put <base>_lung.<ext> beside each")
     if many:
+        lung_source = _lung_source(args)
         scans = collect_scans(args.ct)
         if int(os.environ.get("RANK", "0")) == 0:
             from .atomic import Output
@@ -297,7 +314,8 @@ def cmd_detect(args) -> int:
         bar = _progress(args, "detect")
         try:
             summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                                  log=lambda m: print(m, file=sys.stderr), compile_model=args.compile)
+                                  log=lambda m: print(m, file=sys.stderr), compile_model=args.compile,
+                                  lung_source=lung_source)
         finally:
             bar.close()
         if summary is not None:
@@ -306,12 +324,16 @@ def cmd_detect(args) -> int:
             return 0 if summary["ok"] == len(scans) else 1
         return 0
     args.ct = args.ct[0]
-    output = check_out_dir(args.out, args.overwrite, [args.ct, args.lung])  # before any work
+    lung_source = _lung_source(args)
+    if args.complete_lung and not args.lung:
+        raise SACDiffError("--complete-lung completes a given lung mask: pass --lung, or use --lung-method learned")
+    output = check_out_dir(args.out, args.overwrite, [args.ct, args.lung, args.lung_model])  # before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect
     bar = _progress(args, "detect")
     try:
-        result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar, compile_model=args.compile)
+        result = detect_volume(args.ct, model, diffusion, cfg, args.lung, device, bar, compile_model=args.compile,
+                               lung_source=lung_source)
     finally:
         bar.close()
     out = write_run(result, output)
@@ -328,7 +350,8 @@ def cmd_evaluate(args) -> int:
     from .atomic import Output
     from .experiments.evaluate import evaluate
 
-    Output(args.out, "results", args.overwrite, inputs=[args.cases, args.model])  # checks before any work
+    lung_source = _lung_source(args)
+    Output(args.out, "results", args.overwrite, inputs=[args.cases, args.model, args.lung_model])  # before any work
     cfg, model, diffusion, device = _load_for_detection(args)
     bar = _progress(args, "evaluate")
     if args.sweep:
@@ -336,14 +359,14 @@ def cmd_evaluate(args) -> int:
 
         try:
             table = sweep(args.cases, model, diffusion, cfg, args.out, device, parse_sweep(args.sweep),
-                          args.overwrite, bar, log=lambda m: print(m, file=sys.stderr))
+                          args.overwrite, bar, log=lambda m: print(m, file=sys.stderr), lung_source=lung_source)
         finally:
             bar.close()
         print(table)
         return 0
     try:
         summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=lambda m: print(m, file=sys.stderr), lung_source=lung_source)
     finally:
         bar.close()
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())
@@ -392,8 +415,12 @@ def cmd_lungmask(args) -> int:
 def cmd_train_lungmask(args) -> int:
     from .lungnet import train_lungnet
 
+    from .atomic import Output
+
     if not (0 <= args.seed < 2**63):
         raise SACDiffError("--seed must lie in 0 … 2⁶³−1")
+    if not (args.resume and Path(args.resume).resolve() == Path(args.out).resolve()):  # continuing in place is fine
+        Output(args.out, "lung-model", args.overwrite, inputs=[args.data, args.resume])  # checks before any work
     bar = _progress(args, "train-lungmask")
     try:
         summary = train_lungnet(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

@@ -27,7 +27,7 @@ from .config import DetectConfig, SACDiffConfig, validate
 from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
-from .lung import body_mask, lung_labels, segment_lungs
+from .lung import LungSource, body_mask, lung_labels, segment_lungs
 from .postprocess import DetectionResult, rethreshold
 from .progress import Progress, report
 
@@ -259,16 +259,30 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
     return err, std, mean
 
 
-def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True) -> tuple[np.ndarray, str]:
-    """(lung labels 1 right / 2 left, where they came from): the given mask or the fallback, without the trachea
-    and main bronchi unless ``exclude_airways`` is off."""
+def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True,
+                 source: LungSource = LungSource()) -> tuple[np.ndarray, str]:
+    """(lung labels 1 right / 2 left, where they came from): the given mask (completed by the learned mask when
+    ``source.complete``) or the automatic one of ``source.method``, without the trachea and main bronchi unless
+    ``exclude_airways`` is off."""
     if lung_path is None:
-        lung, source = segment_lungs(hu, ct, airways=not exclude_airways), "automatic (sacdiff lungmask fallback)"
+        if source.method == "learned":
+            from .lungnet import learned_lungs
+
+            lung = learned_lungs(hu, ct, source.model, airways=not exclude_airways)
+            origin = "automatic (SACDiff lung network" + (f" {source.model})" if source.model else ", shipped)")
+        else:
+            lung, origin = segment_lungs(hu, ct, airways=not exclude_airways), "automatic (classical threshold fallback)"
     else:
-        lung, source = lung_labels(io.read_mask(lung_path, ct), ct), str(lung_path)
+        lung, origin = lung_labels(io.read_mask(lung_path, ct), ct), str(lung_path)
+        if source.complete:
+            from .lungnet import complete_lung, learned_lungs
+
+            before = int((lung > 0).sum())
+            lung = complete_lung(lung, learned_lungs(hu, ct, source.model, airways=True))
+            origin += f", completed by the lung network (+{int((lung > 0).sum()) - before} voxels)"
         if exclude_airways:
             lung = exclude_airways_from(hu, lung, ct)
-    return lung, source + ("" if not exclude_airways else "; trachea and main bronchi excluded")
+    return lung, origin + ("" if not exclude_airways else "; trachea and main bronchi excluded")
 
 
 def detect_volume(
@@ -280,8 +294,10 @@ def detect_volume(
     device: torch.device = torch.device("cpu"),
     progress: Optional[Progress] = None,
     compile_model: bool = False,
+    lung_source: LungSource = LungSource(),
 ) -> DetectionResult:
-    """Run SAC-Diff on one CT file / DICOM folder with the settings in ``cfg.detect``."""
+    """Run SAC-Diff on one CT file / DICOM folder with the settings in ``cfg.detect``; the lung mask from
+    ``lung_path`` or as ``lung_source`` says."""
     validate(cfg)
     det, pre = cfg.detect, cfg.preprocess
     timings = {}
@@ -290,7 +306,7 @@ def detect_volume(
     hu = io.ct_array(ct)
     timings["read_s"] = time.perf_counter() - t0
     t_lung = time.perf_counter()
-    lung, lung_source = prepare_lung(ct, hu, lung_path, det.exclude_airways)
+    lung, lung_origin = prepare_lung(ct, hu, lung_path, det.exclude_airways, lung_source)
     timings["lung_mask_s"] = time.perf_counter() - t_lung
     processed = io.lung_slices(lung, pre.min_lung_fraction)
     if processed.size == 0:
@@ -336,7 +352,7 @@ def detect_volume(
     result.report.update(
         {
             "ct": str(ct_path),
-            "lung_mask": lung_source,
+            "lung_mask": lung_origin,
             "device": str(device),
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "network_evaluations": int(network_evaluations(det) * processed.size),

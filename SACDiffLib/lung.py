@@ -6,6 +6,9 @@ physical frame of ITK the right lung lies at smaller x).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -13,6 +16,23 @@ from scipy import ndimage
 from .errors import SACDiffError
 
 RIGHT, LEFT = 1, 2
+LUNG_METHODS = ("classical", "learned")
+
+
+@dataclass(frozen=True)
+class LungSource:
+    """Where a detection's lung mask comes from when the user gives none (``method``: this file's threshold
+    fallback or the learned network of ``lungnet.py``, from ``model`` or the shipped one), and whether a given
+    mask is completed with the learned mask's pathology-inclusive parts (``complete``; never on by default: a
+    mask drawn by hand stays exactly as drawn)."""
+
+    method: str = "classical"
+    model: Optional[str] = None
+    complete: bool = False
+
+    def __post_init__(self):
+        if self.method not in LUNG_METHODS:
+            raise SACDiffError(f"lung method {self.method!r} unknown; choose one of {', '.join(LUNG_METHODS)}")
 AIR_HU = -320.0  # lung parenchyma and air lie below this; soft tissue above
 TRACHEA_AREA_MM2 = (50.0, 900.0)  # cross-section of the trachea (≈ 8–30 mm across)
 

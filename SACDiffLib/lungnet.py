@@ -45,7 +45,9 @@ from .unet import UNet
 FORMAT = "sacdiff-lungnet"
 FORMAT_VERSION = 1
 SHIPPED_LUNG_MODEL = "sacdiff-lungnet.pt"
-MIN_LUNG_ML = 150.0  # less than this in a whole scan is not a pair of lungs: the scan is refused, not guessed
+# A chest CT through the lungs has slices with far more lung than this (a single MedSeg slice ≈ 150 cm²); a scan
+# whose largest slice of lung is smaller does not show the lungs: it is refused, not guessed.
+MIN_LUNG_AREA_MM2 = 1000.0
 
 
 @dataclass(frozen=True)
@@ -170,12 +172,13 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
 
 
 def scanner_variation(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: LungNetConfig):
-    """Batch (N, 3, S, S), labels (N, 1, S, S): in-plane scale 0.8–1.2 (field of view), rotation ±12°, shift ±5 %,
+    """Batch (N, 3, S, S), labels (N, 1, S, S): in-plane zoom 0.8–1.6 (field of view, up to images cropped to the
+    chest), rotation ±12°, shift ±5 %,
     noise 0–35 HU, blur (σ ≤ 1.2 px) or sharpening, intensity offset ±40 HU."""
     n = x.shape[0]
     u = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
     angle = (u(n) * 2 - 1) * math.radians(12)
-    scale = 0.8 + 0.4 * u(n)
+    scale = 0.8 + 0.8 * u(n)
     shift = (u(n, 2) * 2 - 1) * 0.05
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
@@ -416,10 +419,12 @@ def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: b
         mask = np.isin(labels, keep)
         for z in range(mask.shape[0]):
             mask[z] = ndimage.binary_fill_holes(mask[z])
-    ml = mask.sum() * float(np.prod(image.GetSpacing())) / 1000.0
-    if ml < MIN_LUNG_ML:
-        raise SACDiffError(f"the lung network found {ml:.0f} ml of lung in this scan (less than {MIN_LUNG_ML:.0f} ml):"
-                           " it does not look like a chest CT covering the lungs; give a lung mask with --lung")
+    sx, sy = image.GetSpacing()[:2]
+    largest = float(mask.reshape(mask.shape[0], -1).sum(1).max()) * sx * sy if mask.size else 0.0
+    if largest < MIN_LUNG_AREA_MM2:
+        raise SACDiffError(f"the lung network found at most {largest / 100:.0f} cm² of lung in any slice (less than "
+                           f"{MIN_LUNG_AREA_MM2 / 100:.0f}): this does not look like a chest CT through the lungs; "
+                           "give a lung mask with --lung")
     if not airways:
         mask &= ~airway_tree(hu, mask, image)
     return split_left_right(mask, image)

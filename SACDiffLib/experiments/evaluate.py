@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..config import SACDiffConfig, derive
-from ..lung import segment_lungs
+from ..lung import LungSource, segment_lungs
 from ..detect import detect_volume
 from ..errors import SACDiffError
 from . import medseg
@@ -73,6 +73,7 @@ def evaluate(
     overwrite: bool = False,
     progress: Optional[Progress] = None,
     log=print,
+    lung_source: LungSource = LungSource(),
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
     output = Output(out_dir, "results", overwrite, inputs=[cases_dir])
@@ -89,7 +90,8 @@ def evaluate(
             lung = optional_path(cases_dir, name, "lung")
             lesion_path = case_path(cases_dir, name, "lesion")
             log(f"[{i + 1}/{len(todo)}] {name}")
-            result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name))
+            result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name),
+                                   lung_source=lung_source)
             write_run(result, tmp / "runs" / name)
             lesion = None
             if lesion_path.exists():
@@ -103,7 +105,8 @@ def evaluate(
         medseg_dir = cases_dir / "slices" / "medseg_covid"
         if (medseg_dir / "image").is_dir():
             log(f"MedSeg slices in {medseg_dir}")
-            medseg = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log)
+            medseg = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log,
+                                     lung_source=lung_source)
             _write_csv(tmp / "medseg_covid.csv", medseg.pop("per_slice"), MEDSEG_COLUMNS)
         stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
         summary = {
@@ -134,7 +137,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
 
 
 def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite=False, progress=None,
-          log=print) -> str:
+          log=print, lung_source: LungSource = LungSource()) -> str:
     """``evaluate`` once per (K, n) setting into OUT/<K>x<n>/, and a table of accuracy against network evaluations
     per slice (K × reverse steps) and wall time: OUT/sweep.md and OUT/sweep.json."""
     import time
@@ -150,7 +153,7 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
         t0 = time.perf_counter()
         summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite,
                            part(progress, i, len(settings)),
-                           log=lambda m: None)
+                           log=lambda m: None, lung_source=lung_source)
         rows.append({"ensemble": k, "sampling_steps": n, "evaluations_per_slice": network_evaluations(run_cfg.detect),
                      "seconds": time.perf_counter() - t0, "mean_std": summary["mean_std"],
                      "medseg_covid": summary["medseg_covid"]})
@@ -171,9 +174,11 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
 
 
 
-def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) -> dict:
-    """Detect on every MedSeg slice (axial view, HU fitted per image; fallback lung mask) and score them all
-    (``medseg.score_slices``); unreadable slices are listed with their reason."""
+def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print,
+                    lung_source: LungSource = LungSource()) -> dict:
+    """Detect on every MedSeg slice (axial view, HU fitted per image; the automatic lung mask of
+    ``lung_source.method``) and score them all (``medseg.score_slices``); unreadable slices are listed with their
+    reason."""
     folder, work_dir = Path(folder), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     scored, failed = [], []
@@ -193,7 +198,12 @@ def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print) 
         lung_path = work_dir / f"{path.stem}_lung.nii.gz"
         sitk.WriteImage(image, str(ct_path))
         try:
-            lung = segment_lungs(hu, image, cropped=True)
+            if lung_source.method == "learned":
+                from ..lungnet import learned_lungs
+
+                lung = learned_lungs(hu, image, lung_source.model)
+            else:
+                lung = segment_lungs(hu, image, cropped=True)
             lung_image = sitk.GetImageFromArray(lung)
             lung_image.CopyInformation(image)
             sitk.WriteImage(lung_image, str(lung_path))

@@ -1,0 +1,163 @@
+"""The lung masks measured against what the detector needs (the learned network vs the classical threshold):
+
+- healthy cases (the network's held-out slabs): Dice against the airway-free threshold mask, and the share of the
+  mask's voxels that are dense tissue (> −320 HU) outside that reference (heart, mediastinum, chest wall, abdomen);
+- nsclc_lung1: the share of the radiologist's tumour inside the mask; the trachea and main bronchi (found on the
+  case's own mask) inside the mask;
+- MedSeg COVID-19 slices: the share of the radiologists' infection pixels inside the mask, pooled and per slice;
+- inference time of the learned mask on the largest healthy volume.
+
+No lesion label chooses anything here: the labels only score the two finished methods.
+
+    python -m SACDiffLib.experiments.lungmask_eval --data ../shared/data --model M.pt --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+from ..data import case_path, holdout_split, load_cases
+from ..lung import airway_tree, segment_lungs
+from ..lungnet import learned_lungs, read_lungnet
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0, b > 0
+    total = int(a.sum() + b.sum())
+    return 2 * int((a & b).sum()) / total if total else 1.0
+
+
+def healthy_figures(data_dir: Path, model, cases: list[str], holdout_every: int) -> list[dict]:
+    rows = []
+    for name in cases:
+        ct = io.read_ct(case_path(data_dir, name, "ct"))
+        hu = io.ct_array(ct)
+        reference = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0
+        reference &= ~airway_tree(hu, reference, ct)
+        t0 = time.perf_counter()
+        learned = learned_lungs(hu, ct, model) > 0
+        seconds = time.perf_counter() - t0
+        classical = segment_lungs(hu, ct) > 0
+        held = holdout_split(np.arange(hu.shape[0]), holdout_every)[1]
+        row = {"case": name, "slices": int(hu.shape[0]), "held_out_slices": int(held.size), "seconds": seconds}
+        for label, mask in (("learned", learned), ("classical", classical)):
+            dense_outside = mask & ~reference & (hu > -320)
+            row[label] = {"dice_held_out": dice(mask[held], reference[held]), "dice_all": dice(mask, reference),
+                          "dense_outside_percent": 100 * float(dense_outside.sum()) / max(int(mask.sum()), 1)}
+        rows.append(row)
+    return rows
+
+
+def nsclc_figures(data_dir: Path, model) -> dict:
+    ct = io.read_ct(case_path(data_dir, "nsclc_lung1", "ct"))
+    hu = io.ct_array(ct)
+    tumour = io.read_mask(case_path(data_dir, "nsclc_lung1", "lesion"), ct) > 0
+    own = io.read_mask(case_path(data_dir, "nsclc_lung1", "lung"), ct) > 0
+    airway = airway_tree(hu, own, ct)
+    out = {"tumour_voxels": int(tumour.sum()), "airway_voxels": int(airway.sum())}
+    for label, mask in (("learned", learned_lungs(hu, ct, model) > 0), ("classical", segment_lungs(hu, ct) > 0)):
+        airway_slices = [z for z in range(hu.shape[0]) if airway[z].any()]
+        out[label] = {"tumour_inside_percent": 100 * float((tumour & mask).sum()) / max(int(tumour.sum()), 1),
+                      "airway_inside_percent": 100 * float((airway & mask).sum()) / max(int(airway.sum()), 1),
+                      "slices_with_airway_inside": int(sum((airway[z] & mask[z]).sum() > 0.1 * airway[z].sum()
+                                                           for z in airway_slices))}
+    return out
+
+
+def medseg_figures(folder: Path, model) -> dict:
+    import SimpleITK as sitk
+
+    from .medseg import SPACING_MM, list_slices, read_slice
+
+    rows = []
+    for image_path in list_slices(folder):
+        hu, truth, _ = read_slice(image_path, folder / "mask" / f"{image_path.stem}.png")
+        image = sitk.GetImageFromArray(hu)
+        image.SetSpacing(SPACING_MM)
+        row = {"slice": image_path.stem, "truth_pixels": int(truth.sum())}
+        for label, make in (("learned", lambda: learned_lungs(hu, image, model)),
+                            ("classical", lambda: segment_lungs(hu, image, cropped=True))):
+            try:
+                mask = make() > 0
+                row[label] = 100 * float((truth & mask).sum()) / max(int(truth.sum()), 1)
+            except Exception as exc:  # a method that finds no lung keeps none of the infection
+                row[label], row[f"{label}_error"] = 0.0, str(exc)
+        rows.append(row)
+    scored = [r for r in rows if r["truth_pixels"]]
+    total = sum(r["truth_pixels"] for r in scored)
+    summary = {}
+    for label in ("learned", "classical"):
+        values = np.array([r[label] for r in scored])
+        summary[label] = {"pooled_inside_percent": sum(r[label] * r["truth_pixels"] for r in scored) / total,
+                          "worst_slice_percent": float(values.min()),
+                          "slices_below_80_percent": int((values < 80).sum()),
+                          "failures": sum(f"{label}_error" in r for r in rows)}
+    return {"slices": len(scored), "summary": summary, "per_slice": rows}
+
+
+def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
+    data_dir = Path(data_dir)
+    settings = (read_lungnet(model)["train_state"] or {}).get("settings") or read_lungnet(model)["extra"].get("settings", {})
+    cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
+                                            if "normal" in str(d.get("diagnosis", "")))
+    out = {"model": str(model), "healthy": healthy_figures(data_dir, model, cases, holdout_every)}
+    if case_path(data_dir, "nsclc_lung1", "lesion").exists():
+        out["nsclc_lung1"] = nsclc_figures(data_dir, model)
+    medseg = data_dir / "slices" / "medseg_covid"
+    if medseg.is_dir():
+        out["medseg"] = medseg_figures(medseg, model)
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["| healthy case | Dice held-out slabs (learned / classical) | dense tissue outside the reference, % of "
+             "mask (learned / classical) | learned mask, s |", "|---|---|---|---|"]
+    for row in r["healthy"]:
+        lines.append(f"| {row['case']} ({row['slices']} slices) | {row['learned']['dice_held_out']:.3f} / "
+                     f"{row['classical']['dice_held_out']:.3f} | {row['learned']['dense_outside_percent']:.2f} / "
+                     f"{row['classical']['dense_outside_percent']:.2f} | {row['seconds']:.1f} |")
+    if "nsclc_lung1" in r:
+        n = r["nsclc_lung1"]
+        lines += ["", f"nsclc_lung1: tumour inside the mask {n['learned']['tumour_inside_percent']:.1f} % learned, "
+                      f"{n['classical']['tumour_inside_percent']:.1f} % classical; trachea/main bronchi inside "
+                      f"{n['learned']['airway_inside_percent']:.1f} % learned "
+                      f"({n['learned']['slices_with_airway_inside']} slices with > 10 % of their airway inside), "
+                      f"{n['classical']['airway_inside_percent']:.1f} % classical"]
+    if "medseg" in r:
+        m = r["medseg"]["summary"]
+        lines += ["", f"MedSeg ({r['medseg']['slices']} slices with infection): infection pixels inside the mask, pooled "
+                      f"{m['learned']['pooled_inside_percent']:.1f} % learned vs "
+                      f"{m['classical']['pooled_inside_percent']:.1f} % classical; worst slice "
+                      f"{m['learned']['worst_slice_percent']:.0f} % vs {m['classical']['worst_slice_percent']:.0f} %; "
+                      f"slices below 80 %: {m['learned']['slices_below_80_percent']} vs "
+                      f"{m['classical']['slices_below_80_percent']}; no lung found: {m['learned']['failures']} vs "
+                      f"{m['classical']['failures']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="JSON file (a .md beside it)")
+    args = p.parse_args(argv)
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()
+    r = evaluate_lung_masks(args.data, args.model)
+    Path(args.out).write_text(json.dumps(r, indent=1))
+    text = markdown(r)
+    Path(args.out).with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
