@@ -292,7 +292,8 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay(_("Creating the lung mask failed."), waitCursor=True):
-            node = self.logic.createLungSegmentation(self._parameterNode.inputVolume)
+            node = self.logic.createLungSegmentation(self._parameterNode.inputVolume,
+                                                     learned=self.ui.learnedLungCheckBox.checked)
             self._parameterNode.lungMask = node
 
     def onExport(self) -> None:

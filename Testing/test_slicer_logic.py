@@ -244,6 +244,19 @@ def test_create_lung_mask_makes_right_and_left_segments(scene, logic):
     assert dice > 0.8
 
 
+def test_learned_lung_mask_runs_in_a_child_and_relays_its_one_line_error(scene, logic, tmp_path):
+    from SACDiffModuleLib.logic import SACDiffInputError
+
+    command = logic.lungMaskCommand(tmp_path / "ct.nrrd", tmp_path / "lung.nrrd", str(tmp_path / "m.pt"))
+    assert command[1:5] == ["-m", "SACDiffLib", "lungmask", str(tmp_path / "ct.nrrd")]
+    assert command[-4:] == ["--method", "learned", "--lung-model", str(tmp_path / "m.pt")]
+    ct, _, _, _, _ = _ct_and_lung(scene, lesion=False)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(SACDiffInputError, match="m.pt does not exist"):
+        logic.createLungSegmentation(ct, learned=True, lungModel=str(tmp_path / "m.pt"))
+    assert scene.GetNumberOfNodes() == before  # nothing added on failure
+
+
 def test_preset_tracker_overwrites_settings_only_on_a_real_change():
     from SACDiffModuleLib.logic import DETECTION_PRESETS, PresetTracker
     from SACDiffLib.config import preset

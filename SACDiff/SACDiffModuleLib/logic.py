@@ -370,15 +370,38 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
 
     # --- lung mask fallback -------------------------------------------------------------------------------------
 
-    def createLungSegmentation(self, ctNode):
-        """The library's classical lung mask as a segmentation with 'Right lung' and 'Left lung'."""
+    @staticmethod
+    def lungMaskCommand(ctPath, outPath, lungModel: str = "") -> list[str]:
+        """``sacdiff lungmask --method learned``: the lung network runs in a child process (torch never enters
+        Slicer's process), as detection does."""
+        command = [pythonExecutable(), "-m", "SACDiffLib", "lungmask", str(ctPath), "--out", str(outPath),
+                   "--method", "learned"]
+        return command + (["--lung-model", str(lungModel)] if lungModel else [])
+
+    def createLungSegmentation(self, ctNode, learned: bool = False, lungModel: str = ""):
+        """A lung segmentation with 'Right lung' and 'Left lung': the library's classical threshold mask (in
+        process, torch-free), or with ``learned`` SACDiff's pathology-inclusive lung network (child process)."""
+        import subprocess
+
         from SACDiffLib import io
         from SACDiffLib.lung import segment_lungs
+        from SACDiffLib.protocol import is_error_line
 
         self.checkCT(ctNode)
         with tempfile.TemporaryDirectory(prefix="SACDiff-lung-", dir=self._temporaryFolder()) as folder:
-            ct = io.read_ct(self.writeVolume(ctNode, Path(folder) / "ct.nrrd"))
-            labels = segment_lungs(io.ct_array(ct), ct)
+            ctPath = self.writeVolume(ctNode, Path(folder) / "ct.nrrd")
+            ct = io.read_ct(ctPath)
+            if learned:
+                outPath = Path(folder) / "lung.nrrd"
+                done = subprocess.run(self.lungMaskCommand(ctPath, outPath, lungModel), capture_output=True,
+                                      text=True, timeout=1800, cwd=str(LIBRARY_PARENT))
+                if done.returncode != 0:
+                    lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
+                    errors = [ln for ln in lines if is_error_line(ln)]
+                    raise SACDiffInputError((errors or lines or [f"exit status {done.returncode}"])[-1])
+                labels = io.read_mask(outPath, ct)
+            else:
+                labels = segment_lungs(io.ct_array(ct), ct)
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{ctNode.GetName()} lungs (SACDiff)")
         node.CreateDefaultDisplayNodes()
         node.SetReferenceImageGeometryParameterFromVolumeNode(ctNode)

@@ -351,6 +351,7 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
     out.update(model=model_note, slices=slices, size=size, lung_slices=int(result.processed.size),
                detect_s=spent["wall"], user_s=spent["user"], system_s=spent["system"], faults=spent["faults"],
                noise_s=result.report["timings"]["noise_s"], evaluations=evaluations,
+               peak_rss_mb=peak_host_memory_mb(),
                error_sha256=hashlib.sha256(np.ascontiguousarray(result.error).tobytes()).hexdigest())
     return out
 
@@ -387,7 +388,8 @@ def allocator_lines(a: dict) -> list[str]:
         total = r["user_s"] + r["system_s"]
         return (f"{r['detect_s']:.0f} s (system {r['system_s'] / total:.0%} of {total:.0f} s CPU, "
                 f"{r['faults'] / max(r['evaluations'], 1):.0f} page faults per UNet evaluation, "
-                f"noise {r['noise_s'] / r['detect_s']:.1%})")
+                f"noise {r['noise_s'] / r['detect_s']:.1%}"
+                + (f", peak resident memory {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else "") + ")")
 
     lines = [f"whole-volume detection, {on['size']}²×{on['slices']} phantom ({on['lung_slices']} lung slices, "
              f"{on['evaluations']} UNet evaluations, {on['model']}, its default settings): glibc default {cpu(off)}; "
@@ -460,7 +462,7 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     results["rethreshold"] = r
     log(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
         f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
-    a = allocator_comparison(16 if quick else 120, 64 if quick else 256,
+    a = allocator_comparison(8 if quick else 120, 64 if quick else 256,
                              ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3)
     results["allocator"] = a
     for line in allocator_lines(a):
