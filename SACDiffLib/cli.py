@@ -176,7 +176,7 @@ def _validate_args(p):
 
 
 def _slim_args(p):
-    p.add_argument("checkpoint", help="checkpoint from `sacdiff train`")
+    p.add_argument("checkpoint", help="checkpoint from `sacdiff train` (or a lung network from `train-lungmask`)")
     p.add_argument("--out", required=True, help="file to write (.pt)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SACDiff checkpoint")
@@ -505,7 +505,17 @@ def cmd_validate(args) -> int:
 def cmd_slim(args) -> int:
     from .atomic import Output
     from .checkpoint import load_checkpoint, slim_checkpoint
+    from .lungnet import is_lungnet_file, slim_lungnet
 
+    if is_lungnet_file(args.checkpoint):  # a lung network from `sacdiff train-lungmask`
+        detect = [n for n in ("steps", "sampling_steps", "ensemble", "lam") if getattr(args, n) is not None]
+        if detect:
+            raise SACDiffError("a lung network has no detection settings; drop --steps/--sampling-steps/--ensemble/"
+                               "--lambda")
+        Output(args.out, "lung-model", args.overwrite, inputs=[args.checkpoint])
+        out = slim_lungnet(args.checkpoint, args.out, half=not args.float32)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+        return 0
     Output(args.out, "checkpoint", args.overwrite, inputs=[args.checkpoint])  # checks before any work
     detect = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps),
                                 ("ensemble", args.ensemble), ("lam", args.lam)) if v is not None}

@@ -38,7 +38,7 @@ from . import __version__, io
 from .atomic import replaced_file
 from .config import ModelConfig
 from .errors import SACDiffError
-from .lung import airway_tree, split_left_right
+from .lung import airway_tree, segment_lungs, split_left_right
 from .progress import Progress, report
 from .unet import UNet
 
@@ -121,10 +121,10 @@ def _hu_units(hu: float, cfg: LungNetConfig) -> float:
 
 def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Generator, cfg: LungNetConfig,
                         pixel_mm: float) -> np.ndarray:
-    """Draw 1–3 lesions into the lung of one training stack (3, S, S) (windowed units; the same lesion in the
+    """Draw 1–4 lesions into the lung of one training stack (3, S, S) (windowed units; the same lesion in the
     three slices, as a lesion spans neighbouring slices). The lung label does not change. Kinds: consolidation
     along the pleura (posterior = dependent, or anywhere), a pleural-based solid mass, a wedge of collapse from the
-    pleura, ground glass; soft edges (partial volume), texture, and air bronchograms in consolidation."""
+    pleura, ground glass, most of a lung's cross-section (lobar consolidation, white-out); soft edges (partial volume), texture, and air bronchograms in consolidation."""
     out = stack.copy()
     if lung.sum() < 200:
         return out
@@ -134,8 +134,9 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
     posterior = edge[edge[:, 0] > np.percentile(ys, 60)]
     yy, xx = np.mgrid[: lung.shape[0], : lung.shape[1]]
     rim = ndimage.binary_dilation(lung, iterations=1)  # a soft edge may reach one pixel past the lung, no further
-    for _ in range(int(rng.integers(1, 4))):
-        kind = rng.choice(["dependent", "pleural", "mass", "wedge", "ground-glass"], p=[0.3, 0.2, 0.2, 0.15, 0.15])
+    for _ in range(int(rng.integers(1, 5))):
+        kind = rng.choice(["dependent", "pleural", "mass", "wedge", "ground-glass", "lobar"],
+                          p=[0.25, 0.15, 0.15, 0.1, 0.15, 0.2])
         pool = posterior if kind == "dependent" and len(posterior) else edge
         cy, cx = pool[rng.integers(len(pool))]
         dist = np.hypot(yy - cy, xx - cx)
@@ -149,18 +150,23 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
         elif kind == "wedge":  # lens from the pleura towards the hilum
             r = mm(15, 60)
             region = lung & (dist < r) & (depth < 0.6 * (r - dist) + 2)
+        elif kind == "lobar":  # most of a lung's cross-section, from the pleura inwards (white-out, lobar pneumonia)
+            region = lung & (dist < mm(40, 160)) & (depth < mm(10, 90))
         else:
-            region = lung & (dist < mm(10, 50))
+            region = lung & (dist < mm(10, 60))
         rough = ndimage.gaussian_filter(rng.normal(size=lung.shape), 3.0)
         region &= rough > -0.5 * (rough.std() + 1e-6)  # irregular outline
         if region.sum() < 10:
             continue
-        if kind == "ground-glass":
-            target, blend = rng.uniform(-750, -350), rng.uniform(0.6, 0.9)
+        if kind == "ground-glass" or (kind == "lobar" and rng.random() < 0.4):
+            target, blend = rng.uniform(-750, -300), rng.uniform(0.6, 0.95)
         else:
             target, blend = rng.uniform(-60, 70), rng.uniform(0.85, 1.0)
         alpha = ndimage.gaussian_filter(region.astype(np.float32), rng.uniform(0.6, 1.5)) * blend * rim
-        texture = ndimage.gaussian_filter(rng.normal(size=lung.shape), 1.0) * rng.uniform(5, 25)
+        # texture: fine mottling, or a coarse reticular pattern (crazy paving, fibrosis)
+        texture = ndimage.gaussian_filter(rng.normal(size=lung.shape), rng.choice([1.0, 2.0])) * rng.uniform(5, 25)
+        if rng.random() < 0.3:
+            texture *= 4
         value = np.float32(_hu_units(target, cfg)) + texture.astype(np.float32) * (2 / (cfg.hu_window[1] - cfg.hu_window[0]))
         keep_air = np.zeros(lung.shape, bool)
         if kind != "ground-glass" and rng.random() < 0.5:  # air bronchograms: dark branches stay dark
@@ -174,7 +180,8 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
 def scanner_variation(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, cfg: LungNetConfig):
     """Batch (N, 3, S, S), labels (N, 1, S, S): in-plane zoom 0.8–1.6 (field of view, up to images cropped to the
     chest), rotation ±12°, shift ±5 %,
-    noise 0–35 HU, blur (σ ≤ 1.2 px) or sharpening, intensity offset ±40 HU."""
+    noise 0–35 HU, blur (σ ≤ 1.2 px) or sharpening, intensity offset ±40 HU, and for half of the batch the clipping
+    of an 8-bit lung-window picture."""
     n = x.shape[0]
     u = lambda *shape: torch.rand(shape, generator=generator)  # noqa: E731
     angle = (u(n) * 2 - 1) * math.radians(12)
@@ -193,6 +200,12 @@ def scanner_variation(x: torch.Tensor, y: torch.Tensor, generator: torch.Generat
     x = x + mix * (smooth - x)
     x = x + torch.randn(x.shape, generator=generator) * (u(n, 1, 1, 1) * 35 * hu_unit)
     x = x + (u(n, 1, 1, 1) * 2 - 1) * 40 * hu_unit
+    # 8-bit pictures windowed for the lung (e.g. the MedSeg JPEGs): half of the batch clipped to a random window
+    # (low −1250…−950 HU, high −150…+350 HU), then back on the network's window
+    lo = _hu_units(-1100.0, cfg) + (u(n, 1, 1, 1) * 2 - 1) * 150 * hu_unit
+    hi = _hu_units(100.0, cfg) + (u(n, 1, 1, 1) * 2 - 1) * 250 * hu_unit
+    clip = u(n, 1, 1, 1) < 0.5
+    x = torch.where(clip, torch.minimum(torch.maximum(x, lo), hi), x)
     return x.clamp(-1, 1), y
 
 
@@ -267,6 +280,28 @@ def read_lungnet(path) -> dict:
     return payload
 
 
+def is_lungnet_file(path) -> bool:
+    try:
+        read_lungnet(path)
+        return True
+    except SACDiffError:
+        return False
+
+
+def slim_lungnet(src, dst, half: bool = True) -> Path:
+    """The shipping form of a lung network: its weights (float16 unless ``half`` is off), config and provenance,
+    without the optimiser state; loads through ``load_lungnet`` like any other."""
+    payload = read_lungnet(src)
+    cfg = LungNetConfig.from_dict(payload["config"])
+    net = build_lungnet(cfg)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["model"].items()})
+    extra = dict(payload.get("extra") or {}, slimmed_from=Path(src).name,
+                 stored_dtype="float16" if half else "float32")
+    out = save_lungnet(dst, cfg, net, None, extra, half=half)
+    load_lungnet(out)  # the slim file passes the same checks
+    return out
+
+
 def load_lungnet(path=None) -> tuple[LungNetConfig, UNet, dict]:
     """(config, network in eval mode, payload); the shipped lung model when ``path`` is None."""
     path = shipped_lung_model_path() if path is None else path
@@ -298,7 +333,7 @@ def shipped_lung_model_path() -> Path:
 
 def train_lungnet(data_dir, out_path, steps: int = 3000, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
                   resume=None, cases: Optional[list] = None, holdout_every: int = 4, save_every: int = 200,
-                  pathology: float = 0.7, progress: Optional[Progress] = None,
+                  pathology: float = 0.8, progress: Optional[Progress] = None,
                   cfg: LungNetConfig = LungNetConfig()) -> dict:
     """Train (or resume) the lung network and write it to ``out_path`` (every ``save_every`` steps, on cancel and
     at the end; ``resume`` continues a checkpoint's optimiser, schedule and step). Batches are drawn from a
@@ -426,7 +461,13 @@ def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: b
                            f"{MIN_LUNG_AREA_MM2 / 100:.0f}): this does not look like a chest CT through the lungs; "
                            "give a lung mask with --lung")
     if not airways:
-        mask &= ~airway_tree(hu, mask, image)
+        # The network was taught to leave the trachea out, so its mask may hold no trachea to start the airway
+        # tracking from; track it in the union with the threshold mask (which always holds the trachea) instead.
+        try:
+            air = segment_lungs(hu, image, airways=True) > 0
+        except SACDiffError:
+            air = np.zeros_like(mask)
+        mask &= ~airway_tree(hu, mask | air, image)
     return split_left_right(mask, image)
 
 

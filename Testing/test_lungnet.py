@@ -124,3 +124,19 @@ def test_cli_trains_a_lung_network_and_lungmask_uses_it(data_dir, tmp_path, monk
     xs_right = np.argwhere(labels == 1)[:, 2].mean()
     xs_left = np.argwhere(labels == 2)[:, 2].mean()
     assert xs_right < xs_left  # LPS with identity direction: the patient's right at small x
+
+
+def test_slim_gives_a_half_precision_lung_network_without_optimiser_state(data_dir, tmp_path):
+    from SACDiffLib.cli import main
+
+    full = tmp_path / "full.pt"
+    train_lungnet(data_dir, full, steps=1, batch_size=2, save_every=0, cfg=TINY, holdout_every=0)
+    slim = tmp_path / "slim.pt"
+    assert main(["slim", str(full), "--out", str(slim)]) == 0
+    payload = read_lungnet(slim)
+    assert payload["train_state"] is None and payload["extra"]["stored_dtype"] == "float16"
+    assert main(["slim", str(full), "--out", str(tmp_path / "x.pt"), "--lambda", "3"]) == 2  # no such setting
+    _, a, _ = load_lungnet(full)
+    _, b, _ = load_lungnet(slim)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(q, p.half().float(), msg=name)
