@@ -139,7 +139,9 @@ def _threshold_args(p):
 
 def _demo_args(p):
     p.add_argument("--out", default="sacdiff-demo", help="output folder (default ./sacdiff-demo, replaced)")
-    p.add_argument("--ct", help="run on this CT instead of the synthetic chest (lung mask from the fallback)")
+    p.add_argument("--ct", help="run on this CT instead of the synthetic chest (automatic lung mask)")
+    p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
+                   help="automatic lung mask for --ct: classical threshold or SACDiff's lung network")
     p.add_argument("--model", help="use this checkpoint (default: the shipped reference model)")
     p.add_argument("--train-steps", type=int, help="train the small demo model on synthetic normals for N steps "
                    "instead of using the shipped model (1500 gives the figures in the README)")
@@ -435,11 +437,13 @@ def cmd_train_lungmask(args) -> int:
 
 def cmd_demo(args) -> int:
     from .experiments.demo import run_demo
+    from .lung import LungSource
 
     bar = _progress(args, "demo")
     try:
         summary = run_demo(args.out, args.ct, args.model, args.train_steps, args.seed, args.device, progress=bar,
-                           detect_steps=args.steps, ensemble=args.ensemble, sampling_steps=args.sampling_steps)
+                           detect_steps=args.steps, ensemble=args.ensemble, sampling_steps=args.sampling_steps,
+                           lung_source=LungSource(args.lung_method))
     finally:
         bar.close()
     if "dice" in summary:

@@ -14,6 +14,7 @@ error / uncertainty / pseudo-healthy back to the CT grid and binarises the error
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import nullcontext
 from typing import Optional
@@ -209,7 +210,7 @@ def reconstruct_ensemble(
         return z.unsqueeze(1)
 
     def on_step(done: float, total: int):
-        return report(progress, done / total, f"reverse step {min(int(done) + 1, total)}/{total}, {s} slices")
+        return report(progress, done / total, f"reverse step {math.ceil(done)}/{total}, {s} slices")
 
     x0 = xc.unsqueeze(0).expand(k, s, 1, hc, wc)
     c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import SimpleITK as sitk
 
+from ..lung import LungSource
 from ..checkpoint import load_checkpoint, shipped_model_path
 from ..config import derive, preset
 from ..detect import detect_volume, resolve_device
@@ -42,6 +43,7 @@ def run_demo(
     detect_steps: Optional[int] = None,
     ensemble: Optional[int] = None,
     sampling_steps: Optional[int] = None,
+    lung_source: LungSource = LungSource(),
 ) -> dict:
     final = Path(out_dir)
     # The whole demo folder is built under a temporary name and put in place at the end (atomic.Output).
@@ -80,7 +82,7 @@ def run_demo(
             ct_path, lung_path, truth_path = Path(ct), None, None
         log(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
             f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
-        result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress)
+        result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress, lung_source=lung_source)
         run_dir = write_run(result, out_dir / "run", overwrite=overwrite)
         summary = {"run": str(run_dir), "model": str(model), "seconds": time.perf_counter() - t0,
                    "anomaly_ml": result.report["quantification"]["anomaly_ml"]}
