@@ -225,7 +225,7 @@ def _lungmask_args(p):
 def _train_lungmask_args(p):
     p.add_argument("--data", required=True, help="folder with cases.json and ct/<case>_ct.nii.gz, ct/<case>_lung.nii.gz")
     p.add_argument("--out", required=True, help="lung network file to write (.pt)")
-    p.add_argument("--steps", type=int, default=3000, help="optimisation steps (default 3000)")
+    p.add_argument("--steps", type=int, help="optimisation steps in all (default 3000; resuming: the run's own)")
     p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate, cosine decay (default 2e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and synthetic pathology")

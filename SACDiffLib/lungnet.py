@@ -331,14 +331,15 @@ def shipped_lung_model_path() -> Path:
 
 # ---------------------------------------------------------------------------------------------------- training
 
-def train_lungnet(data_dir, out_path, steps: int = 3000, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
+def train_lungnet(data_dir, out_path, steps: Optional[int] = None, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
                   resume=None, cases: Optional[list] = None, holdout_every: int = 4, save_every: int = 200,
                   pathology: float = 0.8, progress: Optional[Progress] = None,
                   cfg: LungNetConfig = LungNetConfig()) -> dict:
     """Train (or resume) the lung network and write it to ``out_path`` (every ``save_every`` steps, on cancel and
-    at the end; ``resume`` continues a checkpoint's optimiser, schedule and step). Batches are drawn from a
+    at the end; ``resume`` continues a checkpoint's optimiser, schedule and step, with its own total of steps
+    unless ``steps`` is given). Batches are drawn from a
     generator seeded by (seed, step): a resumed training draws the same batches as an uninterrupted one."""
-    if steps < 1 or batch_size < 1 or not (0 < lr < 1) or save_every < 0 or not 0 <= pathology <= 1:
+    if steps is not None and steps < 1 or batch_size < 1 or not (0 < lr < 1) or save_every < 0 or not 0 <= pathology <= 1:
         raise SACDiffError("train-lungmask: --steps and --batch-size must be ≥ 1, --lr in (0, 1), --save-every ≥ 0")
     state = None
     if resume:
@@ -349,6 +350,8 @@ def train_lungnet(data_dir, out_path, steps: int = 3000, batch_size: int = 8, lr
             raise SACDiffError(f"{resume} holds no training state; it cannot be resumed")
         seed, batch_size, lr, holdout_every = (state["settings"][k] for k in ("seed", "batch_size", "lr", "holdout_every"))
         cases = state["settings"]["cases"]
+        steps = steps or int(state["settings"]["steps"])  # the run's own schedule unless asked otherwise
+    steps = steps or 3000
     stacks, labels, pixel, used = training_slices(data_dir, cfg, cases, holdout_every)
     lung_slices = torch.nonzero(labels.flatten(1).sum(1) > 0).flatten()
     torch.manual_seed(seed)
