@@ -302,10 +302,12 @@ def _since(before: dict) -> dict:
     return {k: now[k] - before[k] for k in now}
 
 
-def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3) -> dict:
+def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3,
+               random_preset: str = "") -> dict:
     """Measured in THIS process (``allocator_comparison`` runs it in two children): whole-volume detection of a
     ``size``² chest phantom of ``slices`` slices (2.5 mm; ≈ 100 of them hold lung) with the shipped model's
-    defaults (random small256 weights where the model is not installed), and training samples/s per preset.
+    defaults (random small256 weights where the model is not installed; ``random_preset``: that preset's network
+    with random weights, e.g. "tiny" for the quick CI run), and training samples/s per preset.
     Wall and CPU time (user, system), minor page faults (``getrusage``), noise seconds, UNet evaluations and a
     checksum of the anomaly map."""
     import hashlib
@@ -327,10 +329,12 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
         spent = _since(before)
         out["training"][name] = dict(tr, system_share=spent["system"] / max(spent["user"] + spent["system"], 1e-9))
     hu, lungs, _, spacing = chest_phantom(size, slices, "covid", seed=0, slice_mm=2.5)
-    try:
-        model_path, model_note = shipped_model_path(), "shipped model"
-    except Exception:  # not installed: the same architecture with random weights times the same
-        model_path, model_note = None, "small256 preset, random weights"
+    model_path, model_note = None, f"{random_preset or 'small256'} preset, random weights"
+    if not random_preset:
+        try:
+            model_path, model_note = shipped_model_path(), "shipped model"
+        except Exception:  # not installed: the same architecture with random weights times the same
+            pass
     with tempfile.TemporaryDirectory() as tmp:
         ref = sitk.GetImageFromArray(hu)
         ref.SetSpacing(spacing)
@@ -341,7 +345,7 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
         if model_path is not None:
             cfg, model, diffusion = load_for_detection(model_path, torch.device("cpu"), seed=0, log=lambda m: None)
         else:
-            cfg = preset("small256")
+            cfg = preset(random_preset or "small256")
             model, diffusion = build(cfg)
             model.eval()
         before = _rusage()
@@ -356,7 +360,8 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
     return out
 
 
-def allocator_comparison(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3) -> dict:
+def allocator_comparison(slices: int = 120, size: int = 256, train_presets=(), train_steps: int = 3,
+                         random_preset: str = "") -> dict:
     """``volume_run`` in two child processes, glibc's default (SACDIFF_KEEP_FREED_MEMORY=0) and SACDiff's setting:
     the allocator is process-wide and cannot be switched back exactly, so each side gets a fresh process."""
     import json
@@ -368,7 +373,8 @@ def allocator_comparison(slices: int = 120, size: int = 256, train_presets=(), t
     runs = {}
     for label, switch in (("glibc_default", "0"), ("keep_freed_memory", "1")):
         code = ("import json, sys\nfrom SACDiffLib.experiments.benchmark import volume_run\n"
-                f"print('RESULT', json.dumps(volume_run({slices}, {size}, {tuple(train_presets)!r}, {train_steps})))")
+                f"print('RESULT', json.dumps(volume_run({slices}, {size}, {tuple(train_presets)!r}, {train_steps}, "
+                f"{random_preset!r})))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               env={**os.environ, ENV_SWITCH: switch})
         if done.returncode != 0:
@@ -463,7 +469,8 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     log(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
         f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
     a = allocator_comparison(8 if quick else 120, 64 if quick else 256,
-                             ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3)
+                             ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3,
+                             "tiny" if quick else "")
     results["allocator"] = a
     for line in allocator_lines(a):
         log(line)
