@@ -156,13 +156,9 @@ def written_by_sacdiff(path: Path, kind: str) -> bool:
         except SACDiffError:
             return False
     if kind == "lung-model":
-        from .lungnet import read_lungnet
+        from .lungnet import is_lungnet_file
 
-        try:
-            read_lungnet(path)
-            return True
-        except SACDiffError:
-            return False
+        return is_lungnet_file(path)
     if kind == "image":
         import SimpleITK as sitk
 

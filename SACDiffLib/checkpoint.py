@@ -156,12 +156,17 @@ SHIPPED_MODEL = "sacdiff-small256.pt"
 def shipped_model_path() -> Path:
     """The reference model shipped with SACDiff (``Resources/models`` of the source tree / extension, or
     ``SACDiffLib/models`` where the library is installed alone). Raises with a clear fix when it is absent."""
+    path, looked = find_shipped(SHIPPED_MODEL)
+    if path is None:
+        raise SACDiffError(f"no model was named and the shipped model {SHIPPED_MODEL} is not installed (looked in "
+                           f"{looked}); pass --model CKPT or train one with `sacdiff train`")
+    return path
+
+
+def find_shipped(name: str) -> tuple[Optional[Path], str]:
+    """(a file shipped with SACDiff — ``Resources/models`` of the source tree / extension, or ``SACDiffLib/models``
+    where the library is installed alone — or None, the folders looked in)."""
     here = Path(__file__).resolve().parent
-    candidates = [here.parent / "Resources" / "models" / SHIPPED_MODEL, here / "models" / SHIPPED_MODEL]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise SACDiffError(
-        f"no model was named and the shipped model {SHIPPED_MODEL} is not installed (looked in "
-        f"{', '.join(str(c.parent) for c in candidates)}); pass --model CKPT or train one with `sacdiff train`"
-    )
+    candidates = [here.parent / "Resources" / "models" / name, here / "models" / name]
+    found = next((path for path in candidates if path.is_file()), None)
+    return found, ", ".join(str(c.parent) for c in candidates)

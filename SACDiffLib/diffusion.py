@@ -159,7 +159,8 @@ class Diffusion(nn.Module):
         eps = noise(steps).expand_as(x0)
         t_s = torch.full((x0.shape[0],), steps, device=x0.device)
         for part in parts:  # x_{T_s} = √ᾱ x₀ + √(1 − ᾱ) ε (Alg. 2 line 2)
-            x[part] = self.q_sample(x0[part], t_s[:x0[part].shape[0]], eps[part])
+            x0_part = x0[part]
+            x[part] = self.q_sample(x0_part, t_s[:x0_part.shape[0]], eps[part])
         for i, (t, t_prev) in enumerate(zip(visited[:-1], visited[1:])):
             z = noise(t_prev).expand_as(x) if t_prev > 0 else None  # drawn once per step, for every part
             for j, part in enumerate(parts):

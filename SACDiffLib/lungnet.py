@@ -40,6 +40,7 @@ from .config import ModelConfig
 from .errors import SACDiffError
 from .lung import airway_tree, segment_lungs, split_left_right
 from .progress import Progress, report
+from .train import affine_warp
 from .unet import UNet
 
 FORMAT = "sacdiff-lungnet"
@@ -187,11 +188,7 @@ def scanner_variation(x: torch.Tensor, y: torch.Tensor, generator: torch.Generat
     angle = (u(n) * 2 - 1) * math.radians(12)
     scale = 0.8 + 0.8 * u(n)
     shift = (u(n, 2) * 2 - 1) * 0.05
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    x, y = affine_warp(x, y, angle, scale, shift)
     hu_unit = 2 / (cfg.hu_window[1] - cfg.hu_window[0])
     kernel = torch.tensor([1.0, 2.0, 1.0]) / 4
     smooth = F.conv2d(F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="replicate"),
@@ -319,14 +316,13 @@ def load_lungnet(path=None) -> tuple[LungNetConfig, UNet, dict]:
 
 
 def shipped_lung_model_path() -> Path:
-    here = Path(__file__).resolve().parent
-    candidates = [here.parent / "Resources" / "models" / SHIPPED_LUNG_MODEL, here / "models" / SHIPPED_LUNG_MODEL]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise SACDiffError(f"the shipped lung model {SHIPPED_LUNG_MODEL} is not installed (looked in "
-                       f"{', '.join(str(c.parent) for c in candidates)}); use --lung-method classical or pass "
-                       "--lung-model")
+    from .checkpoint import find_shipped
+
+    path, looked = find_shipped(SHIPPED_LUNG_MODEL)
+    if path is None:
+        raise SACDiffError(f"the shipped lung model {SHIPPED_LUNG_MODEL} is not installed (looked in {looked}); use "
+                           "--lung-method classical or pass --lung-model")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -80,14 +80,22 @@ def augment(x: torch.Tensor, c: torch.Tensor, generator: torch.Generator):
     angle = (u(n) * 2 - 1) * math.radians(10)
     scale = 1 + (u(n) * 2 - 1) * 0.1
     shift = (u(n, 2) * 2 - 1) * 0.04
+    x, c = affine_warp(x, c, angle, scale, shift)
+    gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * 0.03
+    offset = (u(n, 1, 1, 1) * 2 - 1) * 0.03
+    return ((x + 1) * gain - 1 + offset).clamp(-1, 1), c
+
+
+def affine_warp(x: torch.Tensor, mask: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """Images in [−1, 1] (N, C, H, W) and their masks (N, 1, H, W) rotated by ``angle`` (radians), zoomed by
+    ``scale`` and shifted by ``shift`` (N, 2; in units of half the image), per sample; air (−1) and no-mask (0) come
+    in at the border, the mask stays binary. The one affine augmentation of the diffusion and the lung network."""
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1  # pad with air
-    c = (F.grid_sample(c, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * 0.03
-    offset = (u(n, 1, 1, 1) * 2 - 1) * 0.03
-    return ((x + 1) * gain - 1 + offset).clamp(-1, 1), c
+    mask = (F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    return x, mask
 
 
 def cosine_lr(step: int, cfg) -> float:

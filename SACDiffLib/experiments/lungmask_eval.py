@@ -104,7 +104,8 @@ def medseg_figures(folder: Path, model) -> dict:
 
 def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
     data_dir = Path(data_dir)
-    settings = (read_lungnet(model)["train_state"] or {}).get("settings") or read_lungnet(model)["extra"].get("settings", {})
+    payload = read_lungnet(model)
+    settings = (payload["train_state"] or {}).get("settings") or payload["extra"].get("settings", {})
     cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
                                             if "normal" in str(d.get("diagnosis", "")))
     out = {"model": str(model), "healthy": healthy_figures(data_dir, model, cases, holdout_every)}
