@@ -9,7 +9,9 @@ under a unique temporary name beside the target (``.NAME.tmp-PID-RANDOM``), then
 - a new target with an exclusive rename (Linux ``renameat2(RENAME_NOREPLACE)``; elsewhere an existence check just
   before ``rename``): of two writers one wins and the other gets a clear error, nothing is lost;
 - an existing target (``overwrite``) by exchanging the two names atomically (``RENAME_EXCHANGE``), so a reader sees
-  the old or the new output whole, never a mix; then the old one is deleted.
+  the old or the new output whole, never a mix; then the old one is deleted. Only the output that was there when
+  the writer started (its inode) may be replaced: when another writer committed meanwhile, this one fails with an
+  error and the other's output stays — of two `--overwrite` writers one wins, the other gets an error.
 
 Anything that fails, SIGINT and SIGTERM included (``cli.main`` turns SIGTERM into KeyboardInterrupt), removes the
 temporary name. A SIGKILL leaves it; the next SACDiff writer beside it removes it once its process is gone.
@@ -31,6 +33,7 @@ from .errors import SACDiffError
 
 MARKER = ".sacdiff-output"  # in every folder SACDiff writes: {"kind": ...}
 IMAGE_NOTE = "written by SACDiff"  # ITK_FileNotes of every image SACDiff writes (NIfTI descrip, NRRD/MHA field)
+JSON_NOTE = "SACDiff"  # "written_by" of every stand-alone JSON file SACDiff writes (kind "json")
 _TMP = ".tmp-"
 
 
@@ -56,7 +59,7 @@ def replaced_file(path) -> Iterator[Path]:
 
 def mark(folder: Path, kind: str) -> None:
     """Write the marker that tells a later ``--overwrite`` this folder is SACDiff's own."""
-    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n")
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
 
 
 def _renameat2(src: Path, dst: Path, flag: int) -> Optional[bool]:
@@ -116,15 +119,17 @@ def remove(path: Path) -> None:
 
 
 def clean_stale(target: Path) -> list[Path]:
-    """Remove ``.NAME.tmp-PID-*`` beside ``target`` whose process is gone (a SIGKILL'd SACDiff)."""
+    """Remove ``.NAME.tmp-PID-*`` beside ``target`` whose process is gone (a SIGKILL'd SACDiff), and the image
+    writer's inner temporary of such a name (``..NAME.tmp-PID-*``, ``io.write_image``)."""
     removed = []
-    prefix = f".{target.name}{_TMP}"
+    prefixes = (f".{target.name}{_TMP}", f"..{target.name}{_TMP}")
     try:
         entries = list(target.parent.iterdir())
     except OSError:
         return removed
     for entry in entries:
-        if not entry.name.startswith(prefix):
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
             continue
         pid = entry.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
@@ -142,7 +147,7 @@ def written_by_sacdiff(path: Path, kind: str) -> bool:
             return True
         report = path / "report.json"  # run folders written before the marker existed
         try:
-            return kind == "run" and "sacdiff_report_version" in json.loads(report.read_text())
+            return kind == "run" and "sacdiff_report_version" in json.loads(report.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
     if not path.is_file():
@@ -159,6 +164,11 @@ def written_by_sacdiff(path: Path, kind: str) -> bool:
         from .lungnet import is_lungnet_file
 
         return is_lungnet_file(path)
+    if kind == "json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == JSON_NOTE
+        except (OSError, ValueError, AttributeError):
+            return False
     if kind == "image":
         import SimpleITK as sitk
 
@@ -190,21 +200,36 @@ def _overlaps(target: Path, inputs: Iterable) -> Optional[Path]:
     return None
 
 
+def identity(path: Path) -> Optional[tuple[int, int]]:
+    """(device, inode) of ``path`` itself (a symlink not followed), or None when absent: another writer's commit
+    (a rename or an exchange) puts a different inode under the name."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class Output:
     """One output, written under a temporary name and put in place whole (see the module docstring).
 
     ``with Output(path, "run", overwrite, inputs=[ct, lung]) as tmp: ...write into tmp...`` — a folder for kinds
-    "run" and "results", a file path for "checkpoint" and "image"."""
+    "run" and "results", a file path for "checkpoint", "lung-model", "image" and "json" (a JSON object holding
+    ``"written_by": JSON_NOTE``)."""
 
     FOLDER_KINDS = ("run", "results")
 
-    def __init__(self, target, kind: str, overwrite: bool = False, inputs: Iterable = ()):
+    def __init__(self, target, kind: str, overwrite: bool = False, inputs: Iterable = (),
+                 started_from: Optional[tuple[int, int]] = None):
         self.target = Path(target)
         self.kind = kind
         self.folder = kind in self.FOLDER_KINDS
         self.overwrite = overwrite
         self.tmp: Optional[Path] = None
         self.check(inputs)
+        # What this writer may replace: the target as it is now (or as the caller read it: ``started_from``, e.g.
+        # the run `threshold` loaded). Another writer's commit in between makes this one fail, never vanish.
+        self.started_from = identity(self.target) if started_from is None else started_from
 
     def check(self, inputs: Iterable = ()) -> None:
         """Everything that can be known before the work: refuses with one line naming the problem and the fix."""
@@ -238,7 +263,11 @@ class Output:
         self.tmp = temp_name(self.target, suffix)
         if self.folder:
             self.tmp.mkdir()
-            mark(self.tmp, self.kind)
+            try:
+                mark(self.tmp, self.kind)
+            except BaseException:  # __exit__ does not run when __enter__ fails
+                remove(self.tmp)
+                raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -252,6 +281,7 @@ class Output:
 
     def commit(self) -> None:
         tmp, target = self.tmp, self.target
+        self.committed = identity(tmp)  # the output's identity once in place (a rename keeps the inode)
         try:
             if self.folder and _empty_folder(target):
                 try:
@@ -260,12 +290,16 @@ class Output:
                     pass
             if rename_noreplace(tmp, target):
                 return
-            if not self.overwrite:
-                raise SACDiffError(f"{target} was created by another process while this one worked; its output is "
-                                   "kept and this one discarded: run again with another --out")
+            raced = (f"{target} was written by another process while this one worked; its output is kept and this "
+                     "one discarded: run again (or use another --out)")
+            if not self.overwrite or self.started_from is None or identity(target) != self.started_from:
+                raise SACDiffError(raced)
             if not written_by_sacdiff(target, self.kind):
                 raise SACDiffError(f"{target} was replaced meanwhile by something SACDiff did not write; left as it is")
             exchange(tmp, target)  # tmp now holds the previous output, removed by __exit__
+            if identity(tmp) != self.started_from:  # another writer committed between the check and the exchange
+                exchange(tmp, target)  # theirs back in place
+                raise SACDiffError(raced)
         except OSError as exc:
             raise SACDiffError(f"cannot write {target} ({exc.strerror or exc}); nothing was changed — free space or "
                                "choose a writable --out") from None

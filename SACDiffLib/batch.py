@@ -78,6 +78,10 @@ def collect_scans(inputs) -> list[Scan]:
         else:  # a CT file or a DICOM series folder
             scans.append(Scan(_strip(item).removesuffix("_ct") or item.name, item, _sibling_lung(item)
                               if item.is_file() else None))
+    from .data import check_case_name
+
+    for s in scans:
+        check_case_name(s.name, str(s.ct))
     names = [s.name for s in scans]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -118,13 +122,22 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
                            right_anomaly_percent=round(q["right_anomaly_percent"], 4),
                            left_anomaly_percent=round(q["left_anomaly_percent"], 4),
                            alpha=result.threshold.alpha, seconds=result.report["timings"]["total_s"])
-            except Cancelled:
-                raise
+            except (Cancelled, KeyboardInterrupt):
+                if dist.active:
+                    raise
+                # Each finished scan is its own complete run; keep them and say so in summary.csv and the message.
+                done = len(rows)
+                rows += [{"scan": s.name, "ct": str(s.ct), "status": "cancelled", "rank": dist.rank}
+                         for s in mine[done:]]
+                _write_summary(rows, out_dir / "summary.csv")
+                raise Cancelled("batch cancelled", kept=(
+                    f"{done} of {len(mine)} scan(s) finished and kept, each a complete run in {out_dir}; summary.csv "
+                    "lists them and the cancelled ones; nothing partial was left")) from None
             except SACDiffError as exc:
                 row.update(status=f"error: {exc}")
                 log(f"{scan.name}: {exc}")
             rows.append(row)
-        (out_dir / f".rank{dist.rank}.json").write_text(json.dumps(rows))
+        (out_dir / f".rank{dist.rank}.json").write_text(json.dumps(rows), encoding="utf-8")
         if dist.active:
             import torch.distributed as td
 
@@ -134,7 +147,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
         every = []
         for rank in range(dist.world):
             share = out_dir / f".rank{rank}.json"
-            every += json.loads(share.read_text())
+            every += json.loads(share.read_text(encoding="utf-8"))
             share.unlink()
         order = {s.name: i for i, s in enumerate(scans)}
         every.sort(key=lambda r: order[r["scan"]])
@@ -147,7 +160,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
 def _write_summary(rows: list[dict], path: Path) -> None:
     fields = ["scan", "status", "anomaly_ml", "anomaly_percent_of_lung", "right_anomaly_percent",
               "left_anomaly_percent", "alpha", "seconds", "rank", "ct", "lung"]
-    with replaced_file(path) as tmp, open(tmp, "w", newline="") as f:
+    with replaced_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)

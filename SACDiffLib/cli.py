@@ -42,6 +42,15 @@ def _add_detect_options(p):
     p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
     p.add_argument("--sampling-steps", type=int,
                    help="respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)")
+    p.add_argument("--harmonise-steps", type=int,
+                   help="harmonised reverse chain: at the first N reverse steps, blend the predicted healthy image "
+                   "with the query where they agree inside the lung and re-noise (THOR-style; 0 = the paper's plain "
+                   "chain; default: the model's)")
+    p.add_argument("--harmonise-radius", type=int,
+                   help="pixels over which the residual is averaged before the harmonisation weight (default: the "
+                   "model's, 1)")
+    p.add_argument("--shift-tolerance", type=int,
+                   help="pixels of shift the error map forgives (0 = none; default: the model's)")
     _bool_flag(p, "crop", None, "run the network on the body's bounding box only (default on)")
     _bool_flag(p, "exclude-airways", None, "take the trachea and main bronchi out of the lung mask, the given one "
                "too (default on: air in a large airway is not lung and lights up in E)")
@@ -73,8 +82,19 @@ def _load_for_detection(args):
         log=lambda m: print(m, file=sys.stderr), steps=args.steps, ensemble=args.ensemble, lam=args.lam,
         threshold=args.threshold, fixed_threshold=args.fixed_threshold, error=args.error, crf=args.crf,
         batch_size=args.batch_size, sampling_steps=args.sampling_steps, crop_to_lung=args.crop,
-        exclude_airways=args.exclude_airways)
+        exclude_airways=args.exclude_airways, harmonise_steps=args.harmonise_steps,
+        shift_tolerance=args.shift_tolerance, harmonise_radius=args.harmonise_radius)
+    _refuse_inert_threshold_options(cfg.detect, args)
     return cfg, model, diffusion, device
+
+
+def _refuse_inert_threshold_options(det, args) -> None:
+    """An option that would change nothing is refused rather than printed and stored as if it had."""
+    if det.threshold == "fixed" and args.lam is not None:
+        raise SACDiffError("--lambda has no effect with a fixed threshold (α is --fixed-threshold); drop --lambda or "
+                           "use --threshold adaptive")
+    if det.threshold != "fixed" and args.fixed_threshold is not None:
+        raise SACDiffError("--fixed-threshold is used only with --threshold fixed; add --threshold fixed or drop it")
 
 
 def _lung_source(args):
@@ -167,7 +187,9 @@ def _validate_args(p):
     p.add_argument("--data", required=True, help="data folder whose normal cases trained the model")
     p.add_argument("--model", help="checkpoint (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="results folder (validation.json, validation.md)")
-    p.add_argument("--settings", help="comma-separated T_s×reverse steps×K, e.g. 100x10x3,150x10x3 (default: the "
+    p.add_argument("--settings", help="comma-separated T_s×reverse steps×K, e.g. 100x10x3,150x10x3, each optionally "
+                   "followed by h<N> (harmonised steps), r<R> (harmonisation radius) and s<R> (shift tolerance), e.g. "
+                   "250x10x3h9r3s1 (default: the "
                    "model's own)")
     p.add_argument("--holdout-every", type=int, help="hold-out slab period (default: the checkpoint's; give it for a "
                    "model trained on everything, whose held-out slices were then seen in training)")
@@ -207,7 +229,9 @@ def _ablation_args(p):
 
 def _benchmark_args(p):
     p.add_argument("--quick", action="store_true", help="small sizes (CI)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--json", help="also write the figures to this JSON file (a new file, or with --overwrite one "
+                   "SACDiff wrote)")
+    p.add_argument("--overwrite", action="store_true", help="replace a JSON file an earlier benchmark wrote")
     _add_device(p)
 
 
@@ -277,7 +301,7 @@ def cmd_train(args) -> int:
         cfg,
         train=dict(batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, augment=args.augment,
                    seed=args.seed),
-        preprocess=dict(image_size=args.image_size or None),
+        preprocess=dict(image_size=args.image_size),
         diffusion=dict(noise={"kind": args.noise}, timesteps=args.timesteps or None),
         model=dict(conditional=args.conditional),
         detect=dict(steps=min(cfg.detect.steps, args.timesteps) if args.timesteps else None),
@@ -310,7 +334,7 @@ def cmd_detect(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             from .atomic import Output
 
-            inputs = [s.ct for s in scans] + [s.lung for s in scans] + list(args.ct)
+            inputs = [s.ct for s in scans] + [s.lung for s in scans] + list(args.ct) + [args.model, args.lung_model]
             Output(args.out, "results", args.overwrite, inputs)  # checks only: each scan's run is written whole
         cfg, model, diffusion, device = _load_for_detection(args)
         bar = _progress(args, "detect")
@@ -329,7 +353,7 @@ def cmd_detect(args) -> int:
     lung_source = _lung_source(args)
     if args.complete_lung and not args.lung:
         raise SACDiffError("--complete-lung completes a given lung mask: pass --lung, or use --lung-method learned")
-    output = check_out_dir(args.out, args.overwrite, [args.ct, args.lung, args.lung_model])  # before any work
+    output = check_out_dir(args.out, args.overwrite, [args.ct, args.lung, args.model, args.lung_model])  # before work
     cfg, model, diffusion, device = _load_for_detection(args)
     d = cfg.detect
     bar = _progress(args, "detect")
@@ -342,7 +366,8 @@ def cmd_detect(args) -> int:
     q = result.report["quantification"]
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
-          f"(λ = {d.lam}); {result.report['timings']['total_s']:.1f} s on {device}; outputs in {out}")
+          f"({'fixed' if d.threshold == 'fixed' else f'λ = {d.lam}'}); {result.report['timings']['total_s']:.1f} s "
+          f"on {device}; outputs in {out}")
     t = result.report["timings"]
     print("time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in t.items() if k != "total_s"))
     return 0
@@ -353,7 +378,10 @@ def cmd_evaluate(args) -> int:
     from .experiments.evaluate import evaluate
 
     lung_source = _lung_source(args)
+    from .data import load_cases
+
     Output(args.out, "results", args.overwrite, inputs=[args.cases, args.model, args.lung_model])  # before any work
+    load_cases(args.cases)  # case names and descriptions checked before the model is read
     cfg, model, diffusion, device = _load_for_detection(args)
     bar = _progress(args, "evaluate")
     if args.sweep:
@@ -382,6 +410,9 @@ def cmd_threshold(args) -> int:
 
     t0 = time.perf_counter()
     result = load_run(args.run)
+    if result.detect.threshold == "fixed":
+        raise SACDiffError(f"{args.run} was thresholded with a fixed α ({result.detect.fixed_threshold:g}); λ has no "
+                           "effect there — run detect again with --threshold adaptive to use λ")
     before = int(result.mask.sum()) if result.mask is not None else 0
     rethreshold(result, args.lam, crf=args.crf)
     write_threshold_update(result, args.run)
@@ -399,6 +430,7 @@ def cmd_lungmask(args) -> int:
     from .lung import segment_lungs
     from .postprocess import quantify
 
+    io.check_writable_format(args.out)  # a .png would be one all-zero 2D slice, .xyz an ITK error after the work
     output = Output(args.out, "image", args.overwrite, inputs=[args.ct] + ([args.lung_model] if args.lung_model else []))
     ct = io.read_ct(args.ct)
     if args.method == "learned":
@@ -479,7 +511,7 @@ def cmd_ablation(args) -> int:
     else:
         result = run_ablation(args.train, args.cases or args.train, args.out, args.preset, args.train_steps,
                               args.models, resolve_device(args.device), args.overwrite, overrides, log=log)
-    print((Path(args.out) / "ablation.md").read_text())
+    print((Path(args.out) / "ablation.md").read_text(encoding="utf-8"))
     return 0 if result["rows"] else 1
 
 
@@ -530,11 +562,14 @@ def cmd_slim(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
+    from .atomic import JSON_NOTE, Output
     from .experiments.benchmark import run_benchmark
 
+    output = Output(args.json, "json", args.overwrite) if args.json else None  # before the work
     results = run_benchmark(args.device, args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if output is not None:
+        with output as tmp:
+            tmp.write_text(json.dumps({"written_by": JSON_NOTE, **results}, indent=1, allow_nan=False), encoding="utf-8")
     return 0
 
 
@@ -580,8 +615,15 @@ def main(argv=None) -> int:
     except SACDiffError as exc:
         print(error_line(args.command, str(exc)), file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Cancelled):
-        if args.command in ("train", "train-lungmask") and Path(args.out).is_file():
+    except OSError as exc:  # a full disk, a quota, a name too long, a file that vanished: what the system said
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(error_line(args.command, f"{exc.strerror or exc}{where}; nothing partial was left — free space, "
+                                       "shorten the path or choose another --out"), file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled) as exc:
+        if getattr(exc, "kept", None):
+            print(f"sacdiff {args.command}: cancelled; {exc.kept}", file=sys.stderr)
+        elif args.command in ("train", "train-lungmask") and Path(args.out).is_file():
             print(f"sacdiff {args.command}: stopped; the training state was saved to {args.out}: continue with "
                   f"`sacdiff {args.command} --data {args.data} --out {args.out} --resume {args.out}`", file=sys.stderr)
         else:

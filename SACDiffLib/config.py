@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 from .errors import SACDiffError
 
@@ -135,6 +135,15 @@ class DetectConfig:
     sampling_steps: int = 0
     crop_to_lung: bool = True  # run the UNet on the body's bounding box of the model grid only (+ margin of air)
     exclude_airways: bool = True  # trachea and main bronchi out of the lung mask, a given mask too (lung.airway_tree)
+    # Harmonised reverse (THOR-style, ``Diffusion.partial_chain``): at the first n reverse steps x̂₀ is blended with
+    # the query inside the lung where their residual is small, and re-noised. 0 = the paper's plain Alg. 2.
+    harmonise_steps: int = 0
+    # Radius (model-grid pixels) of the box filter applied to |x̂₀ − x| before the blend weight: thin structures
+    # (vessels) that a deep step blurs weigh less than a lesion of the same contrast but larger size.
+    harmonise_radius: int = 1
+    # Shift tolerance of the error map (pixels of the model grid): a query pixel that lies between the min and max
+    # of a reconstruction within this radius has no error (a vessel drawn one pixel off is not an anomaly). 0 = off.
+    shift_tolerance: int = 0
 
 
 @dataclass
@@ -218,6 +227,9 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (TrainConfig, "max_timestep"): 0,
     (TrainConfig, "holdout_every"): 0,
     (DetectConfig, "exclude_airways"): True,  # a detection default, not a training fact: the better one for all
+    (DetectConfig, "harmonise_steps"): 0,  # the plain reverse chain of Alg. 2
+    (DetectConfig, "harmonise_radius"): 1,
+    (DetectConfig, "shift_tolerance"): 0,
 }
 
 _SECTIONS = {
@@ -253,6 +265,40 @@ def _check_finite(section, where: str) -> None:
     bad = _non_finite(section, where)
     if bad:
         raise SACDiffError(f"non-finite setting(s): {', '.join(bad)}; every number must be finite")
+
+
+def _type_error(value, hint) -> Optional[str]:
+    """What is wrong with ``value`` as a ``hint`` (bool, int, float, str, Literal, tuple[int, ...]), or None."""
+    origin = get_origin(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str or origin is Literal:
+        return None if isinstance(value, str) else "a word"
+    if origin is tuple:
+        inner = get_args(hint)[0]
+        if not isinstance(value, tuple) or not value:
+            return "a list of numbers"
+        return next((_type_error(v, inner) for v in value if _type_error(v, inner)), None)
+    return None
+
+
+def _check_types(section, where: str) -> None:
+    """Every field of ``section`` (recursively) holds a value of its declared type: a checkpoint or a run folder
+    that says ``"crf": "yes"`` or ``steps: 10.5`` is refused here, before any number is used."""
+    hints = get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, f"{where}.{f.name}")
+            continue
+        problem = _type_error(value, hints[f.name])
+        if problem:
+            raise SACDiffError(f"setting {where}.{f.name} = {value!r} must be {problem}; the checkpoint or run was "
+                               "edited or written by another program — use one written by SACDiff")
 
 
 def _check_range(name: str, value, lo=None, hi=None, what: str = "") -> None:
@@ -292,6 +338,7 @@ def detect_from_dict(data: dict) -> DetectConfig:
     """The detection settings of a finished run (its report's ``detect``), read as strictly as a checkpoint's
     config: unknown or missing fields named, every value range-checked."""
     det = _build(DetectConfig, data, "detect")
+    _check_types(det, "detect")
     _check_finite(det, "detect")
     _validate_detect(det)
     return det
@@ -305,21 +352,31 @@ def _check_choices(items) -> None:
 
 def _validate_detect(det: DetectConfig) -> None:
     """The checks that need nothing but the detection settings (the rest need the model: ``validate``)."""
+    _check_range("detect.steps (--steps, T_s)", det.steps, 1, None)
     _check_range("detect.sampling_steps (--sampling-steps)", det.sampling_steps, 0, det.steps,
                  f" (0 = every one of the T_s = {det.steps} steps)")
     _check_range("detect.batch_size (--batch-size)", det.batch_size, 0, None, " (0 = automatic)")
-    _check_range("detect.seed (--seed)", det.seed, 0, None)
+    _check_range("detect.seed (--seed)", det.seed, 0, 2**63 - 1)
+    _check_range("detect.ensemble (--ensemble)", det.ensemble, 1, 64, " (each member costs a full reverse chain)")
+    _check_range("detect.lam (--lambda)", det.lam, -100.0, 1000.0)
+    _check_range("detect.fixed_threshold (--fixed-threshold)", det.fixed_threshold, 0.0, 4.0,
+                 " (E is a squared error of images in [−1, 1])")
     _check_range("detect.crf_iterations", det.crf_iterations, 0, 100)
     _check_range("detect.morphology_radius", det.morphology_radius, 0, 50)
+    reverse_steps = det.sampling_steps if 0 < det.sampling_steps < det.steps else det.steps
+    _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
+                 f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
+    _check_range("detect.shift_tolerance (--shift-tolerance)", det.shift_tolerance, 0, 4)
+    _check_range("detect.harmonise_radius (--harmonise-radius)", det.harmonise_radius, 0, 16)
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
     _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode)))
-    if det.ensemble < 1:
-        raise SACDiffError(f"ensemble size K={det.ensemble} must be at least 1")
 
 
 def validate(cfg: SACDiffConfig) -> None:
-    """Every setting range-checked in one place (config files, checkpoints and command-line options alike)."""
+    """Every setting type- and range-checked in one place (config files, checkpoints and command-line options
+    alike)."""
+    _check_types(cfg, "config")
     _check_finite(cfg, "config")
     m, d, p, det, t = cfg.model, cfg.diffusion, cfg.preprocess, cfg.detect, cfg.train
     _validate_detect(det)
@@ -357,5 +414,18 @@ def validate(cfg: SACDiffConfig) -> None:
             f"detection steps T_s={det.steps} exceed the largest timestep this model was trained on "
             f"({cfg.train.max_timestep}); choose --steps ≤ {cfg.train.max_timestep}"
         )
-    if p.hu_max <= p.hu_min:
-        raise SACDiffError(f"HU window [{p.hu_min}, {p.hu_max}] is empty")
+    _check_range("preprocess.hu_min", p.hu_min, -2048.0, 0.0, " HU (the window's lower edge lies in air)")
+    _check_range("preprocess.hu_max", p.hu_max, -900.0, 4000.0, " HU")
+    if p.hu_max - p.hu_min < 100:
+        raise SACDiffError(f"HU window [{p.hu_min}, {p.hu_max}] is narrower than 100 HU; it cannot hold lung tissue")
+    _check_range("model.dropout", m.dropout, 0.0, 0.9)
+    _check_range("model.groups", m.groups, 1, None)
+    _check_range("model.blocks_per_module", m.blocks_per_module, 1, 16)
+    _check_range("model.bottleneck_blocks", m.bottleneck_blocks, 0, 16)
+    _check_range("model.time_embed_dim", m.time_embed_dim, 0, 8192, " (0 = 4 × channels[0])")
+    if any(c < 1 or c > 4096 for c in m.channels):
+        raise SACDiffError(f"model.channels {m.channels}: every width must lie in 1..4096")
+    _check_range("train.weight_decay", t.weight_decay, 0.0, 1.0)
+    _check_range("train.grad_clip", t.grad_clip, 0.0, None, " (0 = off)")
+    _check_range("train.save_every (--save-every)", t.save_every, 0, None, " (0 = only at the end)")
+    _check_range("train.seed (--seed)", t.seed, 0, 2**63 - 1)

@@ -11,6 +11,7 @@ and the validation hold-out of the healthy cases' lung slices (``holdout_split``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -32,12 +33,29 @@ def load_cases(data_dir) -> dict:
             "ct/<case>_lung.nii.gz (see README, 'Data layout')"
         )
     try:
-        cases = json.loads(index.read_text())
+        cases = json.loads(index.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SACDiffError(f"{index} is not valid JSON ({exc})") from None
     if not isinstance(cases, dict):
         raise SACDiffError(f"{index} must map case names to their descriptions")
+    for name, description in cases.items():
+        check_case_name(name, str(index))
+        if not isinstance(description, dict):
+            raise SACDiffError(f"{index}: case {name!r} must be described by an object ({{\"diagnosis\": ...}}), "
+                               f"not {type(description).__name__}")
     return cases
+
+
+CASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_case_name(name, where: str) -> None:
+    """A case name becomes a file and folder name (``ct/<case>_ct.nii.gz``, ``runs/<case>``): letters, digits,
+    ``.``, ``_`` and ``-`` only, starting with a letter or digit — no separator, no ``..``, no absolute path, so an
+    output can never land outside its folder."""
+    if not isinstance(name, str) or not CASE_NAME.fullmatch(name) or ".." in name:
+        raise SACDiffError(f"{where}: case name {name!r} is not usable as a file name (letters, digits, '.', '_', '-'; "
+                           "no '/', '..' or spaces; at most 128 characters); rename the case")
 
 
 def case_path(data_dir, case: str, kind: str) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from typing import Optional
 
@@ -134,12 +135,17 @@ def reconstruct_ensemble(
     box: Optional[tuple[slice, slice]] = None,
     stats: Optional[dict] = None,
     compile_model: bool = False,
+    harmonise_steps: int = 0,
+    lung: Optional[torch.Tensor] = None,
+    harmonise_radius: int = 1,
 ) -> torch.Tensor:
     """K pseudo-healthy reconstructions of every slice: x (S, 1, H, W) in [−1, 1] → (K, S, 1, H, W).
 
     ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
     H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
-    the query itself (no error). ``batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``); a CUDA
+    the query itself (no error). ``harmonise_steps`` > 0 runs the harmonised reverse chain
+    (``Diffusion.partial_chain``) with the blend of ``harmonised_x0`` inside ``lung`` (S, 1, H, W; required then).
+    ``batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``); a CUDA
     out-of-memory error halves the chunk and redoes the network's part of that step. Memory: the state of all
     slices (K × S × box) plus one step's K fields, never all steps' fields. ``stats`` receives the chunk size used,
     the number of retries and the seconds spent drawing noise.
@@ -215,13 +221,69 @@ def reconstruct_ensemble(
     x0 = xc.unsqueeze(0).expand(k, s, 1, hc, wc)
     c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)
     parts = [(slice(None), slice(a, a + chunk)) for a in range(0, s, chunk)]
-    recon = diffusion.partial_chain(eps_model, x0, c0, steps, noise, on_step, sampling_steps, parts)
+    harmonise = None
+    if harmonise_steps > 0:
+        if lung is None:
+            raise ValueError("the harmonised reverse chain needs the lung mask (lung=)")
+        region = lung[:, :, rows, cols].unsqueeze(0).expand(k, s, 1, hc, wc) > 0.5
+
+        def harmonise(x0_hat, part):
+            return harmonised_x0(x0_hat, x0[part], region[part], harmonise_radius)
+
+    recon = diffusion.partial_chain(eps_model, x0, c0, steps, noise, on_step, sampling_steps, parts,
+                                    harmonise, harmonise_steps)
     out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
     out[:, :, :, rows, cols] = recon
     if stats is not None:
         stats.update({"chunk_slices": chunk, "oom_retries": retries, "compiled": not eager[0],
                       "noise_s": round(noise_seconds, 3)})
     return out
+
+
+HARMONISE_SCALES = 4.0  # residual above the lung's median by this many robust scales (1.4826·MAD) → weight 1
+HARMONISE_GROW = 2  # pixels the weight is grown by (max filter): a lesion's rim goes with the lesion
+
+
+def harmonised_x0(x0_hat: torch.Tensor, query: torch.Tensor, region: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """x̂₀ʰ = w·x̂₀ + (1 − w)·x of the harmonised reverse chain, per image (last two dims) of (…, 1, H, W) tensors.
+
+    w = clamp((r − median_lung r) / (HARMONISE_SCALES · 1.4826 · MAD_lung r), 0, 1) with r = |x̂₀ − x| averaged over
+    (2·radius + 1)² pixels, grown by HARMONISE_GROW pixels; w = 1 outside ``region`` (the lung): the body keeps the plain
+    chain, so the background error — and α with it (Section 2.4) — is the plain chain's. Where x̂₀ and the query
+    agree as well as most of the lung does (healthy parenchyma, vessels the step already restores), the query's own
+    tissue is carried into the next, shallower step; where x̂₀ departs far from it (a lesion the deep start
+    removed), x̂₀ is kept. An image without lung voxels keeps x̂₀ unchanged."""
+    import torch.nn.functional as F
+
+    shape = x0_hat.shape
+    flat = lambda v: v.reshape(-1, 1, *shape[-2:])  # noqa: E731
+    r = flat((x0_hat - query).abs().float())
+    if radius > 0:
+        r = F.avg_pool2d(r, 2 * radius + 1, 1, radius, count_include_pad=False)
+    inside = flat(region)
+    values = torch.where(inside, r, torch.full_like(r, float("nan"))).flatten(1)
+    median = values.nanmedian(dim=1).values
+    scale = 1.4826 * (values - median[:, None]).abs().nanmedian(dim=1).values
+    median, scale = median.view(-1, 1, 1, 1), scale.view(-1, 1, 1, 1)
+    w = ((r - median) / (HARMONISE_SCALES * scale).clamp_min(1e-6)).clamp(0, 1)
+    w = F.max_pool2d(w, 2 * HARMONISE_GROW + 1, 1, HARMONISE_GROW)
+    w = torch.where(inside & torch.isfinite(w), w, torch.ones_like(w)).to(x0_hat.dtype)
+    return (w * flat(x0_hat) + (1 - w) * flat(query)).view(shape)
+
+
+def tolerant_residual(x: torch.Tensor, recon: torch.Tensor, radius: int) -> torch.Tensor:
+    """Signed residual x − x̂ that ignores a shift of up to ``radius`` pixels: 0 where x lies between the min and
+    max of x̂ over the (2r + 1)² neighbourhood, else the distance to the nearer of them (positive: x brighter than
+    anything nearby in x̂ — hyperdense; negative: darker — hypodense; both kept). radius 0 = x − x̂."""
+    if radius <= 0:
+        return x - recon
+    import torch.nn.functional as F
+
+    shape = recon.shape
+    flat = recon.reshape(-1, 1, *shape[-2:])
+    high = F.max_pool2d(flat, 2 * radius + 1, 1, radius).view(shape)
+    low = -F.max_pool2d(-flat, 2 * radius + 1, 1, radius).view(shape)
+    return (x - high).clamp_min(0) - (low - x).clamp_min(0)
 
 
 def network_evaluations(det: DetectConfig) -> int:
@@ -244,19 +306,20 @@ def _box_on_ct_grid(box: tuple[slice, slice], size: int, shape: tuple[int, int])
     return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
 
 
-def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors"):
+def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors", shift_tolerance: int = 0):
     """(E, uncertainty, pseudo-healthy) from the query x (S,1,H,W) and members (K,S,1,H,W).
 
     mean-of-errors: E = (1/K) Σ_k (x − x̂₀ᵏ)²  (the issue's reading; = (x − x̄₀)² + σ², so it also counts the
     members' disagreement). error-of-mean: E = (x − x̄₀)² (Section 2.5's "averaged ... stable estimate").
+    ``shift_tolerance`` r > 0 replaces x − x̂ by ``tolerant_residual`` (no error for a shift of ≤ r pixels).
     Uncertainty σ = population std over members (Section 2.5); pseudo-healthy x̄₀ = member mean.
     """
     mean = members.mean(0)
     std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
     if kind == "mean-of-errors":
-        err = (x.unsqueeze(0) - members).pow(2).mean(0)
+        err = tolerant_residual(x.unsqueeze(0), members, shift_tolerance).pow(2).mean(0)
     else:
-        err = (x - mean).pow(2)
+        err = tolerant_residual(x, mean, shift_tolerance).pow(2)
     return err, std, mean
 
 
@@ -274,7 +337,8 @@ def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways
         else:
             lung, origin = segment_lungs(hu, ct, airways=not exclude_airways), "automatic (classical threshold fallback)"
     else:
-        lung, origin = lung_labels(io.read_mask(lung_path, ct), ct), str(lung_path)
+        lung, how = lung_labels(io.read_mask(lung_path, ct), ct, hu)
+        origin = f"{lung_path} ({how})"
         if source.complete:
             from .lungnet import complete_lung, learned_lungs
 
@@ -326,8 +390,9 @@ def detect_volume(
     members = reconstruct_ensemble(
         model, diffusion, x, cond, det.steps, det.ensemble, det.seed, det.batch_size, progress,
         det.sampling_steps, box if det.crop_to_lung else None, chunk_stats, compile_model,
+        harmonise_steps=det.harmonise_steps, lung=c, harmonise_radius=det.harmonise_radius,
     )
-    err, std, mean = error_maps(x, members, det.error)
+    err, std, mean = error_maps(x, members, det.error, det.shift_tolerance)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
         raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
                            "nothing was written — check the model with `sacdiff validate` or retrain it")
@@ -352,7 +417,8 @@ def detect_volume(
     timings["total_s"] = time.perf_counter() - t0
     result.report.update(
         {
-            "ct": str(ct_path),
+            "ct": str(Path(ct_path).resolve()),  # absolute: a later `threshold` may run from another folder
+            "ct_fingerprint": io.fingerprint(ct_path),
             "lung_mask": lung_origin,
             "device": str(device),
             "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -140,6 +140,8 @@ class Diffusion(nn.Module):
         on_step: Optional[Callable[[float, int], bool]] = None,
         sampling_steps: int = 0,
         parts: Optional[Sequence] = None,
+        harmonise: Optional[Callable[[torch.Tensor, object], torch.Tensor]] = None,
+        harmonise_steps: int = 0,
     ) -> torch.Tensor:
         """Alg. 2: noise the query to x_{T_s} and run the reverse chain T_s → 0; returns the reconstruction.
 
@@ -151,6 +153,12 @@ class Diffusion(nn.Module):
         slices). The update is elementwise, so the result does not depend on the parts beyond the network's own
         batch arithmetic. ``on_step(done, total)`` is called after each part with ``done`` in steps (fractional
         within a step); returning False cancels.
+
+        Harmonised reverse (after THOR, Bercea et al. 2024): at the first ``harmonise_steps`` steps (never the last
+        one, which lands on t = 0) the step's x̂₀ is replaced by ``harmonise(x̂₀, part)`` — a blend of x̂₀ with the
+        query where the two agree — and re-noised to the step's target timestep with the step's own field z:
+        x_{t_prev} = √ᾱ_{t_prev} x̂₀ʰ + √(1 − ᾱ_{t_prev}) z. A deep start then removes a lesion while the later,
+        shallow steps start again from the query's own healthy tissue (vessels), not from the deep step's blur.
         """
         parts = [slice(None)] if parts is None else list(parts)
         visited = self.sampling_timesteps(steps, sampling_steps)
@@ -167,7 +175,11 @@ class Diffusion(nn.Module):
                 x_t = x[part]
                 tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x.device)
                 eps_hat = eps_model(x_t, None if cond is None else cond[part], tt)
-                x[part], _ = self.p_step(x_t, t, eps_hat, torch.zeros_like(x_t) if z is None else z[part], t_prev)
+                x[part], x0_hat = self.p_step(x_t, t, eps_hat, torch.zeros_like(x_t) if z is None else z[part],
+                                              t_prev)
+                if harmonise is not None and i < harmonise_steps and t_prev > 0:
+                    t_to = torch.full((x_t.shape[0],), t_prev, dtype=torch.long, device=x.device)
+                    x[part] = self.q_sample(harmonise(x0_hat, part), t_to, z[part])
                 if on_step is not None and on_step(i + (j + 1) / len(parts), total) is False:
                     raise Cancelled("detection cancelled")
         return x

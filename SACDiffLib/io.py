@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,44 +23,126 @@ if TYPE_CHECKING:  # torch is imported where tensors are made (the model grid), 
 READABLE = ".nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd or a DICOM series folder"
 
 
-def check_complete(path: Path) -> None:
-    """Refuse a file that ends early. SimpleITK reads a truncated .nii.gz without complaint and fills the missing
-    voxels with 0 (0 HU: soft tissue), which turns a broken download into a 'lesion'. A gzip stream must decompress
-    to its end, and a NIfTI's data must fill what its header declares (vox_offset + voxels × bytes per voxel)."""
-    import gzip
-    import struct
-    import zlib
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes that can hold NaN / infinity
 
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                head = f.read(352)
-                size = len(head)
-                while chunk := f.read(1 << 22):
-                    size += len(chunk)
-        except (EOFError, OSError, zlib.error) as exc:
-            raise SACDiffError(f"{path} is damaged or ends early ({type(exc).__name__}: {exc}); download or copy "
-                               "it again") from None
-    elif name.endswith(".nii"):
-        with open(path, "rb") as f:
-            head = f.read(352)
-        size = path.stat().st_size
-    else:
-        return
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or len(head) < 348:
-        return
+
+def _nifti_header(head: bytes) -> Optional[dict]:
+    """The fields of a NIfTI-1 header that SACDiff checks, or None when ``head`` is not one."""
+    import struct
+
+    if len(head) < 348:
+        return None
     for endian in ("<", ">"):
         if struct.unpack(endian + "i", head[:4])[0] == 348:
             dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
-            voxels = int(np.prod([max(1, d) for d in dims[1: 1 + max(0, min(dims[0], 7))]], dtype=np.int64))
-            expected = int(vox_offset) + voxels * bitpix // 8
-            if size < expected:
-                raise SACDiffError(f"{path} ends early: its header declares {expected} bytes of image, the file holds "
-                                   f"{size}; download or copy it again")
+            return {"endian": endian, "dims": dims,
+                    "datatype": struct.unpack(endian + "h", head[70:72])[0],
+                    "bitpix": struct.unpack(endian + "h", head[72:74])[0],
+                    "pixdim": struct.unpack(endian + "8f", head[76:108]),
+                    "vox_offset": struct.unpack(endian + "f", head[108:112])[0],
+                    "scl": struct.unpack(endian + "2f", head[112:120])}
+    return None
+
+
+def check_complete(path: Path) -> None:
+    """Refuse a NIfTI file whose stored values a reader would change without a word. SimpleITK reads a truncated
+    .nii.gz and fills the missing voxels with 0 (0 HU: soft tissue, a broken download becomes a 'lesion'); its NIfTI
+    reader turns NaN and ±infinity into 0 (the same image as NRRD or MHA keeps them and is refused); and it reads an
+    undefined voxel size (pixdim 0) as 1 mm. So: a gzip stream must decompress to its end, the data must fill what
+    the header declares (vox_offset + voxels × bytes per voxel), a float image's stored values and its scaling
+    (scl_slope, scl_inter) must be finite, and the voxel size must be positive. One pass over the file."""
+    import gzip
+    import zlib
+
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"  # by content: an uncompressed NIfTI named .nii.gz is a NIfTI too
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(352)
+            header = _nifti_header(head)
+            size, bad, offset, pending = len(head), 0, None, b""
+            dtype = None
+            if header is not None and header["datatype"] in NIFTI_FLOAT_TYPES:
+                dtype = np.dtype(header["endian"] + NIFTI_FLOAT_TYPES[header["datatype"]])
+                offset = int(header["vox_offset"])
+                pending = head[offset:] if offset < len(head) else b""
+                skip = max(0, offset - len(head))
+            while chunk := f.read(1 << 22):
+                size += len(chunk)
+                if dtype is not None:
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    data = pending + chunk
+                    whole = len(data) - len(data) % dtype.itemsize
+                    bad += int((~np.isfinite(np.frombuffer(data[:whole], dtype))).sum())
+                    pending = data[whole:]
+            if dtype is not None and pending and len(pending) >= dtype.itemsize:
+                bad += int((~np.isfinite(np.frombuffer(pending, dtype))).sum())
+    except (EOFError, OSError, zlib.error) as exc:
+        raise SACDiffError(f"{path} is damaged or ends early ({type(exc).__name__}: {exc}); download or copy "
+                           "it again") from None
+    if header is None:
+        return
+    dims = header["dims"]
+    ndim = max(0, min(dims[0], 7))
+    voxels = int(np.prod([max(1, d) for d in dims[1: 1 + ndim]], dtype=np.int64))
+    expected = int(header["vox_offset"]) + voxels * header["bitpix"] // 8
+    if size < expected:
+        raise SACDiffError(f"{path} ends early: its header declares {expected} bytes of image, the file holds "
+                           f"{size}; download or copy it again")
+    if bad:
+        raise SACDiffError(f"{path} stores {bad} NaN/infinite voxel values (a NIfTI reader would silently turn them "
+                           "into 0); fix or replace them (e.g. with −1000 HU) first")
+    if not all(np.isfinite(header["scl"])):
+        raise SACDiffError(f"{path} has a non-finite intensity scaling (scl_slope, scl_inter = {header['scl']}); "
+                           "write the image again with a valid scaling")
+    spacing = header["pixdim"][1: 1 + min(ndim, 3)]
+    if any(not np.isfinite(v) or v <= 0 for v in spacing):
+        raise SACDiffError(f"{path} has an undefined voxel size (pixdim {tuple(round(v, 4) for v in spacing)} mm; "
+                           "a reader would guess 1 mm); set the image's spacing and save it again")
+
+
+DICOM_POSITION_TOLERANCE = 0.05  # mm, and 1 % of the slice step: what a rounded ImagePositionPatient may differ by
+
+
+def check_slice_positions(files: list, folder: Path) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along their normal: a missing slice (ITK then
+    averages the spacing and misplaces every slice after the gap, with only a warning) or two slices at one
+    position (two acquisitions mixed)."""
+    reader = sitk.ImageFileReader()
+    positions, normal = [], None
+    for name in files:
+        reader.SetFileName(str(name))
+        reader.ReadImageInformation()
+        keys = set(reader.GetMetaDataKeys())
+        if not {"0020|0032", "0020|0037"} <= keys:
+            if len(files) > 1:
+                raise SACDiffError(f"DICOM file {name} has no slice position/orientation; SACDiff cannot place the "
+                                   f"slices of {folder}: export the series again")
             return
+        if normal is None:
+            o = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            normal = np.cross(o[:3], o[3:])
+        positions.append(float(np.dot(normal, [float(v) for v in reader.GetMetaData("0020|0032").split("\\")])))
+    if len(positions) < 2:
+        return
+    steps = np.diff(np.sort(positions))
+    if steps.min() < DICOM_POSITION_TOLERANCE:
+        raise SACDiffError(f"DICOM series in {folder} has two slices at one position "
+                           f"({int((steps < DICOM_POSITION_TOLERANCE).sum())} duplicate(s)); it mixes two "
+                           "acquisitions or holds a copy — keep one series per folder")
+    step = float(np.median(steps))
+    off = np.abs(steps - step) > DICOM_POSITION_TOLERANCE + 0.01 * step
+    if off.any():
+        i = int(np.argmax(off))
+        raise SACDiffError(f"DICOM series in {folder} is not evenly spaced: slices {step:.3g} mm apart, but "
+                           f"{steps[i]:.3g} mm between slices {i + 1} and {i + 2} (a missing slice?); give the "
+                           "complete series or resample it to even spacing first")
 
 
 def read_image(path) -> sitk.Image:
@@ -70,6 +152,9 @@ def read_image(path) -> sitk.Image:
         raise SACDiffError(f"{path} does not exist; give a {READABLE}")
     if path.is_file():
         check_complete(path)
+    import locale
+
+    saved_locale = locale.setlocale(locale.LC_CTYPE)
     try:
         if path.is_dir():
             if not any(p.is_file() for p in path.iterdir()):
@@ -88,14 +173,69 @@ def read_image(path) -> sitk.Image:
                     f"folder {path} holds {len(series)} DICOM series ({', '.join(series[:3])}...); "
                     "give a folder with exactly one series"
                 )
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            check_slice_positions(list(files), path)
+            reader.SetFileNames(files)
             return reader.Execute()
         return sitk.ReadImage(str(path))
     except SACDiffError:
         raise
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1][:200]
-        raise SACDiffError(f"cannot read {path} ({reason}); give a {READABLE}") from None
+        raise _read_failure(path, exc) from None
+    finally:
+        _restore_locale(saved_locale)
+
+
+def _restore_locale(saved: str) -> None:
+    """GDCM (ITK's DICOM reader) sets the process's C locale to "C"; Python would then write text files as ASCII
+    (a λ in a summary becomes a UnicodeEncodeError). Put back what was there before the read."""
+    import locale
+
+    try:
+        if locale.setlocale(locale.LC_CTYPE) != saved:
+            locale.setlocale(locale.LC_CTYPE, saved)
+    except locale.Error:
+        pass
+
+
+def fingerprint(path) -> Optional[dict]:
+    """Size and modification time of a file, or of every file of a DICOM folder: enough to tell that the CT a run
+    names is still the one it was made from. None when the path does not exist."""
+    path = Path(path)
+    try:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        stats = [p.stat() for p in files]
+    except OSError:
+        return None
+    return {"files": len(stats), "bytes": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
+
+
+def _read_failure(path: Path, exc: RuntimeError) -> SACDiffError:
+    """One line for an ITK read error (its last line, at most 200 characters)."""
+    reason = str(exc).strip().splitlines()[-1][:200]
+    if "No such file" in reason and path.is_file():  # ITK's stale errno after a short read (a truncated .mha)
+        return SACDiffError(f"{path} is damaged or ends early (its data could not be read whole); download or copy "
+                            "it again")
+    return SACDiffError(f"cannot read {path} ({reason}); give a {READABLE}")
+
+
+def check_readable(path) -> None:
+    """That an image file or DICOM folder can be read, without reading its voxels into memory: a NIfTI is checked
+    whole (``check_complete``), any file's header must parse. For checking many inputs before long work."""
+    path = Path(path)
+    if not path.exists():
+        raise SACDiffError(f"{path} does not exist; give a {READABLE}")
+    if path.is_dir():
+        read_image(path)
+        return
+    check_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise _read_failure(path, exc) from None
 
 
 def read_ct(path) -> sitk.Image:
@@ -250,12 +390,50 @@ def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
+WRITABLE = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats that hold 3D geometry
+
+
+def check_writable_format(path) -> None:
+    """Refuse, before any work, an output name whose format cannot hold a 3D image with its geometry (a .png is
+    one 2D slice; .xyz is no format ITK knows) or that spreads over two files (.nhdr/.mhd + raw)."""
+    name = Path(path).name.lower()
+    if not any(name.endswith(s) for s in WRITABLE):
+        raise SACDiffError(f"cannot write {path}: give an output name ending in {', '.join(WRITABLE)} (formats that "
+                           "keep the 3D geometry)")
+
+
+def verify_written(path: Path, array: np.ndarray, reference: sitk.Image) -> None:
+    """Read back what was written: the file is complete (``check_complete``: ITK's writer does not report a full
+    disk) and its header holds the array's size and the reference's geometry."""
+    check_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise SACDiffError(f"writing {path.name} failed: it cannot be read back ({str(exc).strip()[-120:]}); free "
+                           "space or choose another --out") from None
+    same = (tuple(reader.GetSize()) == tuple(reversed(array.shape))
+            and all(np.allclose(getattr(reader, g)(), getattr(reference, g)(), atol=1e-3, rtol=0)
+                    for g in ("GetSpacing", "GetOrigin", "GetDirection")))
+    if not same:
+        raise SACDiffError(f"writing {path.name} failed: the file read back has another size or geometry; free "
+                           "space or choose another --out")
+    if not path.name.lower().endswith(".nii") and not path.name.lower().endswith(".nii.gz"):
+        back = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))  # NRRD/MHA: the data themselves
+        if back.shape != array.shape:
+            raise SACDiffError(f"writing {path.name} failed: the data read back are incomplete; free space")
+
+
 def write_image(array: np.ndarray, reference: sitk.Image, path) -> Path:
-    """Write ``array`` with the reference's geometry, via a temporary name renamed when complete."""
+    """Write ``array`` with the reference's geometry, via a temporary name renamed when complete and read back
+    (``verify_written``) before it is put in place."""
     path = Path(path)
+    check_writable_format(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-w{''.join(path.suffixes)}")  # the suffix picks the format
     try:
         sitk.WriteImage(image_like(array, reference), str(tmp), useCompression=True)
+        verify_written(tmp, array, reference)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from . import __version__, io
 from .config import detect_from_dict
 from .postprocess import DetectionResult
-from .atomic import MARKER, Output, replaced_file
+from .atomic import MARKER, Output, identity, replaced_file
 from .errors import SACDiffError
 from .postprocess import Threshold
 
@@ -95,7 +95,10 @@ def _write_report(result: DetectionResult, folder: Path) -> None:
     report["sacdiff_report_version"] = 1
     report["seed"] = result.detect.seed
     report["detect"] = {k: v for k, v in vars(result.detect).items()}
-    report["versions"] = versions()
+    # the versions that made the maps; a later `threshold` (no torch loaded) adds its own beside them
+    report["versions"] = result.report.get("versions") or versions()
+    if "versions" in result.report:
+        report["threshold_versions"] = {k: v for k, v in versions().items() if k != "torch"}
     q = report.get("quantification", {})
     report["slice_scores"] = q.get("slice_anomaly_ml", [])
     report["units"] = {
@@ -106,7 +109,7 @@ def _write_report(result: DetectionResult, folder: Path) -> None:
         "slice_scores": "anomaly volume per slice (ml), in the CT's z order",
     }
     text = json.dumps(_undefined_as_null(report), indent=1, default=_json_default, allow_nan=False)  # strict JSON
-    (folder / FILES["report"]).write_text(text)
+    (folder / FILES["report"]).write_text(text, encoding="utf-8")
 
 
 def _undefined_as_null(value):
@@ -133,6 +136,7 @@ def _json_default(value):
 def load_run(run_dir) -> DetectionResult:
     """A finished run folder back as a DetectionResult (maps, lung, processed slices, settings)."""
     run_dir = Path(run_dir)
+    run_identity = identity(run_dir)  # before reading: a rewrite must replace exactly this run (atomic.Output)
     missing = [f for k, f in FILES.items() if k in ("anomaly_map", "lung_mask", "report") and not (run_dir / f).exists()]
     if not run_dir.is_dir() or missing:
         raise SACDiffError(
@@ -141,7 +145,7 @@ def load_run(run_dir) -> DetectionResult:
         )
     damaged = f"; the run in {run_dir} is damaged: run `sacdiff detect` again"
     try:
-        report = json.loads((run_dir / FILES["report"]).read_text())
+        report = json.loads((run_dir / FILES["report"]).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SACDiffError(f"{run_dir / FILES['report']} is not valid JSON ({exc}){damaged}") from None
     missing_keys = [k for k in ("detect", "processed_slices", "threshold") if k not in report]
@@ -168,7 +172,10 @@ def load_run(run_dir) -> DetectionResult:
     # For the overview only: the original CT when it is still where it was, else the pseudo-healthy volume.
     ct = None
     ct_source = Path(report["ct"]) if report.get("ct") else None  # (Path("") would be the working folder)
-    if ct_source is not None and ct_source.exists():
+    if ct_source is not None and not (ct_source.is_absolute() and report.get("ct_fingerprint") == io.fingerprint(
+            ct_source)):
+        ct_source = None  # moved, changed, or a relative path of an older run (relative to an unknown folder)
+    if ct_source is not None:
         try:
             ct_img = io.read_image(ct_source)
             if not io.geometry_differences(error_img, ct_img):
@@ -178,6 +185,7 @@ def load_run(run_dir) -> DetectionResult:
     if ct is None:
         ct = _read_optional(run_dir / FILES["pseudo_healthy"])
     box = report.get("analysis_box")
+    report["_run_identity"] = run_identity  # "_…": in memory only, never written
     return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report,
                            None if box is None else tuple(int(v) for v in box))
 
@@ -192,7 +200,7 @@ def write_threshold_update(result: DetectionResult, run_dir, extra=None) -> Path
     and a report of different λ. ``extra(folder)`` may add files (the Slicer export)."""
     run_dir = Path(run_dir)
     check_finite(result)
-    output = Output(run_dir, "run", overwrite=True)
+    output = Output(run_dir, "run", overwrite=True, started_from=result.report.get("_run_identity"))
     with output as tmp:
         for item in run_dir.iterdir():
             if item.name in (FILES["anomaly_mask"], FILES["report"], FILES["overview"], MARKER) or item.is_dir():
@@ -206,6 +214,7 @@ def write_threshold_update(result: DetectionResult, run_dir, extra=None) -> Path
         write_overview(result, tmp / FILES["overview"])
         if extra is not None:
             extra(tmp)
+    result.report["_run_identity"] = output.committed  # the next rewrite (the λ slider again) replaces this one
     return run_dir
 
 

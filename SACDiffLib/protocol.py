@@ -18,14 +18,16 @@ def progress_line(fraction: float, message: str) -> str:
 
 
 def parse_progress(line: str) -> Optional[tuple[float, str]]:
-    """(fraction, message) of a progress line, None for any other line."""
+    """(fraction, message) of a progress line, None for any other line — a fraction that is not a finite number
+    in 0..1 (nan, inf, 1e9) included, so a front end never computes ``int(round(100 * f))`` of it."""
     if not line.startswith(PROGRESS_PREFIX):
         return None
     fraction, _, message = line[len(PROGRESS_PREFIX):].partition(" ")
     try:
-        return float(fraction), message
+        value = float(fraction)
     except ValueError:
         return None
+    return (value, message) if 0.0 <= value <= 1.0 else None  # (False for nan)
 
 
 def error_line(command: str, message: str) -> str:

@@ -43,7 +43,20 @@ def test_a_runs_detect_settings_are_read_strictly():
     assert detect_from_dict(old).exclude_airways is True
     with pytest.raises(SACDiffError, match="unknown fields: \\['stepz'\\]"):
         detect_from_dict({**asdict(det), "stepz": 1})
-    with pytest.raises(SACDiffError, match="ensemble size K=0"):
+    with pytest.raises(SACDiffError, match="detect.ensemble .* = 0 is out of range"):
         detect_from_dict({**asdict(det), "ensemble": 0})
     with pytest.raises(SACDiffError, match="non-finite"):
         detect_from_dict({**asdict(det), "lam": float("inf")})
+
+
+def test_harmonise_steps_and_shift_tolerance_are_range_checked():
+    from SACDiffLib.config import derive, preset
+
+    cfg = preset("tiny")  # T_s 10, every step: 10 reverse steps, the last never harmonised
+    assert derive(cfg, detect={"harmonise_steps": 9}).detect.harmonise_steps == 9
+    with pytest.raises(SACDiffError, match="harmonise_steps.*10 reverse steps"):
+        derive(cfg, detect={"harmonise_steps": 10})
+    with pytest.raises(SACDiffError, match="harmonise_steps.*4 reverse steps"):
+        derive(cfg, detect={"sampling_steps": 4, "harmonise_steps": 4})
+    with pytest.raises(SACDiffError, match="shift_tolerance"):
+        derive(cfg, detect={"shift_tolerance": 5})

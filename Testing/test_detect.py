@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 
 from SACDiffLib.checkpoint import load_checkpoint
-from SACDiffLib.detect import detect_volume, error_maps, reconstruct_ensemble
+from SACDiffLib.detect import detect_volume, error_maps, harmonised_x0, reconstruct_ensemble, tolerant_residual
 from SACDiffLib.postprocess import rethreshold
 from SACDiffLib.outputs import FILES, load_run, write_run
 
@@ -147,6 +147,50 @@ def test_error_map_readings_and_uncertainty_closed_form():
     assert torch.allclose(std, torch.ones_like(std)) and torch.allclose(mean, torch.full_like(mean, 2.0))
     e2, _, _ = error_maps(x, members, "error-of-mean")
     assert torch.allclose(e2, torch.full_like(e2, 4.0))  # (0 − 2)²; = e − σ²
+
+
+def test_shift_tolerant_residual_by_hand():
+    """A 1-D edge drawn one pixel off: no error with radius 1, the full step with radius 0; a bright and a dark spot
+    absent from the reconstruction keep their signed distance to the neighbourhood's max / min."""
+    recon = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0.0]).view(1, 1, 1, 8)
+    query = torch.tensor([0, 0, 1, 1, 1, 1, 3, -2.0]).view(1, 1, 1, 8)  # edge one pixel left; spots at 6 and 7
+    np.testing.assert_allclose(tolerant_residual(query, recon, 0).flatten().numpy(), [0, 0, 1, 0, 0, 0, 2, -2])
+    # radius 1: x[2] = 1 lies within [min, max] of recon[1..3] = [0, 1] → 0; x[6] = 3 > max(recon[5..7]) = 1 → 2;
+    # x[7] = −2 < min(recon[6..7]) = 0 → −2 (hypodense: kept, signed)
+    np.testing.assert_allclose(tolerant_residual(query, recon, 1).flatten().numpy(), [0, 0, 0, 0, 0, 0, 2, -2])
+    e, _, _ = error_maps(query, recon.unsqueeze(0), "mean-of-errors", shift_tolerance=1)
+    np.testing.assert_allclose(e.flatten().numpy(), [0, 0, 0, 0, 0, 0, 4, 4])
+
+
+def test_harmonised_blend_against_a_numpy_reference():
+    """w = clamp((r̃ − median) / (4 · 1.4826 · MAD), 0, 1), r̃ = 3×3 mean of |x̂₀ − x|, grown by a 5×5 max filter, computed
+    here with scipy over the lung; 1 outside the lung (x̂₀ kept); x̂₀ʰ = w x̂₀ + (1 − w) x."""
+    from scipy import ndimage
+
+    from SACDiffLib.detect import HARMONISE_GROW, HARMONISE_SCALES
+
+    rng = np.random.default_rng(0)
+    query = rng.normal(0, 0.1, (1, 1, 32, 32))
+    x0_hat = query + rng.normal(0, 0.02, query.shape)
+    x0_hat[..., 10:16, 12:18] += 0.8  # a lesion the deep step removed
+    lung = np.zeros(query.shape, bool)
+    lung[..., 4:28, 4:28] = True
+    out = harmonised_x0(torch.tensor(x0_hat, dtype=torch.float32), torch.tensor(query, dtype=torch.float32),
+                        torch.tensor(lung)).numpy()
+
+    r = np.abs(x0_hat - query)[0, 0].astype(np.float32)
+    counts = ndimage.uniform_filter(np.ones_like(r), 3, mode="constant")
+    r_smooth = ndimage.uniform_filter(r, 3, mode="constant") / counts  # mean over the pixels inside the image
+    values = r_smooth[lung[0, 0]]
+    med = np.median(values)
+    scale = 1.4826 * np.median(np.abs(values - med))
+    w = np.clip((r_smooth - med) / (HARMONISE_SCALES * scale), 0, 1)
+    w = ndimage.maximum_filter(w, 2 * HARMONISE_GROW + 1, mode="constant", cval=0)
+    w = np.where(lung[0, 0], w, 1.0)
+    expected = w * x0_hat[0, 0] + (1 - w) * query[0, 0]
+    np.testing.assert_allclose(out[0, 0], expected, atol=2e-4)
+    assert np.allclose(out[0, 0, 12, 14], x0_hat[0, 0, 12, 14], atol=1e-5)  # the lesion: x̂₀ kept
+    assert np.array_equal(out[~lung], x0_hat[~lung].astype(np.float32))  # outside the lung: untouched
 
 
 def test_rethreshold_changes_the_mask_only(data_dir, tiny_checkpoint, tmp_path):

@@ -136,3 +136,32 @@ def test_training_loss_draws_t_from_all_of_1_to_T():
     assert int(ts.min()) == 1 and int(ts.max()) == 20
     # Zero prediction: the loss is E[ε²] = 1 for unit-variance ε.
     assert abs(float(loss) - 1) < 0.3
+
+
+def test_harmonised_chain_renoises_the_blend_with_the_steps_own_field():
+    """At a harmonised step the next state is √ᾱ_{t'} h + √(1 − ᾱ_{t'}) z_{t'} (h = the blend, z_{t'} the step's
+    field) — checked on the network's next input; only the first n steps are harmonised, never the last."""
+    d = Diffusion(DiffusionConfig(timesteps=200)).double()
+    x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
+    fields = {t: torch.randn(2, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+              for t in range(0, 121)}
+    inputs, harmonised_at = [], []
+    blend = torch.full_like(x0, 0.25)
+
+    def model(x_t, cond, t):
+        inputs.append((int(t[0]), x_t.clone()))
+        return torch.zeros_like(x_t)
+
+    def harmonise(x0_hat, part):
+        harmonised_at.append(len(inputs))
+        return blend
+
+    visited = d.sampling_timesteps(120, 6)
+    d.partial_chain(model, x0, None, 120, lambda t: fields[t], sampling_steps=6, harmonise=harmonise,
+                    harmonise_steps=5)
+    assert harmonised_at == [1, 2, 3, 4, 5]  # after each of the first 5 network calls; the 6th (→ 0) is plain
+    ab = d._alpha_bar64
+    for (t, x_t) in inputs[1:]:  # every later input was re-noised from the blend at its own timestep
+        expected = math.sqrt(float(ab[t])) * blend + math.sqrt(1 - float(ab[t])) * fields[t]
+        np.testing.assert_allclose(x_t.numpy(), expected.numpy(), atol=1e-6)
+    assert [t for t, _ in inputs] == visited[:-1]

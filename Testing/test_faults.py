@@ -172,6 +172,44 @@ def test_two_writers_one_wins_the_other_gets_an_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left
 
 
+def test_two_overwrite_writers_one_wins_the_other_gets_an_error(tmp_path):
+    """Both started from the same existing output; the first commits; the second used to exchange over it and
+    'succeed', silently discarding the first. Now it fails and the first's output stays."""
+    target = tmp_path / "out"
+    with atomic.Output(target, "results") as tmp:
+        (tmp / "a.txt").write_text("original")
+    first = atomic.Output(target, "results", overwrite=True)
+    second = atomic.Output(target, "results", overwrite=True)
+    with first as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(SACDiffError, match="written by another process"):
+        with second as tmp:
+            (tmp / "a.txt").write_text("second")
+    assert (target / "a.txt").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_threshold_racing_detect_overwrite_keeps_the_new_detection(tmp_path, run_dir, data_dir, tiny_checkpoint):
+    """`threshold` loaded the run, then `detect --overwrite` replaced it: the threshold's update (made from the old
+    maps) must not replace the new detection."""
+    from SACDiffLib.outputs import load_run, write_threshold_update
+    from SACDiffLib.postprocess import rethreshold
+
+    result = load_run(run_dir)
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", run_dir,
+                   "--overwrite", "--steps", 2, "--no-crf", "--seed", 5) == 0
+    new = _digest(run_dir)
+    rethreshold(result, 3.0)
+    with pytest.raises(SACDiffError, match="written by another process"):
+        write_threshold_update(result, run_dir)
+    assert _digest(run_dir) == new
+    fresh = load_run(run_dir)  # a λ slider: two updates in a row from one load both land
+    for lam in (2.0, 4.0):
+        rethreshold(fresh, lam)
+        write_threshold_update(fresh, run_dir)
+    assert json.loads((run_dir / "report.json").read_text())["lambda"] == 4.0
+
+
 def test_concurrent_thresholds_leave_one_consistent_run(run_dir, tmp_path):
     import shutil
 
@@ -181,7 +219,9 @@ def test_concurrent_thresholds_leave_one_consistent_run(run_dir, tmp_path):
                                "--no-crf"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for lam in ("0", "3", "1", "2")]
     codes = [p.wait(timeout=300) for p in procs]
-    assert all(c == 0 for c in codes), [p.stderr.read() for p in procs]
+    errors = [p.stderr.read().decode() for p in procs]
+    assert 0 in codes and all(c in (0, 2) for c in codes), errors  # one wins; a raced one gets an error
+    assert all("written by another process" in e for c, e in zip(codes, errors) if c == 2), errors
     lam = json.loads((run_dir / "report.json").read_text())["lambda"]
     assert run_cli("threshold", reference, "--lambda", lam, "--no-crf") == 0  # the same λ, alone
     read = lambda d: sitk.GetArrayFromImage(sitk.ReadImage(str(d / "anomaly_mask.nii.gz")))  # noqa: E731
@@ -261,7 +301,7 @@ def test_unwritable_output_folder_is_refused_before_work(tmp_path, monkeypatch):
 @pytest.mark.parametrize("option,expected", [(("--sampling-steps", "-1"), "out of range"),
                                              (("--sampling-steps", "99"), "out of range"),
                                              (("--batch-size", "-1"), "out of range"),
-                                             (("--ensemble", "0"), "K=0")])
+                                             (("--ensemble", "0"), "ensemble")])
 def test_detect_options_are_range_checked(data_dir, tmp_path, tiny_checkpoint, capsys, option, expected):
     err = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out",
                  tmp_path / "o", "--steps", 2, *option)
@@ -345,3 +385,264 @@ def test_replaced_file_lands_whole_or_not_at_all(tmp_path):
     with replaced_file(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+
+
+# Round two (issue 22): classes of fault a hostile user still got through -------------------------------------------
+
+
+def test_model_read_by_detect_is_an_input_and_never_overwritten(capsys, tmp_path, data_dir, tiny_checkpoint):
+    """`detect --model RUN/m.pt --out RUN --overwrite` used to delete the checkpoint it had just read."""
+    run = tmp_path / "run"
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", run,
+                   "--steps", 2, "--no-crf") == 0
+    model = run / "m.pt"
+    model.write_bytes(Path(tiny_checkpoint).read_bytes())
+    before = _digest(run)
+    capsys.readouterr()
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", model, "--out", run,
+                  "--overwrite", "--steps", 2, "--no-crf")
+    assert "would replace or hold the input" in line and str(model) in line
+    assert _digest(run) == before
+
+
+def test_benchmark_json_goes_through_the_atomic_writer(capsys, tmp_path, monkeypatch):
+    """`benchmark --json PATH` used to overwrite any file in place, a CT included."""
+    import SACDiffLib.experiments.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda device, quick: {"figure": 1.0})
+    theirs = tmp_path / "ct.nii.gz"
+    theirs.write_bytes(b"not ours")
+    assert "already exists" in _error(capsys, "benchmark", "--json", theirs)
+    assert "not written by SACDiff" in _error(capsys, "benchmark", "--json", theirs, "--overwrite")
+    assert theirs.read_bytes() == b"not ours"
+    ours = tmp_path / "bench.json"
+    assert run_cli("benchmark", "--json", ours) == 0
+    assert json.loads(ours.read_text()) == {"written_by": "SACDiff", "figure": 1.0}
+    assert run_cli("benchmark", "--json", ours, "--overwrite") == 0  # its own file may be replaced
+
+
+@pytest.mark.parametrize("name", ["../esc", "/tmp/abs", "a/b", "..", "with space", ""])
+def test_case_names_that_would_escape_the_output_folder_are_refused(capsys, tmp_path, data_dir, name):
+    data = tmp_path / "data"
+    (data / "ct").mkdir(parents=True)
+    (data / "cases.json").write_text(json.dumps({name: {"diagnosis": "covid"}}))
+    line = _error(capsys, "evaluate", "--cases", data, "--out", tmp_path / "out", "--steps", 2)
+    assert "not usable as a file name" in line
+    assert not (tmp_path / "esc").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_case_described_by_something_else_than_an_object_is_refused_before_any_work(capsys, tmp_path):
+    data = tmp_path / "data"
+    (data / "ct").mkdir(parents=True)
+    (data / "cases.json").write_text(json.dumps({"a": {"diagnosis": "covid"}, "b": "covid"}))
+    assert "must be described by an object" in _error(capsys, "evaluate", "--cases", data, "--out", tmp_path / "o")
+
+
+@pytest.mark.parametrize("options, expected", [
+    (("--threshold", "fixed", "--fixed-threshold", "0.1", "--lambda", "3"), "--lambda has no effect"),
+    (("--fixed-threshold", "0.1"), "--fixed-threshold is used only with --threshold fixed"),
+])
+def test_inert_threshold_options_are_refused(capsys, tmp_path, data_dir, tiny_checkpoint, options, expected):
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint,
+                  "--out", tmp_path / "r", "--steps", 2, *options)
+    assert expected in line and not (tmp_path / "r").exists()
+
+
+def test_threshold_refuses_lambda_on_a_fixed_threshold_run(capsys, tmp_path, data_dir, tiny_checkpoint):
+    run = tmp_path / "run"
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", run,
+                   "--steps", 2, "--no-crf", "--threshold", "fixed", "--fixed-threshold", "0.1") == 0
+    before = _digest(run)
+    capsys.readouterr()
+    assert "fixed α" in _error(capsys, "threshold", run, "--lambda", "3")
+    assert _digest(run) == before
+
+
+def test_the_report_names_the_ct_absolutely_and_a_changed_ct_is_not_drawn(tmp_path, data_dir, tiny_checkpoint,
+                                                                        monkeypatch):
+    """The report stored the CT path relative to where detect ran, so `threshold` from another folder drew another
+    scan into overview.png. Now: absolute path + size/mtime; a CT that changed since is not used."""
+    from SACDiffLib.outputs import load_run
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "ct.nii.gz").write_bytes((data_dir / "ct" / "sick_ct.nii.gz").read_bytes())
+    monkeypatch.chdir(work)
+    assert run_cli("detect", "ct.nii.gz", "--model", tiny_checkpoint, "--out", "run", "--steps", 2, "--no-crf") == 0
+    report = json.loads((work / "run" / "report.json").read_text())
+    assert report["ct"] == str(work / "ct.nii.gz") and report["ct_fingerprint"]["bytes"] > 0
+    monkeypatch.chdir(tmp_path)
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "ct.nii.gz")))
+    assert np.array_equal(load_run(work / "run").ct_hu, ct)  # the CT itself, from another folder
+    other = tmp_path / "other.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(data_dir / "ct" / "normal_a_ct.nii.gz")), str(other))
+    (work / "ct.nii.gz").write_bytes(other.read_bytes())  # another scan now under the same name
+    assert not np.array_equal(load_run(work / "run").ct_hu, sitk.GetArrayFromImage(sitk.ReadImage(str(other))))
+
+
+def test_threshold_keeps_the_versions_that_made_the_maps(tmp_path, run_dir):
+    before = json.loads((run_dir / "report.json").read_text())["versions"]
+    assert run_cli("threshold", run_dir, "--lambda", "2") == 0
+    after = json.loads((run_dir / "report.json").read_text())
+    assert after["versions"] == before and after["versions"]["torch"] != "not loaded"
+    assert "torch" not in after["threshold_versions"]
+
+
+@pytest.mark.parametrize("section, field, value, expected", [
+    ("preprocess", "hu_min", 1e30, "hu_min"),
+    ("preprocess", "hu_max", 3e38, "hu_max"),
+    ("model", "dropout", 5.0, "dropout"),
+    ("detect", "steps", 10.5, "whole number"),
+    ("detect", "crf", "yes", "true or false"),
+    ("train", "steps", "many", "whole number"),
+])
+def test_checkpoint_settings_are_type_and_range_checked_on_load(capsys, tmp_path, data_dir, tiny_checkpoint, section,
+                                                                field, value, expected):
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["config"][section][field] = value
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", bad, "--out", tmp_path / "r")
+    assert expected in line and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("options, expected", [
+    (("--ensemble", "100000"), "ensemble"),
+    (("--seed", str(2**64)), "seed"),
+    (("--harmonise-steps", "50"), "harmonise_steps"),
+])
+def test_out_of_range_detection_options_get_one_line(capsys, tmp_path, data_dir, tiny_checkpoint, options, expected):
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint,
+                  "--out", tmp_path / "r", "--steps", 2, *options)
+    assert expected in line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("detect", "CT", "--steps", "0"), "detect.steps"),
+    (("train", "--image-size", "0"), "image_size"),
+    (("train", "--save-every", "-1"), "save_every"),
+    (("train", "--seed", "-5"), "seed"),
+    (("phantom", "--cases", "-1"), "--cases"),
+])
+def test_one_liners_name_the_option_at_fault(capsys, tmp_path, data_dir, tiny_checkpoint, args, expected):
+    command, *rest = args
+    if command == "detect":
+        rest = [data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", tmp_path / "o", *rest[1:]]
+    elif command == "train":
+        rest = ["--data", data_dir, "--out", tmp_path / "m.pt", "--preset", "tiny", "--steps", "1", *rest]
+    else:
+        rest = ["--out", tmp_path / "p", *rest]
+    line = _error(capsys, command, *rest)
+    assert expected in line
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture()
+def nearly_full_disk(tmp_path):
+    """A 1 MiB tmpfs, full (root only; skipped with the reason elsewhere)."""
+    import os
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip() or 'not root'}); the full-disk "
+                    "case needs root (CI and the development machines run as root)")
+    try:
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * (1024 * 1024))  # nothing left: any non-empty file ends truncated
+        os.sync()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("what, free_kib", [("lungmask", 0), ("detect", 0), ("detect", 24)])
+def test_a_full_disk_leaves_nothing_and_says_so(capsys, nearly_full_disk, data_dir, tiny_checkpoint, what, free_kib):
+    """ITK's writer does not report ENOSPC: `lungmask` onto a nearly full disk used to exit 0 and leave a truncated
+    mask. Every written image is now read back before it is put in place. With 24 KiB free the first files of a
+    run fit and a later image is cut short."""
+    filler = nearly_full_disk / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024 - free_kib * 1024))
+
+    ct = nearly_full_disk.parent / "noisy_ct.nii.gz"  # a real CT-like input (int16, noisy)
+    image = sitk.ReadImage(str(data_dir / "ct" / "sick_ct.nii.gz"))
+    array = sitk.GetArrayFromImage(image).astype(np.int16)
+    rng = np.random.default_rng(0)
+    array = (array + rng.integers(-30, 30, array.shape)).astype(np.int16)
+    noisy = sitk.GetImageFromArray(array)
+    noisy.CopyInformation(image)
+    sitk.WriteImage(noisy, str(ct))
+    before = sorted(p.name for p in nearly_full_disk.iterdir())
+    if what == "lungmask":
+        out = nearly_full_disk / "mask.nii.gz"
+        code = run_cli("lungmask", ct, "--out", out)
+    else:
+        out = nearly_full_disk / "run"
+        code = run_cli("detect", ct, "--model", tiny_checkpoint, "--out", out, "--steps", 2, "--no-crf")
+    err = capsys.readouterr().err
+    assert code == 2 and "error:" in err.strip().splitlines()[-1]
+    assert sorted(p.name for p in nearly_full_disk.iterdir()) == before  # nothing partial, no temporary
+
+
+@pytest.mark.parametrize("name", ["mask.png", "mask.xyz", "mask.mhd"])
+def test_output_formats_without_3d_geometry_are_refused_before_the_work(capsys, tmp_path, data_dir, name):
+    """`lungmask --out mask.png` used to exit 0 having written one all-zero 2D PNG; `.xyz` failed after the work."""
+    line = _error(capsys, "lungmask", data_dir / "ct" / "sick_ct.nii.gz", "--out", tmp_path / name)
+    assert "keep the 3D geometry" in line and not any(tmp_path.iterdir())
+
+
+def test_an_interrupted_batch_keeps_its_finished_scans_and_says_so(capsys, tmp_path, data_dir, tiny_checkpoint,
+                                                                  monkeypatch):
+    """SIGTERM during a batch used to print "no partial output was left" while the folder kept the finished scans
+    and no summary.csv. Each scan is its own complete run: they stay, summary.csv lists them and the cancelled ones,
+    and the message says so."""
+    import SACDiffLib.detect as detect_module
+
+    real = detect_module.detect_volume
+    calls = []
+
+    def interrupted_on_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what cli.main turns SIGTERM into
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(detect_module, "detect_volume", interrupted_on_the_second)
+    scans = [data_dir / "ct" / f"{n}_ct.nii.gz" for n in ("normal_a", "normal_b", "sick")]
+    code = run_cli("detect", *scans, "--model", tiny_checkpoint, "--out", tmp_path / "batch", "--steps", 2,
+                   "--no-crf")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 130 and "1 of 3 scan(s) finished and kept" in err
+    rows = (tmp_path / "batch" / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[:2] for r in rows[1:]] == [["normal_a", "ok"], ["normal_b", "cancelled"],
+                                                    ["sick", "cancelled"]]
+    assert (tmp_path / "batch" / "normal_a" / "report.json").is_file()
+    assert not (tmp_path / "batch" / "normal_b").exists()
+    assert not [p for p in (tmp_path / "batch").iterdir() if ".tmp-" in p.name]
+
+
+def test_one_bad_case_no_longer_ruins_an_evaluation(capsys, tmp_path, data_dir, tiny_checkpoint):
+    """A truncated case is refused before any work (naming the case); a case that fails during the work (its lung
+    mask on another grid) is reported in the results and the other cases' results are kept."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    good = (data / "ct" / "sick_ct.nii.gz").read_bytes()
+    (data / "ct" / "normal_b_ct.nii.gz").write_bytes(good[: len(good) // 2])
+    line = _error(capsys, "evaluate", "--cases", data, "--model", tiny_checkpoint, "--out", tmp_path / "e1",
+                  "--steps", 2, "--no-crf")
+    assert "case normal_b" in line and "ends early" in line and not (tmp_path / "e1").exists()
+
+    (data / "ct" / "normal_b_ct.nii.gz").write_bytes((data_dir / "ct" / "normal_b_ct.nii.gz").read_bytes())
+    lung = sitk.ReadImage(str(data / "ct" / "normal_b_lung.nii.gz"))
+    lung.SetSpacing((3.0, 3.0, 3.0))  # a mask made for another scan: fails inside the work
+    sitk.WriteImage(lung, str(data / "ct" / "normal_b_lung.nii.gz"))
+    assert run_cli("evaluate", "--cases", data, "--model", tiny_checkpoint, "--out", tmp_path / "e2", "--steps", 2,
+                   "--no-crf") == 0
+    summary = json.loads((tmp_path / "e2" / "summary.json").read_text())
+    assert list(summary["failed"]) == ["normal_b"] and "geometry" in summary["failed"]["normal_b"]
+    assert set(summary["cases"]) == {"normal_a", "sick"}
+    assert "error:" in (tmp_path / "e2" / "summary.md").read_text()
+    assert (tmp_path / "e2" / "runs" / "sick" / "report.json").is_file()

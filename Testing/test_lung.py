@@ -32,7 +32,7 @@ def test_connected_lungs_are_cut_at_the_centroid():
 def test_existing_labels_are_kept():
     lab = np.zeros((1, 4, 4), np.uint8)
     lab[0, 0, 0], lab[0, 3, 3] = RIGHT, LEFT
-    assert np.array_equal(lung_labels(lab, to_image(lab)), lab)
+    assert np.array_equal(lung_labels(lab, to_image(lab))[0], lab)
 
 
 @needs_shared_data
@@ -47,3 +47,26 @@ def test_fallback_agrees_with_the_provided_mask_on_real_ct():
         z, y, x = np.argwhere(ours == lab).mean(axis=0)
         xs[lab] = ct.TransformContinuousIndexToPhysicalPoint((x, y, z))[0]
     assert xs[RIGHT] < xs[LEFT]
+
+
+def test_a_one_lung_mask_stays_one_lung_and_only_unlabeled_masks_are_split():
+    """Body 40..88 of x, midline at 64 (physical x grows with the index: identity direction, LPS → patient's
+    right is the low-x side). A one-lung mask labelled 1 lying on the right stays all right (it used to be cut in
+    two at its own centroid); the same lung given as label 2 stays left as given; a binary mask of two lungs is
+    split by side; a one-lung binary mask on the left is labelled left by its side."""
+    hu = np.full((4, 64, 128), -1000, np.int16)
+    hu[:, 8:56, 24:104] = 30  # body, midline x = 63.5
+    right = np.zeros(hu.shape, np.uint8)
+    right[:, 16:48, 30:60] = 1
+    left = np.zeros(hu.shape, np.uint8)
+    left[:, 16:48, 68:98] = 1
+    hu[(right + left) > 0] = -850
+    image = to_image(hu)
+    labels, how = lung_labels(right, image, hu)
+    assert set(np.unique(labels[right > 0])) == {RIGHT} and "one lung" in how
+    labels, how = lung_labels(right * 2, image, hu)
+    assert set(np.unique(labels[right > 0])) == {LEFT} and "as given" in how
+    labels, how = lung_labels(right + left, image, hu)
+    assert (labels[right > 0] == RIGHT).all() and (labels[left > 0] == LEFT).all() and "split" in how
+    labels, how = lung_labels(left, image, hu)
+    assert set(np.unique(labels[left > 0])) == {LEFT} and "one lung (left" in how

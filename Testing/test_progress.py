@@ -39,3 +39,13 @@ def test_training_reports_fractions_of_its_steps(tmp_path, data_dir):
     train(cfg, data_dir, tmp_path / "m.pt", progress=lambda f, m: seen.append((f, m)) or True)
     assert [f for f, _ in seen] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert seen[0][1].startswith("step 1/4, loss ")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e9", "-0.5", "1.0001"])
+def test_progress_lines_with_a_fraction_outside_0_1_are_not_progress(text):
+    assert parse_progress(f"SACDIFF_PROGRESS {text} step") is None
+
+
+def test_progress_lines_at_the_ends_are_kept():
+    assert parse_progress("SACDIFF_PROGRESS 0 start") == (0.0, "start")
+    assert parse_progress("SACDIFF_PROGRESS 1.0000 done") == (1.0, "done")

@@ -110,3 +110,53 @@ def test_best_setting_takes_the_setting_whose_worst_kind_is_found_best():
     assert best_setting([a, b, d])["setting"] == "B"
     assert best_setting([a, b, c, d])["setting"] == "C"
     assert best_setting([d]) is None
+
+
+def test_solid_3d_nodules_have_a_spheres_volume_and_touch_what_they_claim():
+    """On a 16-slice slab of 1 mm voxels with one vessel: each nodule's truth volume is the sphere's 4/3·π·r³ (within
+    the voxelisation), the vessel-touching one lies one voxel or less from the vessel, the pleural one from the
+    lung's edge, the free one apart from both; nothing changes outside the lung."""
+    from scipy import ndimage
+
+    from SACDiffLib.experiments.validate import solid_nodules_3d
+
+    hu = np.full((16, 96, 96), -850, np.int16)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 8:88, 8:88] = True
+    hu[~lung] = 40
+    hu[:, 30:33, 50:53] = 20  # a vessel along z
+    out, truth, placed = solid_nodules_3d(hu, lung, (1.0, 1.0, 1.0), np.random.default_rng(3), count=3)
+    assert [p["placement"] for p in placed] == ["free", "vessel", "pleura"]
+    assert np.array_equal(out[~lung], hu[~lung])
+    labels, n = ndimage.label(truth)
+    assert n == 3
+    vessel = np.zeros(hu.shape, bool)
+    vessel[:, 30:33, 50:53] = True
+    to_vessel = ndimage.distance_transform_edt(~vessel)
+    to_edge = ndimage.distance_transform_edt(lung)
+    for i in range(1, n + 1):
+        blob = labels == i
+        zc = np.nonzero(blob.any((1, 2)))[0]
+        d = max(p["diameter_mm"] for p in placed if abs(p["diameter_mm"] - (zc[-1] - zc[0] + 1)) < 3)
+        assert 5.0 <= d <= 15.0  # 5 mm .. the slab's 16 mm less one slice
+    volumes = sorted(int((labels == i).sum()) for i in range(1, n + 1))
+    expected = sorted(4 / 3 * np.pi * (p["diameter_mm"] / 2) ** 3 for p in placed)
+    for v, e in zip(volumes, expected):
+        assert abs(v - e) < 0.25 * e + 30
+    near_vessel = min(to_vessel[labels == i].min() for i in range(1, n + 1))
+    near_edge = min(to_edge[labels == i].min() for i in range(1, n + 1))
+    assert near_vessel <= 2.0 and near_edge <= 2.0
+    assert out[truth].mean() > -100  # solid: 0..60 HU, less the partial volume at the rim
+
+
+def test_parse_settings_reads_harmonised_and_shift_tolerant_items():
+    from SACDiffLib.errors import SACDiffError
+    from SACDiffLib.experiments.validate import parse_settings
+
+    assert parse_settings("100x10x3,250x10x3h9r3s1,250x10x3h4") == [
+        {"steps": 100, "sampling_steps": 10, "ensemble": 3},
+        {"steps": 250, "sampling_steps": 10, "ensemble": 3, "harmonise_steps": 9, "harmonise_radius": 3,
+         "shift_tolerance": 1},
+        {"steps": 250, "sampling_steps": 10, "ensemble": 3, "harmonise_steps": 4}]
+    with pytest.raises(SACDiffError, match="T_s×steps×K"):
+        parse_settings("250x10")

@@ -111,8 +111,8 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
         result = {"rows": rows, "preset": preset_name, "train": str(train_dir), "cases": str(cases_dir),
                   "fixed_threshold_rule": f"{FIXED_PERCENTILE:g}th percentile of the error inside the lung of the "
                                           "normal training cases (per network)"}
-        (tmp / "ablation.json").write_text(json.dumps(result, indent=1, default=float))
-        (tmp / "ablation.md").write_text(ablation_markdown(result))  # networks stay in RESULTS/models (--models)
+        (tmp / "ablation.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
+        (tmp / "ablation.md").write_text(ablation_markdown(result), encoding="utf-8")  # networks stay in RESULTS/models (--models)
     return result
 
 

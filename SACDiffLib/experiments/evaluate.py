@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
+from .. import io
 from ..config import SACDiffConfig, derive
 from ..lung import LungSource, segment_lungs
 from ..detect import detect_volume
@@ -42,7 +43,7 @@ from ..progress import Progress, part
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
-COLUMNS = ("case", "diagnosis") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml", "alpha")
+COLUMNS = ("case", "diagnosis", "status") + ALL_METRICS + ("anomaly_ml", "anomaly_percent_of_lung", "lung_ml", "alpha")
 
 
 def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list]) -> dict:
@@ -81,7 +82,15 @@ def evaluate(
     todo = [name for name in sorted(cases) if case_path(cases_dir, name, "ct").exists()]
     if not todo:
         raise SACDiffError(f"no case of {cases_dir / 'cases.json'} has its CT at ct/<case>_ct.nii.gz")
-    rows, per_case = [], {}
+    for name in todo:  # every case's files checked (complete, readable headers) before any work
+        for kind in ("ct", "lung", "lesion"):
+            path = optional_path(cases_dir, name, kind)
+            if path is not None:
+                try:
+                    io.check_readable(path)
+                except SACDiffError as exc:
+                    raise SACDiffError(f"case {name}: {exc}") from None
+    rows, per_case, failed = [], {}, {}
     with output as tmp:
         (tmp / "runs").mkdir()
         for i, name in enumerate(todo):
@@ -90,17 +99,23 @@ def evaluate(
             lung = optional_path(cases_dir, name, "lung")
             lesion_path = case_path(cases_dir, name, "lesion")
             log(f"[{i + 1}/{len(todo)}] {name}")
-            result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name),
-                                   lung_source=lung_source)
-            write_run(result, tmp / "runs" / name)
-            lesion = None
-            if lesion_path.exists():
-                lesion = sitk.GetArrayFromImage(sitk.ReadImage(str(lesion_path))) > 0
-                if lesion.shape != result.mask.shape:
-                    raise SACDiffError(f"case {name}: lesion mask shape {lesion.shape} differs from the CT's")
+            try:  # a case that fails in the work is reported; the other cases' results are kept
+                result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name),
+                                       lung_source=lung_source)
+                lesion = None
+                if lesion_path.exists():
+                    lesion = io.read_mask(lesion_path, result.reference, "lesion mask") > 0
+                write_run(result, tmp / "runs" / name)
+            except SACDiffError as exc:
+                log(f"{name}: {exc}")
+                failed[name] = str(exc)
+                rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), "status": f"error: {exc}"})
+                continue
             row = score_case(result, lesion, info.get("slice_label_infection"))
             per_case[name] = {k: v for k, v in row.items() if k in ALL_METRICS or k.startswith("anomaly") or k == "alpha"}
-            rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), **row})
+            rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), "status": "ok", **row})
+        if not per_case:
+            raise SACDiffError("every case failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         medseg = {}
         medseg_dir = cases_dir / "slices" / "medseg_covid"
         if (medseg_dir / "image").is_dir():
@@ -111,14 +126,15 @@ def evaluate(
         stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
         summary = {
             "cases": per_case,
+            "failed": failed,
             "medseg_covid": medseg,
             "mean": {m: st["mean"] for m, st in stats.items()},
             "mean_std": stats,
             "detect": {k: v for k, v in vars(cfg.detect).items()},
         }
         _write_csv(tmp / "cases.csv", rows)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-        (tmp / "summary.md").write_text(_markdown(summary, rows))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1, default=float), encoding="utf-8")
+        (tmp / "summary.md").write_text(_markdown(summary, rows), encoding="utf-8")
     return summary
 
 
@@ -167,8 +183,8 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
         lines.append(f"| {r['ensemble']} | {steps} | {r['evaluations_per_slice']} | "
                      f"{paper / r['evaluations_per_slice']:.0f} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
     table = "\n".join(lines) + "\n"
-    (out_dir / "sweep.md").write_text(table)
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1, default=float))
+    (out_dir / "sweep.md").write_text(table, encoding="utf-8")
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1, default=float), encoding="utf-8")
     return table
 
 
@@ -229,7 +245,7 @@ def _fmt(v) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict], columns=COLUMNS) -> None:
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -243,6 +259,9 @@ def _markdown(summary: dict, rows: list[dict]) -> str:
              "| case | diagnosis | " + " | ".join(ALL_METRICS) + " | anomaly ml | % lung | α |",
              "|---|---|" + "---|" * (len(ALL_METRICS) + 3)]
     for r in rows:
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {r['case']} | {r['diagnosis']} | {r['status']} |" + " |" * (len(ALL_METRICS) + 2))
+            continue
         lines.append(f"| {r['case']} | {r['diagnosis']} | " + " | ".join(_fmt(r.get(m)) for m in ALL_METRICS)
                      + f" | {r['anomaly_ml']:.1f} | {r['anomaly_percent_of_lung']:.2f} | {r['alpha']:.4f} |")
     ms = summary["mean_std"]

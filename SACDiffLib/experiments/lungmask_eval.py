@@ -153,9 +153,9 @@ def main(argv=None) -> int:
 
     keep_freed_memory()
     r = evaluate_lung_masks(args.data, args.model)
-    Path(args.out).write_text(json.dumps(r, indent=1))
+    Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
     text = markdown(r)
-    Path(args.out).with_suffix(".md").write_text(text)
+    Path(args.out).with_suffix(".md").write_text(text, encoding="utf-8")
     print(text)
     return 0
 

@@ -195,6 +195,12 @@ def write_phantom_cases(out_dir, cases: int = 3, kind: str = "covid", size: int 
     """A folder in the layout of ``../shared/data``: ``cases.json`` + ``ct/<case>_{ct,lung,lesion}.nii.gz``.
     ``normals`` extra healthy cases are added (diagnosis ``normal``)."""
     out_dir = Path(out_dir)
+    for name, value, lo, hi in (("--cases", cases, 0, 1000), ("--normals", normals, 0, 1000), ("--size", size, 32, 1024),
+                                ("--slices", slices, 4, 2000), ("--seed", seed, 0, 2**31)):
+        if not lo <= value <= hi:
+            raise SACDiffError(f"phantom {name} = {value} is out of range: it must be in {lo}..{hi}")
+    if cases + normals < 1:
+        raise SACDiffError("phantom needs at least one case: --cases and --normals are both 0")
     with Output(out_dir, "results", overwrite) as tmp:
         _write_cases(tmp, cases, kind, size, slices, seed, normals)
     return out_dir
@@ -219,4 +225,4 @@ def _write_cases(out_dir: Path, cases: int, kind: str, size: int, slices: int, s
         if k != "normal":
             entry["slice_label_infection"] = lesion.reshape(slices, -1).any(1).astype(int).tolist()
         index[name] = entry
-    (out_dir / "cases.json").write_text(json.dumps(index, indent=1))
+    (out_dir / "cases.json").write_text(json.dumps(index, indent=1), encoding="utf-8")

@@ -2,12 +2,18 @@
 
 The data are the healthy slices that training kept out (``train.holdout_split``: slabs of the normal cases; the
 checkpoint's ``train.holdout_every``, or ``--holdout-every`` for a model trained on everything). Every case's
-held-out slices are stacked into one sub-volume (its own spacing and lung mask); on every second of them
-**synthetic lesions** are drawn (``synthetic_lesions``: ground-glass patches, consolidations and nodules blended
-into the real lung, known voxel by voxel). One detection per setting then gives, label-free:
+held-out slices are stacked into one sub-volume (its own spacing and lung mask). Its slabs alternate between clean
+and lesion slabs (a lesion never lies in a clean slice's neighbour, so a model that sees neighbouring slices cannot
+copy it into the clean ones). In a lesion slab, **synthetic lesions** are drawn, known voxel by voxel:
+``synthetic_lesions`` on every second slice (ground-glass patches, consolidations and small nodules blended into
+the real lung), and ``solid_nodules_3d`` through the slab (5–30 mm solid spheres at 0…+60 HU, averaged over each
+slice's thickness, a third of them touching a vessel and a third the pleura — the nodules real scans show, that a
+2D model can reconstruct like a vessel seen end-on). One detection per setting then gives, label-free:
 
 - ``healthy_flagged_percent`` at each λ: % of the lung flagged on the slices left clean — the false-positive
   burden that the default λ must keep ≤ 1 %;
+- ``vessel_flagged_percent`` at each λ: % of the clean lung's voxels above −300 HU (vessels, fissures, bronchial
+  walls) that are flagged — the false positives a deep or harmonised chain can bring;
 - ``healthy_error``: mean E inside the clean lung (how sharply healthy lung is reconstructed);
 - on the slices with synthetic lesions: voxel AUROC of E, oracle Dice (best single threshold) and the Dice of the
   full pipeline at each λ.
@@ -44,6 +50,12 @@ FLAGGED_TARGET_PERCENT = 1.0
 # (kind, target HU, radius range mm, blend weight): blended towards the target so vessels show through ground glass
 LESION_KINDS = (("ground-glass", -450.0, (8.0, 25.0), 0.75), ("consolidation", 20.0, (8.0, 20.0), 0.95),
                 ("nodule", 30.0, (3.0, 8.0), 1.0))
+SOLID_3D = "solid-3d"  # the kind of ``solid_nodules_3d`` (kinds map value len(LESION_KINDS) + 1)
+KIND_NAMES = tuple(k[0] for k in LESION_KINDS) + (SOLID_3D,)
+VESSEL_HU = -300.0  # clean-lung voxels above this are vessels, fissures, bronchial walls (the vessel FP figure)
+SOLID_DIAMETER_MM = (5.0, 30.0)
+SOLID_HU = (0.0, 60.0)
+PLACEMENTS = ("free", "vessel", "pleura")
 
 
 def synthetic_lesions(hu: np.ndarray, lung: np.ndarray, spacing_xy, rng: np.random.Generator, count: int = 3,
@@ -78,10 +90,69 @@ def synthetic_lesions(hu: np.ndarray, lung: np.ndarray, spacing_xy, rng: np.rand
     return (out, truth, kinds) if with_kinds else (out, truth)
 
 
+def solid_nodules_3d(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.random.Generator, count: int = 3):
+    """(HU slab with nodules, truth mask, placements) for one slab (z, y, x): ``count`` solid spheres of
+    SOLID_DIAMETER_MM (capped by the slab's thickness less one slice) at SOLID_HU, centred on the slab's middle
+    slice. Placement cycles through PLACEMENTS: free (≥ r from pleura and vessels), touching a vessel (centre at
+    distance r from the nearest lung voxel above VESSEL_HU of the middle slice) or the pleura (at distance r from
+    the lung's edge). Each slice receives the fraction of its thickness that lies inside the sphere (5 samples
+    along z: the partial volume of a thick slice) and in-plane a 0.5-pixel blur; the lesion is confined to the lung.
+    Truth: lung voxels more than half inside. An empty list of placements when no centre fits."""
+    out = hu.astype(np.float32).copy()
+    truth = np.zeros(hu.shape, bool)
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    mid = hu.shape[0] // 2
+    lung_mid = lung[mid]
+    if lung_mid.sum() < 50:
+        return hu.copy(), truth, []
+    to_pleura = ndimage.distance_transform_edt(lung_mid, sampling=(sy, sx))
+    vessels = lung_mid & (hu[mid] > VESSEL_HU)
+    to_vessel = (ndimage.distance_transform_edt(~vessels, sampling=(sy, sx)) if vessels.any()
+                 else np.full(lung_mid.shape, np.inf))
+    z_mm = (np.arange(hu.shape[0])[:, None] + (np.arange(5) - 2) / 5.0) * sz  # 5 samples per slice thickness
+    yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
+    placed = []
+    d_hi = min(SOLID_DIAMETER_MM[1], (hu.shape[0] - 1) * sz)
+    for i in range(count):
+        placement = PLACEMENTS[i % len(PLACEMENTS)]
+        r = rng.uniform(SOLID_DIAMETER_MM[0], max(SOLID_DIAMETER_MM[0], d_hi)) / 2
+        tol = max(sx, sy)
+        if placement == "free":
+            ok = (to_pleura > r + tol) & (to_vessel > r + tol)
+        elif placement == "vessel":
+            ok = (np.abs(to_vessel - r) <= tol) & (to_pleura > r + tol)
+        else:
+            ok = (np.abs(to_pleura - r) <= tol) & (to_vessel > r)
+        candidates = np.argwhere(ok)
+        if candidates.size == 0:
+            continue
+        cy, cx = candidates[rng.integers(len(candidates))]
+        cz = (mid + rng.uniform(-0.5, 0.5)) * sz
+        dz2 = ((z_mm - cz) ** 2)[:, :, None, None]  # (z, 5, 1, 1)
+        d2 = ((yy - cy) * sy) ** 2 + ((xx - cx) * sx) ** 2
+        inside = (dz2 + d2[None, None] < r * r).mean(1)  # fraction of each slice's thickness in the sphere
+        inside = ndimage.gaussian_filter(inside, (0, 0.5, 0.5)) * lung
+        target = rng.uniform(*SOLID_HU)
+        out += inside * (target - out)
+        truth |= (inside > 0.5) & lung
+        placed.append({"placement": placement, "diameter_mm": round(2 * r, 1), "hu": round(target, 1)})
+    return np.round(out).astype(hu.dtype), truth, placed
+
+
+def _slabs(z: np.ndarray) -> np.ndarray:
+    """Slab number of each held-out slice: runs of consecutive slice indices (at most HOLDOUT_SLAB long)."""
+    from ..data import HOLDOUT_SLAB
+
+    starts = np.r_[True, np.diff(z) != 1]
+    run = np.cumsum(starts) - 1
+    first = np.nonzero(starts)[0][run]
+    return run * 1000 + (np.arange(z.size) - first) // HOLDOUT_SLAB
+
+
 def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0,
                     min_lung_fraction: float = 0.005):
-    """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags) of the stacked held-out slices,
-    synthetic lesions on every second slice."""
+    """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags) of the stacked held-out slices;
+    clean and lesion slabs alternate (module docstring)."""
     rng = np.random.default_rng(seed)
     volumes = []
     for name in healthy_cases(load_cases(data_dir), normal_cases):
@@ -94,10 +165,20 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         sub_hu, sub_lung = hu[z].copy(), lung[z].astype(np.uint8)
         truth = np.zeros(sub_hu.shape, bool)
         kinds = np.zeros(sub_hu.shape, np.uint8)
-        clean = np.arange(z.size) % 2 == 0
-        for i in np.nonzero(~clean)[0]:
-            sub_hu[i], truth[i], kinds[i] = synthetic_lesions(sub_hu[i], sub_lung[i] > 0, ct.GetSpacing()[:2], rng,
-                                                              with_kinds=True)
+        slab = np.unique(_slabs(z), return_inverse=True)[1]
+        clean = slab % 2 == 0
+        solids = []
+        for number in np.unique(slab[~clean]):
+            rows = np.nonzero(slab == number)[0]
+            for j, i in enumerate(rows):
+                if j % 2 == 1:
+                    sub_hu[i], truth[i], kinds[i] = synthetic_lesions(sub_hu[i], sub_lung[i] > 0, ct.GetSpacing()[:2],
+                                                                      rng, with_kinds=True)
+            block, drawn, placed = solid_nodules_3d(sub_hu[rows], sub_lung[rows] > 0, ct.GetSpacing(), rng)
+            sub_hu[rows] = block
+            truth[rows] |= drawn
+            kinds[rows] = np.where(drawn, len(LESION_KINDS) + 1, kinds[rows])
+            solids += placed
         image = sitk.GetImageFromArray(sub_hu)
         image.SetSpacing(ct.GetSpacing())
         image.SetDirection(ct.GetDirection())
@@ -105,7 +186,7 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         sitk.WriteImage(image, str(ct_path))
         io.write_image(sub_lung, image, lung_path)
         volumes.append({"case": name, "ct": ct_path, "lung": lung_path, "truth": truth, "kinds": kinds, "clean": clean,
-                        "slices": z.tolist()})
+                        "slices": z.tolist(), "solid_nodules": solids})
     return volumes
 
 
@@ -113,6 +194,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     """Label-free figures of one detection setting over the held-out volumes (see the module docstring)."""
     errors, truths, kinds = [], [], []
     flagged = {lam: [0, 0] for lam in lambdas}
+    vessel_flagged = {lam: [0, 0] for lam in lambdas}
     per_case = {}
     pipeline = {lam: [] for lam in lambdas}
     healthy_error = []
@@ -125,6 +207,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
         truths.append(vol["truth"][lesion_lung])
         kinds.append(vol["kinds"][lesion_lung] if "kinds" in vol else vol["truth"][lesion_lung].astype(np.uint8))
         n_clean = int(clean_lung.sum())
+        clean_vessels = (clean_lung & (np.asarray(result.ct_hu) > VESSEL_HU) if hasattr(result, "ct_hu")
+                         else np.zeros_like(clean_lung))
         case = per_case.setdefault(vol.get("case", str(i)), {"flagged_percent": {}, "alpha": {}})
         for lam in lambdas:
             rethreshold(result, lam)
@@ -132,6 +216,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
             hits = int((mask & clean_lung).sum())
             flagged[lam][0] += hits
             flagged[lam][1] += n_clean
+            vessel_flagged[lam][0] += int((mask & clean_vessels).sum())
+            vessel_flagged[lam][1] += int(clean_vessels.sum())
             case["flagged_percent"][str(lam)] = 100.0 * hits / max(n_clean, 1)
             case["alpha"][str(lam)] = result.threshold.alpha
             pipeline[lam].append((mask[lesion_lung], vol["truth"][lesion_lung]))
@@ -139,6 +225,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     out = {
         "healthy_error": float(np.concatenate(healthy_error).mean()),
         "healthy_flagged_percent": {str(lam): 100.0 * f / max(n, 1) for lam, (f, n) in flagged.items()},
+        "vessel_flagged_percent": {str(lam): 100.0 * f / max(n, 1) for lam, (f, n) in vessel_flagged.items()},
         "synthetic_voxel_auroc": auroc(error, truth),
         "synthetic_oracle_dice": oracle_dice(error, truth)[0],
         "synthetic_dice": {str(lam): segmentation_metrics(np.concatenate([p for p, _ in v]),
@@ -150,7 +237,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     # even when the pooled figures, dominated by the large ground-glass patches, look fine.
     kind = np.concatenate(kinds)
     out["per_kind"] = {}
-    for index, (name, *_rest) in enumerate(LESION_KINDS):
+    for index, name in enumerate(KIND_NAMES):
         keep = (kind == index + 1) | ~truth
         positives = kind == index + 1
         if positives.any():
@@ -161,6 +248,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     out["recommended_lambda"] = min(ok) if ok else None
     if ok:
         out["synthetic_dice_at_recommended"] = out["synthetic_dice"][str(min(ok))]
+        out["vessel_flagged_percent_at_recommended"] = out["vessel_flagged_percent"][str(min(ok))]
     out["per_case"] = per_case
     return out
 
@@ -181,16 +269,27 @@ def best_setting(rows: list[dict], tie: float = 0.01) -> Optional[dict]:
 
 
 def parse_settings(text: Optional[str]) -> list[dict]:
-    """``--settings 100x10x3,150x10x3`` → DetectConfig overrides; None → the model's own setting."""
+    """``--settings 100x10x3,250x10x3h9s1`` → DetectConfig overrides (T_s × reverse steps × K, then optionally
+    h<harmonise_steps>, r<harmonise_radius> and s<shift_tolerance>); None → the model's own setting."""
+    import re
+
     if not text:
         return [{}]
     settings = []
     for item in text.split(","):
-        try:
-            steps, n, k = (int(v) for v in item.lower().split("x"))
-        except ValueError:
-            raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K (e.g. 150x10x3)") from None
-        settings.append({"steps": steps, "sampling_steps": n, "ensemble": k})
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:h(\d+))?(?:r(\d+))?(?:s(\d+))?", item.strip().lower())
+        if match is None:
+            raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K[h<N>][r<R>][s<R>] (e.g. "
+                               "150x10x3 or 250x10x3h9r3s1)")
+        steps, n, k, harmonise, radius, tolerance = match.groups()
+        setting = {"steps": int(steps), "sampling_steps": int(n), "ensemble": int(k)}
+        if harmonise is not None:
+            setting["harmonise_steps"] = int(harmonise)
+        if radius is not None:
+            setting["harmonise_radius"] = int(radius)
+        if tolerance is not None:
+            setting["shift_tolerance"] = int(tolerance)
+        settings.append(setting)
     return settings
 
 
@@ -198,8 +297,8 @@ def write_validation(folder: Path, rows: list[dict], model_path, holdout_every: 
     """validation.json (every figure) and validation.md (the table) into ``folder``; returns the table."""
     table = markdown(rows, Path(model_path).name)
     (folder / "validation.json").write_text(json.dumps({"model": str(model_path), "holdout_every": holdout_every,
-                                                        "rows": rows}, indent=1, allow_nan=False))
-    (folder / "validation.md").write_text(table)
+                                                        "rows": rows}, indent=1, allow_nan=False), encoding="utf-8")
+    (folder / "validation.md").write_text(table, encoding="utf-8")
     return table
 
 
@@ -230,13 +329,15 @@ def markdown(rows: list[dict], model_name: str) -> str:
     lines = [f"# Label-free validation of {model_name} on held-out healthy slices", "",
              "| setting | mean E in healthy lung | % healthy lung flagged at λ = " + ", ".join(map(str, LAMBDAS))
              + " | synthetic voxel AUROC | synthetic oracle Dice | recommended λ (≤ 1 % flagged) | synthetic Dice "
-             "at it | oracle Dice per kind | s |", "|---|---|---|---|---|---|---|---|---|"]
+             f"at it | % clean vessels (> {VESSEL_HU:.0f} HU) flagged at it | oracle Dice per kind | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flagged = " / ".join(f"{r['healthy_flagged_percent'][str(lam)]:.2f}" for lam in LAMBDAS)
         rec = r["recommended_lambda"]
         lines.append(f"| {r['setting']} | {r['healthy_error']:.5f} | {flagged} | {r['synthetic_voxel_auroc']:.4f} | "
                      f"{r['synthetic_oracle_dice']:.4f} | {'none' if rec is None else rec} | "
                      f"{r.get('synthetic_dice_at_recommended', float('nan')):.4f} | "
+                     f"{r.get('vessel_flagged_percent_at_recommended', float('nan')):.2f} | "
                      + ", ".join(f"{k} {v['oracle_dice']:.3f}" for k, v in r.get("per_kind", {}).items())
                      + f" | {r['seconds']:.0f} |")
     best = best_setting(rows)
