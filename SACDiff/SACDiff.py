@@ -58,9 +58,11 @@ class SACDiffParameterNode:
     lungMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # a node Union must include None
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     preset: Annotated[str, Choice(list(DETECTION_PRESETS))] = "model"
-    ensemble: Annotated[int, WithinRange(0, 32)] = 3
-    steps: Annotated[int, WithinRange(0, 1000)] = 0
-    samplingSteps: Annotated[int, WithinRange(-1, 1000)] = 25
+    # A fresh panel is the "model" preset: 0 / −1 = the checkpoint's own K, T_s and reverse steps (its validated
+    # setting), never a panel default of its own.
+    ensemble: Annotated[int, WithinRange(0, 32)] = DETECTION_PRESETS["model"]["ensemble"]
+    steps: Annotated[int, WithinRange(0, 1000)] = DETECTION_PRESETS["model"]["steps"]
+    samplingSteps: Annotated[int, WithinRange(-1, 1000)] = DETECTION_PRESETS["model"]["samplingSteps"]
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     crf: bool = True
     lam: Annotated[float, WithinRange(-2.0, 32.0)] = 1.0
@@ -109,8 +111,12 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        """Module reload or application exit: stop polling and the run (the old widget must not fire on deleted
+        widgets), drop every observer."""
+        self._timer.stop()
         if self._process is not None:
             self._process.cancel()
+            self._process = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -148,6 +154,9 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
             self._checkCanApply()
+        if inputParameterNode is None:  # a scene close: what the user touched belonged to the old scene
+            self._lambdaTouched = False
+            self._presets = PresetTracker()
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         if self._process is not None:
@@ -181,12 +190,17 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         a refill that keeps the same preset, so the user's own K / T_s survive."""
         if self._parameterNode is None:
             return
-        values = self._presets.change(self.ui.presetComboBox.currentText)
+        name = self.ui.presetComboBox.currentText
+        values = self._presets.change(name)
         if values is not None:
             self._lambdaTouched = False
-            self._parameterNode.ensemble = values["ensemble"]
-            self._parameterNode.steps = values["steps"]
-            self._parameterNode.samplingSteps = values["samplingSteps"]
+            # This slot runs before the wrapper's own (it was connected first): write the preset itself first, in
+            # one modification, or the wrapper pushes the old preset back into the box when K changes.
+            with slicer.util.NodeModify(self._parameterNode):
+                self._parameterNode.preset = name
+                self._parameterNode.ensemble = values["ensemble"]
+                self._parameterNode.steps = values["steps"]
+                self._parameterNode.samplingSteps = values["samplingSteps"]
 
     def onModelPathChanged(self, path) -> None:
         qt.QSettings().setValue(MODEL_SETTING, path)
@@ -241,9 +255,15 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 message += _("\n\nThe GPU ran out of memory: choose Device = cpu, or a smaller ensemble K.")
             slicer.util.errorDisplay(_("Detection failed: ") + message)
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not load the results."), waitCursor=True):
-            self.logic.loadResults(self._parameterNode.inputVolume, process.runDir)
-            self._showResults()
+        self._timer.stop()  # before any dialog: tryWithErrorDisplay shows its box, then re-raises
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not load the results."), waitCursor=True):
+                self.logic.loadResults(self._parameterNode.inputVolume, process.runDir)
+                self._showResults()
+        except Exception:  # already shown in the error box
+            process.cleanup()  # the run cannot be used: its work folder goes
+            self._finish(_("Loading the results failed."))
+            return
         self._finish(_("Done."))
 
     def _finish(self, message: str) -> None:
@@ -278,7 +298,11 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._rethreshold(value, crf=False)
 
     def onLambdaChanged(self, value: float) -> None:
-        if not self._showingResult:
+        # ctkSliderWidget emits valueChanged for programmatic writes too (the wrapper writing the parameter node's
+        # λ into the GUI, a result's λ). Those arrive with the node already holding the value; a user's move
+        # arrives first here (this slot was connected before the wrapper's), while the node still holds the old λ.
+        p = self._parameterNode
+        if not self._showingResult and p is not None and abs(p.lam - value) > 1e-9:
             self._lambdaTouched = True
         self._rethreshold(value, crf=self._parameterNode.crf if self._parameterNode else None)
 
@@ -306,8 +330,10 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SACDiffTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Developer mode → Reload and Test); not run in CI, where the Logic is tested against
-    slicer-core's real MRML instead (Testing/test_slicer_logic.py)."""
+    """Reload and Test inside Slicer (Developer mode): the logic on a small synthetic chest, then the panel's life as
+    a radiologist lives it — pick inputs and presets, Apply → progress → results, move λ, Cancel mid-run, close the
+    scene. CI runs the same sequence on Slicer's own Python with the widgets emulated (Testing/test_slicer_panel.py);
+    this one checks a real installation with one click."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -315,19 +341,24 @@ class SACDiffTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_SACDiffOnSyntheticChest()
+        self.setUp()
+        self.test_SACDiffPanel()
+
+    def _syntheticChest(self, name="phantom CT"):
+        import numpy as np
+
+        from SACDiffLib.experiments.phantom import chest_phantom
+
+        hu, lungs, lesion, spacing = chest_phantom(size=128, slices=24, kind="covid", seed=0)
+        ijkToRAS = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        return slicer.util.addVolumeFromArray(hu, ijkToRAS, name)
 
     def test_SACDiffOnSyntheticChest(self):
         import tempfile
         import time
 
-        import numpy as np
-
-        from SACDiffLib.experiments.phantom import chest_phantom
-
         self.delayDisplay("Creating a synthetic chest CT")
-        hu, lungs, lesion, spacing = chest_phantom(size=128, slices=24, kind="covid", seed=0)
-        ijkToRAS = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-        ct = slicer.util.addVolumeFromArray(hu, ijkToRAS, "phantom CT")
+        ct = self._syntheticChest()
         logic = SACDiffLogic()
         lung = logic.createLungSegmentation(ct)
         self.delayDisplay("Running detection with the shipped model (fast settings)")
@@ -345,4 +376,56 @@ class SACDiffTest(ScriptedLoadableModuleTest):
         with tempfile.TemporaryDirectory() as folder:
             files = logic.exportResults(os.path.join(folder, "export"))
             self.assertTrue(any(f.name == "anomaly.seg.nrrd" for f in files))
-        self.delayDisplay("Test passed")
+        self.delayDisplay("Logic test passed")
+
+    def test_SACDiffPanel(self, widget=None, modelPath: str = ""):
+        """The panel as a user drives it. ``widget`` and ``modelPath`` let a harness pass its own panel and a small
+        model; inside Slicer they are the module's panel and the shipped model."""
+        import time
+
+        if widget is None:
+            slicer.util.selectModule("SACDiff")
+            widget = slicer.modules.sacdiff.widgetRepresentation().self()
+        ui = widget.ui
+        ct = self._syntheticChest()
+        lung = widget.logic.createLungSegmentation(ct)
+        ui.inputVolumeSelector.setCurrentNode(ct)
+        ui.lungMaskSelector.setCurrentNode(lung)
+        ui.modelPathLineEdit.currentPath = modelPath
+        self.assertTrue(ui.applyButton.enabled)
+        ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("paper"))
+        self.assertEqual((widget._parameterNode.preset, ui.stepsSpinBox.value), ("paper", 550))
+        ui.presetComboBox.setCurrentIndex(ui.presetComboBox.findText("model"))
+        self.assertEqual((widget._parameterNode.preset, ui.stepsSpinBox.value), ("model", 0))
+        widget._parameterNode.ensemble = 2
+
+        self.delayDisplay("Apply: detection in a separate process")
+        ui.applyButton.click()
+        self.assertEqual(ui.applyButton.text, "Cancel")
+        start = time.monotonic()
+        while widget._process is not None and time.monotonic() - start < 600:
+            widget.onPoll()
+            slicer.app.processEvents()
+            time.sleep(0.1)
+        self.assertEqual(ui.statusLabel.text, "Done.")
+        summary = widget.logic.summary()
+        self.assertAlmostEqual(ui.lambdaSlider.value, summary["lambda"], places=6)
+
+        self.delayDisplay("λ moved by the user")
+        ui.lambdaSlider.value = summary["lambda"] + 4.0
+        moved = widget.logic.summary()
+        self.assertAlmostEqual(moved["lambda"], summary["lambda"] + 4.0, places=6)
+        self.assertGreater(moved["alpha"], summary["alpha"])
+
+        self.delayDisplay("Cancel mid-run: the scene is unchanged")
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        ui.applyButton.click()
+        ui.applyButton.click()
+        self.assertIsNone(widget._process)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+
+        self.delayDisplay("Scene close: a fresh panel")
+        slicer.mrmlScene.Clear()
+        self.assertEqual(widget._parameterNode.preset, "model")
+        self.assertFalse(widget._lambdaTouched)
+        self.delayDisplay("Panel test passed")

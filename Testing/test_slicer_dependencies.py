@@ -41,39 +41,43 @@ class _Recorder:
         return self.result
 
 
-def _stand_in_slicer(monkeypatch, with_pydeps: bool):
+def _stand_in_slicer(monkeypatch, with_packaging: bool):
     fake = types.SimpleNamespace(util=types.SimpleNamespace(pip_install=_Recorder()))
     monkeypatch.setitem(sys.modules, "slicer", fake)
-    if with_pydeps:  # a submodule, as in Slicer ≥ 5.11 (imported, not an attribute read)
-        fake.pydeps = types.SimpleNamespace(pip_ensure=_Recorder())
-        monkeypatch.setitem(sys.modules, "slicer.pydeps", fake.pydeps)
+    if with_packaging:  # a submodule, as in Slicer ≥ 5.12 (slicer/packaging.py; imported, not an attribute read)
+        fake.packaging = types.SimpleNamespace(pip_ensure=_Recorder())
+        monkeypatch.setitem(sys.modules, "slicer.packaging", fake.packaging)
     else:
-        monkeypatch.delitem(sys.modules, "slicer.pydeps", raising=False)
+        monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
     monkeypatch.setattr(dependencies, "missingDependencies", lambda: [])
     return fake
 
 
-def test_slicer_5_12_installs_through_pydeps_skipping_what_slicer_provides(monkeypatch):
-    fake = _stand_in_slicer(monkeypatch, with_pydeps=True)
+def test_slicer_5_12_installs_through_packaging_skipping_what_slicer_provides(monkeypatch):
+    fake = _stand_in_slicer(monkeypatch, with_packaging=True)
     dependencies.installDependencies(["scikit-image", "tqdm"])
-    (args, kwargs), = fake.pydeps.pip_ensure.calls
+    (args, kwargs), = fake.packaging.pip_ensure.calls
     assert sorted(str(r).split(">")[0] for r in args[0]) == ["scikit-image", "tqdm"]
     assert set(kwargs["skip_packages"]) == {"numpy", "SimpleITK", "torch"} and kwargs["requester"] == "SACDiff"
     assert not fake.util.pip_install.calls
 
 
 def test_older_slicer_installs_through_pip_install(monkeypatch):
-    fake = _stand_in_slicer(monkeypatch, with_pydeps=False)
+    fake = _stand_in_slicer(monkeypatch, with_packaging=False)
     dependencies.installDependencies(["opensimplex"])
     (args, _), = fake.util.pip_install.calls
-    assert args[0].startswith("opensimplex>=")
+    assert args[0][0].startswith("opensimplex>=") and args[0][1] == "-c"
 
 
 def test_a_failed_pytorch_installation_is_an_error_with_the_minimum_version(monkeypatch):
-    _stand_in_slicer(monkeypatch, with_pydeps=True)
-    install = _Recorder(result=None)  # SlicerPyTorch returns None when it could not install
+    _stand_in_slicer(monkeypatch, with_packaging=True)
+
+    def install(**kwargs):  # SlicerPyTorch raises when it cannot install
+        install.kwargs = kwargs
+        raise RuntimeError("no wheel for this platform")
+
     logic = types.SimpleNamespace(installTorch=install)
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=lambda: logic))
-    with pytest.raises(RuntimeError, match=r"PyTorch >=2\.1 could not be installed"):
+    with pytest.raises(RuntimeError, match=r"PyTorch >=2\.1 could not be installed \(no wheel for this platform\)"):
         dependencies.installDependencies(["torch"])
-    assert install.calls[0][1]["torchVersionRequirement"] == ">=2.1"
+    assert install.kwargs["torchVersionRequirement"] == ">=2.1"

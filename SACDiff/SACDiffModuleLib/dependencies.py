@@ -2,8 +2,9 @@
 
 ``requirements.txt`` (beside this file, installed with the module) lists the pip packages; numpy and SimpleITK come
 with Slicer and are never installed or upgraded here; torch comes from the SlicerPyTorch extension with a minimum
-version. Slicer ≥ 5.11 installs through ``slicer.pydeps.pip_ensure`` (skipping what Slicer provides); 5.8–5.10
-through ``slicer.util.pip_install``. No Qt here: the widget asks the user first.
+version. Slicer ≥ 5.12 installs through ``slicer.packaging.pip_ensure`` (skipping what Slicer provides; the panel
+has asked already, so no second prompt); 5.8–5.10 through ``slicer.util.pip_install`` with a pip constraints file
+that pins numpy, SimpleITK and torch at their installed versions. No Qt here: the widget asks the user first.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ def missingDependencies() -> list[str]:
     return missing
 
 
+def _pins_of_what_slicer_provides() -> str:
+    """pip constraints: numpy, SimpleITK and torch at their installed versions (pip may then install nothing that
+    would upgrade or replace them)."""
+    pins = []
+    for name in SLICER_PROVIDES:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "\n".join(pins) + "\n"
+
+
 def installDependencies(missing: list[str]) -> None:
     """Install ``missing`` (from ``missingDependencies``); raises RuntimeError with what to do when it fails."""
     import slicer
@@ -60,22 +73,30 @@ def installDependencies(missing: list[str]) -> None:
             raise RuntimeError("the PyTorch extension is not installed: install 'PyTorch' from the Extensions "
                                "Manager, restart Slicer and try again") from None
         wanted = ">=" + ".".join(map(str, TORCH_MINIMUM))
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=wanted) is None:
-            raise RuntimeError(f"PyTorch {wanted} could not be installed; install it from the PyTorch module "
-                               "(Utilities › PyTorch Utils), restart Slicer and try again")
+        try:  # SlicerPyTorch raises when it cannot install (it never returns None for a failure)
+            PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=wanted)
+        except Exception as exc:
+            raise RuntimeError(f"PyTorch {wanted} could not be installed ({exc}); install it from the PyTorch module "
+                               "(Utilities › PyTorch Utils), restart Slicer and try again") from None
     wanted = [r for r in requirements() if _name(r) in missing]
     if not wanted:
         return
-    try:  # a submodule: present (and importable) from Slicer 5.11 on
-        pydeps = importlib.import_module("slicer.pydeps")
+    try:  # a submodule from Slicer 5.12 on (slicer/packaging.py); absent in 5.8 and 5.10
+        packaging_module = importlib.import_module("slicer.packaging")
     except ImportError:
-        pydeps = None
-    if pydeps is not None and hasattr(pydeps, "pip_ensure"):  # Slicer ≥ 5.11
+        packaging_module = None
+    if packaging_module is not None and hasattr(packaging_module, "pip_ensure"):
         from packaging.requirements import Requirement
 
-        pydeps.pip_ensure([Requirement(r) for r in wanted], skip_packages=list(SLICER_PROVIDES), requester="SACDiff")
-    else:  # Slicer 5.8–5.10
-        slicer.util.pip_install(" ".join(wanted))
+        packaging_module.pip_ensure([Requirement(r) for r in wanted], skip_packages=list(SLICER_PROVIDES),
+                                    prompt_install=False, requester="SACDiff")
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="SACDiff-pip-") as folder:
+            constraints = Path(folder) / "constraints.txt"
+            constraints.write_text(_pins_of_what_slicer_provides(), encoding="utf-8")
+            slicer.util.pip_install(wanted + ["-c", str(constraints)])
     still = missingDependencies()
     if still:
         raise RuntimeError(f"still missing after installation: {', '.join(still)}; see the Python console")
