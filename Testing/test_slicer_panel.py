@@ -94,7 +94,12 @@ def test_2_a_fresh_panel_sends_the_models_own_settings(release):
 
 def test_3_after_a_scene_close_the_models_lambda_is_kept(release):
     panel = Panel(release)
-    panel.close_scene()
+    widget = panel.widget
+    widget._showingResult = True  # as _showResults does: a run with the model's λ 12 was shown
+    panel.parameters.lam = 12.0
+    widget._showingResult, widget._lambdaTouched = False, False
+    assert panel.ui.lambdaSlider.value == 12.0
+    panel.close_scene()  # the new parameter node's default λ is written into the slider by the wrapper
     ct, lung = _add_ct_and_lung(release)
     panel.parameters.inputVolume, panel.parameters.lungMask = ct, lung
     command = _apply_and_capture(panel)
