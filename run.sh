@@ -15,8 +15,8 @@ if [[ ! -x "$venv/bin/sacdiff" ]]; then
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
   "$venv/bin/python" -m pip install -q -e "$here"
 fi
-if [[ "${1:-}" == "test" ]] && ! "$venv/bin/python" -c "import pytest, slicer.util, PySide6" 2>/dev/null; then
-  echo "[sacdiff] installing the test tools (pytest, slicer-core, PySide6)" >&2
+if [[ "${1:-}" == "test" ]] && ! "$venv/bin/python" -c "import pytest, slicer.util, PySide6, highdicom" 2>/dev/null; then
+  echo "[sacdiff] installing the test tools (pytest, slicer-core, PySide6, highdicom)" >&2
   "$venv/bin/python" -m pip install -q -e "$here[test]"
 fi
 cmd="${1:-demo}"

@@ -61,6 +61,9 @@ def _add_detect_options(p):
     p.add_argument("--complete-lung", action="store_true",
                    help="add to the given lung mask the lung network's parts it lacks that touch it (e.g. dense "
                    "consolidation a threshold mask cut out); the given mask is never reduced (default off)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="also write the anomaly mask as a DICOM Segmentation (anomaly.seg.dcm) referencing the CT's "
+                   "instances; the CT must be a DICOM series folder (needs highdicom: pip install 'sacdiff[dicom]')")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to eager")
     p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
@@ -328,6 +331,12 @@ def cmd_detect(args) -> int:
     many = len(args.ct) > 1 or is_volume_folder(Path(args.ct[0]))
     if many and args.lung:
         raise SACDiffError("--lung names the mask of one scan; for several scans put <base>_lung.<ext> beside each")
+    if many and args.dicom_seg:
+        raise SACDiffError("--dicom-seg is for one DICOM series at a time; run each series on its own")
+    if args.dicom_seg:
+        from .dicomseg import check_source
+
+        check_source(args.ct[0])  # before any work
     if many:
         lung_source = _lung_source(args)
         scans = collect_scans(args.ct)
@@ -362,7 +371,15 @@ def cmd_detect(args) -> int:
                                lung_source=lung_source)
     finally:
         bar.close()
-    out = write_run(result, output)
+    extra = None
+    if args.dicom_seg:
+        from .dicomseg import SEG_FILE, write_dicom_seg
+
+        def extra(folder):
+            write_dicom_seg(result.mask, args.ct, folder / SEG_FILE, Path(args.model).name if args.model else
+                            "shipped model", d.lam if d.threshold == "adaptive" else None)
+
+    out = write_run(result, output, extra=extra)
     q = result.report["quantification"]
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "

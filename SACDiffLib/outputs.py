@@ -56,14 +56,17 @@ def versions() -> dict:
     }
 
 
-def write_run(result: DetectionResult, out, overwrite: bool = False) -> Path:
+def write_run(result: DetectionResult, out, overwrite: bool = False, extra=None) -> Path:
     """Every file of a run, verified finite, assembled under a temporary name and put in place whole. ``out`` is a
-    path or the ``Output`` that ``check_out_dir`` prepared before the work."""
+    path or the ``Output`` that ``check_out_dir`` prepared before the work; ``extra(folder)`` may add files (the
+    DICOM SEG) before the run is put in place."""
     output = out if isinstance(out, Output) else check_out_dir(out, overwrite, [result.report.get("ct")])
     check_finite(result)
     t0 = time.perf_counter()
     with output as tmp:
         write_files(result, tmp)
+        if extra is not None:
+            extra(tmp)
     # in memory for callers (the timing of the writing itself cannot be inside the report it writes)
     result.report.setdefault("timings", {})["write_s"] = round(time.perf_counter() - t0, 3)
     return output.target

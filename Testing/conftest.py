@@ -90,3 +90,37 @@ def tiny_checkpoint(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
     train(cfg, data_dir, out)
     return out
+
+
+def write_dicom_series(volume, folder):
+    """A DICOM series of ``volume`` (GDCM's writer; it sets the C locale to "C", put back here as SACDiff's reader
+    does, so that later tests write text as before)."""
+    import locale
+
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        return _write_dicom_files(volume, folder)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def _write_dicom_files(volume, folder):
+    folder.mkdir()
+    series = "1.2.826.0.1.3680043.2.1125.1.1"
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()  # keep our series UID instead of one per file
+    for z in range(volume.GetDepth()):
+        sl = volume[:, :, z]
+        for tag, value in {
+            "0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".9", "0020|0013": str(z + 1),
+            "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, z)))),
+            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "1.5\\1.5", "0018|0050": "2.5",
+            "0020|0052": series + ".7", "0010|0020": "PHANTOM", "0010|0010": "Phantom^Chest", "0020|0010": "1",
+            "0008|0020": "20260101", "0008|0030": "120000", "0008|0050": "1", "0008|0090": "",
+            "0010|0030": "", "0010|0040": "O", "0020|0011": "1",
+        }.items():
+            sl.SetMetaData(tag, value)
+        sl.SetMetaData("0008|0018", f"{series}.{z + 1}")
+        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
+        writer.Execute(sl)
+    return folder

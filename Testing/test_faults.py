@@ -646,3 +646,43 @@ def test_one_bad_case_no_longer_ruins_an_evaluation(capsys, tmp_path, data_dir, 
     assert set(summary["cases"]) == {"normal_a", "sick"}
     assert "error:" in (tmp_path / "e2" / "summary.md").read_text()
     assert (tmp_path / "e2" / "runs" / "sick" / "report.json").is_file()
+
+
+def test_dicom_seg_references_the_series_and_holds_the_nifti_mask(tmp_path, tiny_checkpoint):
+    """detect --dicom-seg on a DICOM series written from a phantom: the SEG read back with highdicom has the
+    anomaly mask of the NIfTI output frame by frame, references every source instance, and keeps the source's frame
+    of reference; the segment is coded as in the Slicer module."""
+    pytest.importorskip("highdicom", reason="highdicom not installed (pip install -e .[test] installs it)")
+    import highdicom as hd
+    import pydicom
+
+    from conftest import make_chest, to_image, write_dicom_series
+
+    hu, _, _ = make_chest(64, 12, 3, lesion=True)
+    folder = write_dicom_series(to_image(hu.astype(np.int16), dtype=np.int16), tmp_path / "series")
+    run = tmp_path / "run"
+    assert run_cli("detect", folder, "--model", tiny_checkpoint, "--out", run, "--steps", 2, "--no-crf",
+                   "--lambda", "0", "--dicom-seg") == 0
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(run / "anomaly_mask.nii.gz")))
+    assert mask.any()
+    seg = hd.seg.segread(str(run / "anomaly.seg.dcm"))
+    sources = {pydicom.dcmread(str(f)).SOPInstanceUID: f for f in sorted(folder.iterdir())}
+    first = pydicom.dcmread(str(next(iter(sources.values()))))
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    from SACDiffLib.dicomseg import series_files
+
+    order = [pydicom.dcmread(str(f)).SOPInstanceUID for f in series_files(folder)]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=order, segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[..., 0] > 0, mask > 0)
+    description = seg.SegmentSequence[0]
+    assert description.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert description.SegmentedPropertyTypeCodeSequence[0].CodeValue == "4147007"
+    assert description.SegmentAlgorithmName == "SACDiff"
+
+
+def test_dicom_seg_needs_a_dicom_series(capsys, tmp_path, data_dir, tiny_checkpoint):
+    pytest.importorskip("highdicom", reason="highdicom not installed")
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out",
+                  tmp_path / "r", "--steps", 2, "--dicom-seg")
+    assert "needs the CT as a DICOM series folder" in line and not (tmp_path / "r").exists()

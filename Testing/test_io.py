@@ -5,7 +5,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import make_chest, to_image
+from conftest import make_chest, to_image, write_dicom_series as _write_dicom_series
 from SACDiffLib import io
 from SACDiffLib.config import PreprocessConfig
 from SACDiffLib.errors import SACDiffError
@@ -20,37 +20,6 @@ def test_read_formats_keep_values_and_geometry(tmp_path, suffix):
     back = io.read_ct(path)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), hu.astype(np.int16))
     assert not io.geometry_differences(image, back)
-
-
-def _write_dicom_series(volume, folder):
-    """A DICOM series of ``volume`` (GDCM's writer; it sets the C locale to "C", put back here as SACDiff's reader
-    does, so that later tests write text as before)."""
-    import locale
-
-    saved = locale.setlocale(locale.LC_CTYPE)
-    try:
-        return _write_dicom_files(volume, folder)
-    finally:
-        locale.setlocale(locale.LC_CTYPE, saved)
-
-
-def _write_dicom_files(volume, folder):
-    folder.mkdir()
-    series = "1.2.826.0.1.3680043.2.1125.1.1"
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()  # keep our series UID instead of one per file
-    for z in range(volume.GetDepth()):
-        sl = volume[:, :, z]
-        for tag, value in {
-            "0008|0060": "CT", "0020|000e": series, "0020|000d": series + ".9", "0020|0013": str(z + 1),
-            "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, z)))),
-            "0020|0037": "1\\0\\0\\0\\1\\0", "0028|0030": "1.5\\1.5", "0018|0050": "2.5",
-        }.items():
-            sl.SetMetaData(tag, value)
-        sl.SetMetaData("0008|0018", f"{series}.{z + 1}")
-        writer.SetFileName(str(folder / f"{z:03d}.dcm"))
-        writer.Execute(sl)
-    return folder
 
 
 def test_dicom_series_with_a_missing_or_duplicated_slice_is_refused(tmp_path):
