@@ -578,6 +578,61 @@ def cmd_slim(args) -> int:
     return 0
 
 
+def _calibrate_args(p):
+    p.add_argument("--model", help="checkpoint to calibrate (default: the shipped reference model)")
+    p.add_argument("--scans", required=True, nargs="+", help="the site's healthy CTs: files, DICOM folders or a "
+                   "folder of volumes (a <base>_lung mask beside a scan is used, else the automatic one)")
+    p.add_argument("--target", default="1%", help="largest %% of healthy lung λ may flag (default 1%%)")
+    p.add_argument("--out", required=True, help="the calibrated copy of the model to write (.pt)")
+    p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
+                   help="automatic lung mask for scans without one (default: classical)")
+    p.add_argument("--overwrite", action="store_true", help="replace a SACDiff checkpoint at --out")
+    p.add_argument("--progress", choices=("bar", "lines"), default="bar")
+    _add_device(p)
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(str(text).strip().rstrip("%"))
+    except ValueError:
+        raise SACDiffError(f"--target {text!r} is not a percentage (e.g. 1%)") from None
+    if not 0 < value <= 50:
+        raise SACDiffError(f"--target {text} must lie in (0, 50] %")
+    return value
+
+
+def cmd_calibrate(args) -> int:
+    from .atomic import Output
+    from .batch import collect_scans
+    from .calibrate import calibrate, write_calibrated
+    from .checkpoint import load_checkpoint, load_for_detection, shipped_model_path
+    from .detect import resolve_device
+    from .lung import LungSource
+
+    target = _percent(args.target)
+    model_path = Path(args.model) if args.model else shipped_model_path()
+    scans = collect_scans(args.scans)
+    Output(args.out, "checkpoint", args.overwrite, inputs=[model_path, *args.scans])  # checks before any work
+    device = resolve_device(args.device)
+    cfg, model, diffusion = load_for_detection(model_path, device)
+    if cfg.detect.threshold != "adaptive":
+        raise SACDiffError("the model uses a fixed threshold; λ calibration applies to the adaptive one only")
+    bar = _progress(args, "calibrate")
+    try:
+        figures = calibrate(scans, model, diffusion, cfg, device, target, log=lambda m: print(m, file=sys.stderr),
+                            lung_source=LungSource(args.lung_method), progress=bar)
+    finally:
+        bar.close()
+    out = write_calibrated(model_path, Path(args.out), figures)
+    load_checkpoint(out)  # the written file passes the same checks as any checkpoint
+    for name, reason in figures["left_out"].items():
+        print(f"left out {name}: not healthy-looking ({reason})")
+    per_scan = ", ".join(f"{k} {v:.2f} %" for k, v in figures["per_scan_flagged_percent"].items())
+    print(f"λ = {figures['lambda']:g} (was {figures['previous_lambda']:g}): {figures['pooled_flagged_percent']:.2f} % "
+          f"of the healthy lung flagged (target ≤ {target:g} %; per scan: {per_scan}); wrote {out}")
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from .atomic import JSON_NOTE, Output
     from .experiments.benchmark import run_benchmark
@@ -615,6 +670,8 @@ COMMANDS = {
                  "speed of noise and of one detection step, as ratios from one run"),
     "lungmask": (cmd_lungmask, _lungmask_args,
                  "automatic lung mask (threshold or the lung network), labels 1 right / 2 left"),
+    "calibrate": (cmd_calibrate, _calibrate_args,
+                 "choose λ on a site's own healthy scans and write a calibrated copy of the model"),
     "train-lungmask": (cmd_train_lungmask, _train_lungmask_args,
                  "train SACDiff's pathology-inclusive lung network on healthy CTs"),
 }
