@@ -109,6 +109,7 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lambdaSlider.connect("valueChanged(double)", self.onLambdaChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
         self.initializeParameterNode()
+        qt.QTimer.singleShot(0, self._showModelInfo)  # after the panel is shown (a child process reads the model)
 
     def cleanup(self) -> None:
         """Module reload or application exit: stop polling and the run (the old widget must not fire on deleted
@@ -204,6 +205,18 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelPathChanged(self, path) -> None:
         qt.QSettings().setValue(MODEL_SETTING, path)
+        self._showModelInfo()
+
+    def _showModelInfo(self) -> None:
+        """Which λ the model carries and where it came from (validation, or calibration on this site's scans)."""
+        path = self.ui.modelPathLineEdit.currentPath
+        try:
+            info = self.logic.modelInfo(path)
+        except Exception as exc:  # not a model (yet): say so where the λ would be
+            self.ui.modelLambdaLabel.text = _("Not a usable model: {error}").format(error=exc)
+            return
+        self.ui.modelLambdaLabel.text = _("Model λ = {lam:g}: {source}").format(lam=info["lambda"],
+                                                                                 source=info["lambda_source"])
 
     def onApplyButton(self) -> None:
         if self._process is not None:  # the button says Cancel

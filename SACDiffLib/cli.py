@@ -633,6 +633,35 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _info_args(p):
+    p.add_argument("--model", help="checkpoint (default: the shipped reference model)")
+
+
+def model_info(model_path) -> dict:
+    """What a front end shows about a model: its detection defaults and where its λ came from."""
+    from .checkpoint import read_checkpoint, shipped_model_path
+    from .config import from_dict
+
+    path = Path(model_path) if model_path else shipped_model_path()
+    payload = read_checkpoint(path)
+    det = from_dict(payload["config"]).detect
+    extra = payload.get("extra") or {}
+    calibration = extra.get("calibration")
+    if calibration:
+        source = (f"calibrated on {len(calibration['per_scan_flagged_percent'])} healthy scan(s) of this site on "
+                  f"{calibration['date'][:10]} ({calibration['pooled_flagged_percent']:.2f} % of their lung flagged, "
+                  f"target ≤ {calibration['target_percent']:g} %)")
+    else:
+        source = "the model's own: chosen on the held-out healthy slices of its training scans (sacdiff validate)"
+    return {"model": str(path), "lambda": det.lam, "lambda_source": source, "steps": det.steps,
+            "sampling_steps": det.sampling_steps, "ensemble": det.ensemble, "threshold": det.threshold}
+
+
+def cmd_info(args) -> int:
+    print(json.dumps(model_info(args.model), ensure_ascii=False))
+    return 0
+
+
 def cmd_benchmark(args) -> int:
     from .atomic import JSON_NOTE, Output
     from .experiments.benchmark import run_benchmark
@@ -670,6 +699,8 @@ COMMANDS = {
                  "speed of noise and of one detection step, as ratios from one run"),
     "lungmask": (cmd_lungmask, _lungmask_args,
                  "automatic lung mask (threshold or the lung network), labels 1 right / 2 left"),
+    "info": (cmd_info, _info_args,
+                 "a model's detection defaults and where its λ came from, as JSON (for front ends)"),
     "calibrate": (cmd_calibrate, _calibrate_args,
                  "choose λ on a site's own healthy scans and write a calibrated copy of the model"),
     "train-lungmask": (cmd_train_lungmask, _train_lungmask_args,

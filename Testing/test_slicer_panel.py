@@ -293,3 +293,23 @@ def test_sacdifftest_reload_and_test_runs_its_panel_sequence(release, tiny_check
     test.setUp()
     test.test_SACDiffPanel(widget=panel.widget, modelPath=str(tiny_checkpoint))
     assert not SLOT_ERRORS, SLOT_ERRORS
+
+
+def test_the_panel_shows_the_models_lambda_and_where_it_came_from(release, tmp_path, data_dir, tiny_checkpoint):
+    """Shipped model: λ from validation; a calibrated copy: λ and the site's calibration (read by `sacdiff info` in
+    a child process — no torch in Slicer's)."""
+    from SACDiffLib.cli import main
+
+    panel = Panel(release)
+    assert panel.ui.modelLambdaLabel.text.startswith("Model λ = 12:") and "validate" in panel.ui.modelLambdaLabel.text
+    scans = tmp_path / "site"
+    scans.mkdir()
+    for kind in ("ct", "lung"):
+        (scans / f"normal_a_{kind}.nii.gz").write_bytes((data_dir / "ct" / f"normal_a_{kind}.nii.gz").read_bytes())
+    calibrated = tmp_path / "site.pt"
+    assert main(["calibrate", "--model", str(tiny_checkpoint), "--scans", str(scans), "--target", "2",
+                 "--out", str(calibrated)]) == 0
+    panel.ui.modelPathLineEdit.currentPath = str(calibrated)
+    assert "calibrated on 1 healthy scan(s) of this site" in panel.ui.modelLambdaLabel.text
+    panel.ui.modelPathLineEdit.currentPath = str(data_dir / "cases.json")
+    assert panel.ui.modelLambdaLabel.text.startswith("Not a usable model")

@@ -378,6 +378,35 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
                    "--method", "learned"]
         return command + (["--lung-model", str(lungModel)] if lungModel else [])
 
+    _modelInfoCache: dict = {}  # (path, size, mtime) → info: one child process per model file
+
+    @classmethod
+    def modelInfo(cls, modelPath: str = "") -> dict:
+        """The model's detection defaults and where its λ came from (``sacdiff info``, in a child process: no torch
+        in Slicer's). Raises SACDiffInputError with the library's message for a file that is not a model."""
+        import json
+        import subprocess
+
+        from SACDiffLib.protocol import is_error_line
+
+        key = modelPath
+        if modelPath and Path(modelPath).is_file():
+            st = Path(modelPath).stat()
+            key = (modelPath, st.st_size, st.st_mtime_ns)
+        if key not in cls._modelInfoCache:
+            command = [pythonExecutable(), "-m", "SACDiffLib", "info"] + (["--model", modelPath] if modelPath else [])
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
+            env["PYTHONIOENCODING"] = "utf-8"
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                                  cwd=str(LIBRARY_PARENT), encoding="utf-8")
+            if done.returncode != 0:
+                lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
+                errors = [ln for ln in lines if is_error_line(ln)]
+                raise SACDiffInputError((errors or lines or [f"exit status {done.returncode}"])[-1])
+            cls._modelInfoCache[key] = json.loads(done.stdout.strip().splitlines()[-1])
+        return dict(cls._modelInfoCache[key])
+
     def createLungSegmentation(self, ctNode, learned: bool = False, lungModel: str = ""):
         """A lung segmentation with 'Right lung' and 'Left lung': the library's classical threshold mask (in
         process, torch-free), or with ``learned`` SACDiff's pathology-inclusive lung network (child process)."""
