@@ -250,6 +250,17 @@ def overview_slices(result: DetectionResult, count: int = 4) -> np.ndarray:
     return processed[np.linspace(0, len(processed) - 1, min(count, len(processed))).round().astype(int)]
 
 
+def _wrap(draw, text: str, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a single long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = None) -> Path:
     """A PNG grid, one row per chosen axial slice: CT | error map | anomaly mask (red; truth in green when
     given) | uncertainty."""
@@ -276,14 +287,17 @@ def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = 
         rows.append(np.concatenate(panels, axis=1))
     grid = (np.concatenate(rows, axis=0) * 255).astype(np.uint8)
     # The arrays are (y, x) in index order; flip nothing — this is how the voxels are stored.
-    header = 18
+    width = grid.shape[1] // 4
+    titles = ["CT", "error map", "anomaly (red)" + (", truth (green)" if truth is not None else ""), "uncertainty"]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [_wrap(probe, title, width - 8) for title in titles]  # each title within its own column
+    header = 4 + 13 * max(len(t) for t in lines)
     image = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "black")
     image.paste(Image.fromarray(grid), (0, header))
     draw = ImageDraw.Draw(image)
-    width = grid.shape[1] // 4
-    titles = ["CT", "error map", "anomaly (red)" + (" / truth (green)" if truth is not None else ""), "uncertainty"]
-    for i, title in enumerate(titles):
-        draw.text((i * width + 4, 3), title, fill="white")
+    for i, title_lines in enumerate(lines):
+        for j, line in enumerate(title_lines):
+            draw.text((i * width + 4, 3 + 13 * j), line, fill="white")
     with replaced_file(path) as tmp:
         image.save(tmp, format="PNG")
     return path

@@ -80,3 +80,17 @@ def test_benchmark_quick_reports_ratios(tmp_path, capsys):
         assert a["keep_freed_memory"]["faults"] < a["glibc_default"]["faults"]
     printed = capsys.readouterr().out
     assert "opensimplex" in printed and "byte-identical: yes" in printed
+
+
+def test_overview_titles_stay_inside_their_columns():
+    """The demo picture's titles ran into each other ("anomaly (red) / truth (green" over "uncertainty")."""
+    from PIL import Image, ImageDraw
+
+    from SACDiffLib.outputs import _wrap
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    for width in (56, 120, 256):
+        for title in ("anomaly (red), truth (green)", "error map", "uncertainty"):
+            lines = _wrap(draw, title, width)
+            assert " ".join(lines) == title
+            assert all(draw.textlength(line) <= width or " " not in line for line in lines)
