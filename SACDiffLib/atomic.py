@@ -242,6 +242,9 @@ class Output:
         elif target.exists() or target.is_symlink():
             if not self.overwrite:
                 raise SACDiffError(f"{target} already exists; choose another --out or pass --overwrite")
+            if target.is_symlink():
+                raise SACDiffError(f"{target} is a symbolic link (to {os.readlink(target)}); SACDiff never replaces a "
+                                   "link nor writes through one: give the real path or another --out")
             if self.folder != target.is_dir():
                 raise SACDiffError(f"{target} is a {'file' if self.folder else 'folder'}; SACDiff writes a "
                                    f"{'folder' if self.folder else 'file'} there: choose another --out")

@@ -686,3 +686,19 @@ def test_dicom_seg_needs_a_dicom_series(capsys, tmp_path, data_dir, tiny_checkpo
     line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out",
                   tmp_path / "r", "--steps", 2, "--dicom-seg")
     assert "needs the CT as a DICOM series folder" in line and not (tmp_path / "r").exists()
+
+
+def test_an_output_name_too_long_for_the_filesystem_gets_one_line(capsys, tmp_path, data_dir, tiny_checkpoint):
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out",
+                  tmp_path / ("x" * 300), "--steps", 2)
+    assert "cannot write" in line or "too long" in line.lower()
+    assert not any(tmp_path.iterdir())
+
+
+def test_overwrite_onto_a_symlinked_run_names_the_link(capsys, tmp_path, run_dir, data_dir, tiny_checkpoint):
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    capsys.readouterr()
+    line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", link,
+                  "--overwrite", "--steps", 2)
+    assert "symbolic link" in line and link.is_symlink()
