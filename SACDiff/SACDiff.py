@@ -28,6 +28,7 @@ from SACDiffModuleLib.logic import (
     SACDiffLogic,
 )
 from SACDiffModuleLib.dependencies import installDependencies, missingDependencies
+from SACDiffModuleLib.process import EventKind
 
 MODEL_SETTING = "SACDiff/ModelPath"
 EXPORT_SETTING = "SACDiff/ExportFolder"
@@ -253,11 +254,11 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._timer.stop()
             return
         for event in process.poll():
-            if event[0] == "progress":
-                self.ui.progressBar.value = int(round(100 * event[1]))
-                self.ui.statusLabel.text = event[2]
-            elif event[0] == "log":
-                self.ui.logTextEdit.appendPlainText(event[1])
+            if event.kind is EventKind.PROGRESS:
+                self.ui.progressBar.value = int(round(100 * event.fraction))
+                self.ui.statusLabel.text = event.message
+            elif event.kind is EventKind.LOG:
+                self.ui.logTextEdit.appendPlainText(event.message)
         if process.running:
             return
         if process.returncode != 0:

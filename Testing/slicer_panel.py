@@ -63,6 +63,8 @@ def slicer_release(tag: str, tmp_path: Path):
     saved_path = list(slicer.__path__)
     saved_sys_path = list(sys.path)
     try:
+        for key in [k for k in sys.modules if k == "SACDiff" or k.startswith("SACDiffModuleLib")]:
+            del sys.modules[key]  # imported by other tests against the stand-in ScriptedLoadableModuleLogic
         qt, ctk = pythonqt_emulation.install(slicer)
         qt.QSettings.STORE = {}
         pythonqt_emulation.SLOT_ERRORS.clear()

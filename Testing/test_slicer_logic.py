@@ -69,9 +69,9 @@ def _run(logic, ct, lung, model, **options):
     process = logic.startDetection(ct, lung, modelPath=str(model), device="cpu", **options)
     fractions = []
     while process.running:
-        fractions += [e[1] for e in process.poll() if e[0] == "progress"]
+        fractions += [e.fraction for e in process.poll() if e.kind.value == "progress"]
         time.sleep(0.05)
-    fractions += [e[1] for e in process.poll() if e[0] == "progress"]
+    fractions += [e.fraction for e in process.poll() if e.kind.value == "progress"]
     assert process.returncode == 0, process.errorMessage()
     return process, fractions
 

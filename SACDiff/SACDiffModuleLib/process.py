@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import threading
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 
 def _library_parent() -> Path:
@@ -48,6 +49,21 @@ def pythonExecutable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
+class EventKind(Enum):
+    PROGRESS = "progress"  # fraction in 0..1 and the step's message
+    LOG = "log"  # one line of the child's output
+    EXIT = "exit"  # the child ended; code is its exit status
+
+
+class Event(NamedTuple):
+    """One thing the child process reported (as SlicerMONAIAuto3DSeg's events, typed)."""
+
+    kind: EventKind
+    fraction: float = 0.0
+    message: str = ""
+    code: Optional[int] = None
+
+
 class DetectionProcess:
     """``sacdiff detect`` in a child process. ``poll()`` returns the events read so far; ``cancel()`` stops it."""
 
@@ -58,7 +74,7 @@ class DetectionProcess:
         self.fraction = 0.0
         self.log: list[str] = []
         self.cancelled = False
-        self._events: "queue.Queue[tuple]" = queue.Queue()
+        self._events: "queue.Queue[Event]" = queue.Queue()
         popen = dict(stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, bufsize=1,
                      encoding="utf-8", errors="replace")  # the library prints α, λ, ²: never the locale's codec
         if os.name == "posix":
@@ -75,26 +91,26 @@ class DetectionProcess:
                 for part in line.rstrip("\n").split("\r"):  # a tqdm bar may share the line
                     progress = parse_progress(part)
                     if progress is not None:
-                        self._events.put(("progress", *progress))
+                        self._events.put(Event(EventKind.PROGRESS, fraction=progress[0], message=progress[1]))
                     elif part.strip():
-                        self._events.put(("log", part))
+                        self._events.put(Event(EventKind.LOG, message=part))
         except (OSError, ValueError) as exc:  # the pipe closed under us (cancel)
-            self._events.put(("log", f"[output reader stopped: {exc}]"))
+            self._events.put(Event(EventKind.LOG, message=f"[output reader stopped: {exc}]"))
         finally:
             self._process.stdout.close()
-            self._events.put(("exit", self._process.wait()))
+            self._events.put(Event(EventKind.EXIT, code=self._process.wait()))
 
-    def poll(self) -> list[tuple]:
+    def poll(self) -> list[Event]:
         events = []
         while True:
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
                 return events
-            if event[0] == "progress":
-                self.fraction = event[1]
-            elif event[0] == "log":
-                self.log.append(event[1])
+            if event.kind is EventKind.PROGRESS:
+                self.fraction = event.fraction
+            elif event.kind is EventKind.LOG:
+                self.log.append(event.message)
             events.append(event)
 
     @property
