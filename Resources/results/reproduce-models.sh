@@ -25,6 +25,9 @@ sacdiff validate --data "$DATA" --model "$OLD" --out "$WORK/val-old" --overwrite
 # its choice: T_s 100, 10 steps, K 3, λ 12).
 sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-new" --overwrite --normal-cases "$HEALTHY" --device cpu \
   --settings 100x10x3,150x10x3,250x10x3
+# The map candidates for solid lesions (map-candidates.md, validation-map-candidates.md; issue 20).
+sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-map" --overwrite --normal-cases "$HEALTHY" --device cpu \
+  --settings 100x10x3,100x10x3s1,250x10x3h9,250x10x3h9r3,250x10x3h9r3s1,250x10x3h4,150x10x3h9r3
 
 # The picture: nsclc_lung1 heart-level and tumour slices.
 python Resources/results/render_nsclc_slices.py "$WORK/eval-old/runs/nsclc_lung1" "$WORK/eval-new/runs/nsclc_lung1" \
@@ -34,6 +37,11 @@ cp "$WORK/eval-new/summary.md" Resources/results/eval-new-model.md
 cp "$WORK/val-old/validation.md" Resources/results/validation-old-model.md
 cp "$WORK/val-new/validation.md" Resources/results/validation-new-model.md
 cp "$WORK/val-new/validation.json" Resources/results/validation-new-model.json
+cp "$WORK/val-map/validation.md" Resources/results/validation-map-candidates.md
+cp "$WORK/val-map/validation.json" Resources/results/validation-map-candidates.json
+# (validation-new-model.* were made before the validation's slab-wise split and 3D nodules: re-running changes them)
+python Resources/results/nsclc_settings.py "$DATA" '{}' '{"steps": 250, "harmonise_steps": 9}' \
+  '{"steps": 250, "harmonise_steps": 4}' > "$WORK/nsclc-settings.jsonl"
 
 # The Slicer pictures (README, EXTENSION_SCREENSHOTURLS): the evaluation's ctmd_P001 run, loaded by the module's
 # Logic into a real MRML scene and drawn by Slicer's own slice views.
