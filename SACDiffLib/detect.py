@@ -240,15 +240,18 @@ def reconstruct_ensemble(
     return out
 
 
-HARMONISE_SCALES = 4.0  # residual above the lung's median by this many robust scales (1.4826·MAD) → weight 1
+HARMONISE_SCALES = 4.0  # weight 0 up to this many robust scales (1.4826·MAD) above the lung's median, 1 from twice
 HARMONISE_GROW = 2  # pixels the weight is grown by (max filter): a lesion's rim goes with the lesion
 
 
 def harmonised_x0(x0_hat: torch.Tensor, query: torch.Tensor, region: torch.Tensor, radius: int = 1) -> torch.Tensor:
     """x̂₀ʰ = w·x̂₀ + (1 − w)·x of the harmonised reverse chain, per image (last two dims) of (…, 1, H, W) tensors.
 
-    w = clamp((r − median_lung r) / (HARMONISE_SCALES · 1.4826 · MAD_lung r), 0, 1) with r = |x̂₀ − x| averaged over
-    (2·radius + 1)² pixels, grown by HARMONISE_GROW pixels; w = 1 outside ``region`` (the lung): the body keeps the plain
+    w = clamp(z / S − 1, 0, 1) with z = (r − median_lung r) / (1.4826 · MAD_lung r) and S = HARMONISE_SCALES:
+    0 up to S robust σ (the residual's own noise, whose tails would otherwise be grown into weight), 1 from 2S;
+    r = |mean of (x̂₀ − x) over (2·radius + 1)² pixels| (the signed difference averaged first: a structure the step
+    only blurred or shifted keeps its mass and averages out, a lesion it removed does not); w grown by
+    HARMONISE_GROW pixels; w = 1 outside ``region`` (the lung): the body keeps the plain
     chain, so the background error — and α with it (Section 2.4) — is the plain chain's. Where x̂₀ and the query
     agree as well as most of the lung does (healthy parenchyma, vessels the step already restores), the query's own
     tissue is carried into the next, shallower step; where x̂₀ departs far from it (a lesion the deep start
@@ -257,15 +260,17 @@ def harmonised_x0(x0_hat: torch.Tensor, query: torch.Tensor, region: torch.Tenso
 
     shape = x0_hat.shape
     flat = lambda v: v.reshape(-1, 1, *shape[-2:])  # noqa: E731
-    r = flat((x0_hat - query).abs().float())
-    if radius > 0:
-        r = F.avg_pool2d(r, 2 * radius + 1, 1, radius, count_include_pad=False)
+    r = flat((x0_hat - query).float())
+    if radius > 0:  # the mean of the SIGNED difference: a vessel the deep step only blurred or moved keeps its mass
+        r = F.avg_pool2d(r, 2 * radius + 1, 1, radius, count_include_pad=False)  # (≈ 0 after averaging); a removed
+    r = r.abs()  # lesion's mass is gone (large)
     inside = flat(region)
     values = torch.where(inside, r, torch.full_like(r, float("nan"))).flatten(1)
     median = values.nanmedian(dim=1).values
     scale = 1.4826 * (values - median[:, None]).abs().nanmedian(dim=1).values
     median, scale = median.view(-1, 1, 1, 1), scale.view(-1, 1, 1, 1)
-    w = ((r - median) / (HARMONISE_SCALES * scale).clamp_min(1e-6)).clamp(0, 1)
+    z = (r - median) / scale.clamp_min(1e-6)  # robust z-score of the residual within the slice's lung
+    w = ((z - HARMONISE_SCALES) / HARMONISE_SCALES).clamp(0, 1)  # 0 up to 4 robust σ, 1 from 8: noise stays 0
     w = F.max_pool2d(w, 2 * HARMONISE_GROW + 1, 1, HARMONISE_GROW)
     w = torch.where(inside & torch.isfinite(w), w, torch.ones_like(w)).to(x0_hat.dtype)
     return (w * flat(x0_hat) + (1 - w) * flat(query)).view(shape)

@@ -163,7 +163,7 @@ def test_shift_tolerant_residual_by_hand():
 
 
 def test_harmonised_blend_against_a_numpy_reference():
-    """w = clamp((r̃ − median) / (4 · 1.4826 · MAD), 0, 1), r̃ = 3×3 mean of |x̂₀ − x|, grown by a 5×5 max filter, computed
+    """w = clamp(z / 4 − 1, 0, 1), z = (r̃ − median) / (1.4826 · MAD), r̃ = |3×3 mean of (x̂₀ − x)|, grown by a 5×5 max filter, computed
     here with scipy over the lung; 1 outside the lung (x̂₀ kept); x̂₀ʰ = w x̂₀ + (1 − w) x."""
     from scipy import ndimage
 
@@ -178,19 +178,36 @@ def test_harmonised_blend_against_a_numpy_reference():
     out = harmonised_x0(torch.tensor(x0_hat, dtype=torch.float32), torch.tensor(query, dtype=torch.float32),
                         torch.tensor(lung)).numpy()
 
-    r = np.abs(x0_hat - query)[0, 0].astype(np.float32)
-    counts = ndimage.uniform_filter(np.ones_like(r), 3, mode="constant")
-    r_smooth = ndimage.uniform_filter(r, 3, mode="constant") / counts  # mean over the pixels inside the image
+    d = (x0_hat - query)[0, 0].astype(np.float32)
+    counts = ndimage.uniform_filter(np.ones_like(d), 3, mode="constant")
+    r_smooth = np.abs(ndimage.uniform_filter(d, 3, mode="constant") / counts)  # |mean of the signed difference|
     values = r_smooth[lung[0, 0]]
     med = np.median(values)
     scale = 1.4826 * np.median(np.abs(values - med))
-    w = np.clip((r_smooth - med) / (HARMONISE_SCALES * scale), 0, 1)
+    w = np.clip((r_smooth - med) / scale / HARMONISE_SCALES - 1, 0, 1)
     w = ndimage.maximum_filter(w, 2 * HARMONISE_GROW + 1, mode="constant", cval=0)
     w = np.where(lung[0, 0], w, 1.0)
     expected = w * x0_hat[0, 0] + (1 - w) * query[0, 0]
     np.testing.assert_allclose(out[0, 0], expected, atol=2e-4)
     assert np.allclose(out[0, 0, 12, 14], x0_hat[0, 0, 12, 14], atol=1e-5)  # the lesion: x̂₀ kept
     assert np.array_equal(out[~lung], x0_hat[~lung].astype(np.float32))  # outside the lung: untouched
+
+
+def test_harmonisation_weight_ignores_a_blurred_vessel_but_not_a_removed_lesion():
+    """The signed mean over 7×7 pixels: a thin bright line that x̂₀ blurs (same mass, spread) gets weight ≈ 0 — the
+    query's vessel is carried on; a blob that x̂₀ removed gets weight 1 — x̂₀ is kept."""
+    from scipy import ndimage
+
+    query = np.zeros((1, 1, 48, 48), np.float32)
+    query[..., 10:38, 12] = 1.0  # a vessel, one pixel wide
+    query[..., 28:36, 28:36] = 1.0  # a lesion
+    x0_hat = ndimage.uniform_filter(query[0, 0] * (np.arange(48)[None, :] < 20), (1, 3))[None, None]  # vessel blurred,
+    rng = np.random.default_rng(1)  # lesion removed; a little noise so that the lung's MAD is not 0
+    x0_hat = (x0_hat + rng.normal(0, 0.01, x0_hat.shape)).astype(np.float32)
+    lung = torch.ones((1, 1, 48, 48), dtype=torch.bool)
+    out = harmonised_x0(torch.tensor(x0_hat), torch.tensor(query), lung, radius=3).numpy()
+    assert abs(out[0, 0, 24, 12] - query[0, 0, 24, 12]) < 0.05  # the query's vessel, sharp
+    assert abs(out[0, 0, 32, 32] - x0_hat[0, 0, 32, 32]) < 1e-5  # the lesion stays removed
 
 
 def test_rethreshold_changes_the_mask_only(data_dir, tiny_checkpoint, tmp_path):
