@@ -702,3 +702,16 @@ def test_overwrite_onto_a_symlinked_run_names_the_link(capsys, tmp_path, run_dir
     line = _error(capsys, "detect", data_dir / "ct" / "sick_ct.nii.gz", "--model", tiny_checkpoint, "--out", link,
                   "--overwrite", "--steps", 2)
     assert "symbolic link" in line and link.is_symlink()
+
+
+def test_a_killed_image_writers_inner_temporary_is_removed_by_the_next_writer(tmp_path, data_dir):
+    """`lungmask --out mask.nii.gz` SIGKILLed inside ITK's write leaves Output's temporary AND io.write_image's inner
+    one (``..mask.nii.gz.tmp-PID-…``); the next writer beside it removes both once that process is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    outer = tmp_path / f".mask.nii.gz.tmp-{dead}-abcd1234.nii.gz"
+    inner = tmp_path / f"..mask.nii.gz.tmp-{dead}-abcd1234.nii.gz.tmp-{dead}-w.nii.gz"
+    outer.write_bytes(b"partial")
+    inner.write_bytes(b"partial")
+    assert run_cli("lungmask", data_dir / "ct" / "sick_ct.nii.gz", "--out", tmp_path / "mask.nii.gz") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
