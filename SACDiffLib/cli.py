@@ -197,6 +197,8 @@ def _validate_args(p):
     p.add_argument("--holdout-every", type=int, help="hold-out slab period (default: the checkpoint's; give it for a "
                    "model trained on everything, whose held-out slices were then seen in training)")
     p.add_argument("--normal-cases", help="comma-separated healthy cases (default: diagnosis exactly 'normal')")
+    p.add_argument("--variants", help="also score the held-out slabs as other scanners would give them: comma-"
+                   "separated noise (25 HU white noise), sharp (sharper kernel), thick (twice the slice thickness)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
@@ -538,8 +540,14 @@ def cmd_validate(args) -> int:
     from .detect import resolve_device
     from .experiments.validate import parse_settings, validate, write_validation
 
+    from .experiments.validate import VARIANTS
+
     output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
     settings = parse_settings(args.settings)
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else ()
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SACDiffError(f"--variants {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
     model_path = args.model or str(shipped_model_path())
     device = resolve_device(args.device)
     cfg, model, diffusion, _ = load_checkpoint(model_path, device, noise_seed=args.seed)
@@ -549,7 +557,7 @@ def cmd_validate(args) -> int:
                            "slices were then seen in training: say so when you report the figures)")
     rows = validate(args.data, model, diffusion, cfg, settings, device, every,
                     args.normal_cases.split(",") if args.normal_cases else None,
-                    log=lambda m: print(m, file=sys.stderr), seed=args.seed)
+                    log=lambda m: print(m, file=sys.stderr), seed=args.seed, variants=variants)
     with output as tmp:
         print(write_validation(tmp, rows, model_path, every))
     return 0

@@ -40,17 +40,22 @@ def test_validate_cli_on_phantoms(tmp_path, tiny_checkpoint):
     data = write_phantom_cases(tmp_path / "data", cases=1, kind="covid", size=48, slices=40, seed=2, normals=2)
     out = tmp_path / "val"
     assert main(["validate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out),
-                 "--holdout-every", "2", "--settings", "5x0x2,3x0x1", "--device", "cpu"]) == 0
+                 "--holdout-every", "2", "--settings", "5x0x2,3x0x1", "--device", "cpu", "--variants", "thick"]) == 0
     result = json.loads((out / "validation.json").read_text())
-    assert [r["setting"] for r in result["rows"]] == [{"steps": 5, "sampling_steps": 0, "ensemble": 2},
-                                                      {"steps": 3, "sampling_steps": 0, "ensemble": 1}]
+    assert [(r["setting"], r["variant"]) for r in result["rows"]] == [
+        ({"steps": 5, "sampling_steps": 0, "ensemble": 2}, None), ({"steps": 5, "sampling_steps": 0, "ensemble": 2},
+                                                                   "thick"),
+        ({"steps": 3, "sampling_steps": 0, "ensemble": 1}, None), ({"steps": 3, "sampling_steps": 0, "ensemble": 1},
+                                                                   "thick")]
+    for row in result["rows"]:  # the model's own λ per case, also in the table
+        assert set(row["flagged_percent_at_model_lambda"]) == set(row["per_case"])
     for row in result["rows"]:
         flagged = [row["healthy_flagged_percent"][str(lam)] for lam in LAMBDAS]
         assert all(0 <= f <= 100 for f in flagged)
         ok = [lam for lam, f in zip(LAMBDAS, flagged) if f <= 1.0]
         assert row["recommended_lambda"] == (min(ok) if ok else None)
         assert 0 <= row["synthetic_voxel_auroc"] <= 1 and 0 <= row["synthetic_oracle_dice"] <= 1
-    assert "recommended λ" in (out / "validation.md").read_text()
+    assert "recommended λ" in (out / "validation.md").read_text() and "[thick]" in (out / "validation.md").read_text()
     assert main(["validate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
 
 
@@ -160,3 +165,35 @@ def test_parse_settings_reads_harmonised_and_shift_tolerant_items():
         {"steps": 250, "sampling_steps": 10, "ensemble": 3, "harmonise_steps": 4}]
     with pytest.raises(SACDiffError, match="T_s×steps×K"):
         parse_settings("250x10")
+
+
+def test_scanner_variants_keep_the_lesions_and_change_the_scanner(tmp_path):
+    """noise: the CT's std rises by ≈ 25 HU in flat regions; sharp: an edge overshoots; thick: pairs of slices
+    averaged (half the slices, twice the thickness, truth where the pair's mean ≥ 0.5)."""
+    import SimpleITK as sitk
+
+    from SACDiffLib import io
+    from SACDiffLib.experiments.validate import scanner_variant
+
+    hu = np.full((8, 32, 32), -850, np.int16)
+    hu[:, :, :6] = 40
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:, 4:28, 8:28] = 1
+    truth = np.zeros(hu.shape, bool)
+    truth[2:5, 10:14, 10:14] = True
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    io.write_image(lung, image, tmp_path / "lung.nii.gz")
+    vol = {"case": "c", "ct": tmp_path / "ct.nii.gz", "lung": tmp_path / "lung.nii.gz", "truth": truth,
+           "kinds": truth.astype(np.uint8), "clean": np.array([True] * 4 + [False] * 4), "slices": list(range(8))}
+    rng = np.random.default_rng(0)
+    noisy = sitk.GetArrayFromImage(sitk.ReadImage(str(scanner_variant(vol, "noise", tmp_path, rng)["ct"])))
+    assert abs(noisy[:, 10:20, 12:20].std() - 25) < 3
+    sharp = sitk.GetArrayFromImage(sitk.ReadImage(str(scanner_variant(vol, "sharp", tmp_path, rng)["ct"])))
+    assert sharp[0, 16, 5] > 40 and sharp[0, 16, 6] < -850  # overshoot on both sides of the chest-wall edge
+    thick = scanner_variant(vol, "thick", tmp_path, rng)
+    image = sitk.ReadImage(str(thick["ct"]))
+    assert image.GetSize()[2] == 4 and image.GetSpacing()[2] == 4.0
+    assert thick["truth"].shape == (4, 32, 32) and thick["truth"][1].any() and not thick["truth"][3].any()
+    assert thick["clean"].tolist() == [True, True, False, False]
