@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, io
-from .config import detect_from_dict
+from .config import PreprocessConfig, detect_from_dict
 from .postprocess import DetectionResult
 from .atomic import MARKER, Output, identity, replaced_file
 from .errors import SACDiffError
@@ -229,7 +229,10 @@ def _hot(v: np.ndarray) -> np.ndarray:
     return np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
 
 
-def _grey(hu: np.ndarray, lo=-1350.0, hi=150.0) -> np.ndarray:
+_WINDOW = PreprocessConfig()  # the paper's lung window (W 1500, L −600) for the pictures
+
+
+def _grey(hu: np.ndarray, lo=_WINDOW.hu_min, hi=_WINDOW.hu_max) -> np.ndarray:
     g = np.clip((hu - lo) / (hi - lo), 0, 1)
     return np.stack([g, g, g], -1)
 

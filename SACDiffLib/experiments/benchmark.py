@@ -24,7 +24,7 @@ import torch
 from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
-from ..detect import crop_box, reconstruct_ensemble, resolve_device
+from ..detect import crop_box, network_evaluations, reconstruct_ensemble, resolve_device
 from ..postprocess import DetectionResult, rethreshold
 from ..noise import RAW_OCTAVE_STD, SimplexNoise
 
@@ -453,7 +453,7 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
         flops = unet_flops(preset("paper"), dev)
         achieved = flops * d["evaluations_per_s"] / 1e12
         results["step_paper"] = dict(d, gflops_per_evaluation=flops / 1e9, achieved_tflops=achieved)
-        evals = 550 * 7 * 80
+        evals = network_evaluations(preset("paper").detect) * 80  # 550 × 7 per slice, from the preset
         log(f"paper preset 512² on {dev}: {d['evaluations_per_s']:.0f} evaluations/s, {achieved:.1f} TFLOP/s = "
             f"{achieved / peak:.2f} of the measured bf16 matmul peak {peak:.0f} TFLOP/s; a 80-slice volume "
             f"(550 × 7 × 80 evaluations) ≈ {evals / d['evaluations_per_s']:.0f} s, FLOP floor "

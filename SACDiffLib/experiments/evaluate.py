@@ -30,7 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import io
-from ..config import SACDiffConfig, derive
+from ..config import SACDiffConfig, derive, preset
 from ..lung import LungSource, segment_lungs
 from ..detect import detect_volume
 from ..errors import SACDiffError
@@ -173,7 +173,7 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
         rows.append({"ensemble": k, "sampling_steps": n, "evaluations_per_slice": network_evaluations(run_cfg.detect),
                      "seconds": time.perf_counter() - t0, "mean_std": summary["mean_std"],
                      "medseg_covid": summary["medseg_covid"]})
-    paper = 550 * 7
+    paper = network_evaluations(preset("paper").detect)  # 550 × 7: read from the preset, not retyped
     lines = ["| K | reverse steps | UNet evaluations per slice | × fewer than the paper (550 × 7) | "
              + " | ".join(ALL_METRICS) + " | seconds |", "|---|---|---|---|" + "---|" * (len(ALL_METRICS) + 1)]
     for r in rows:
