@@ -538,7 +538,7 @@ def cmd_validate(args) -> int:
     from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
     from .detect import resolve_device
-    from .experiments.validate import parse_settings, validate, write_validation
+    from .experiments.validate import parse_settings, validate_settings, write_validation
 
     from .experiments.validate import VARIANTS
 
@@ -555,7 +555,7 @@ def cmd_validate(args) -> int:
     if not every:
         raise SACDiffError(f"{model_path} was trained without a hold-out; give --holdout-every N (its held-out "
                            "slices were then seen in training: say so when you report the figures)")
-    rows = validate(args.data, model, diffusion, cfg, settings, device, every,
+    rows = validate_settings(args.data, model, diffusion, cfg, settings, device, every,
                     args.normal_cases.split(",") if args.normal_cases else None,
                     log=lambda m: print(m, file=sys.stderr), seed=args.seed, variants=variants)
     with output as tmp:

@@ -31,7 +31,7 @@ from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import LungSource, body_mask, lung_labels, segment_lungs
 from .postprocess import DetectionResult, rethreshold
-from .progress import Progress, report
+from .progress import Progress, keep_going
 
 
 
@@ -216,7 +216,7 @@ def reconstruct_ensemble(
         return z.unsqueeze(1)
 
     def on_step(done: float, total: int):
-        return report(progress, done / total, f"reverse step {math.ceil(done)}/{total}, {s} slices")
+        return keep_going(progress, done / total, f"reverse step {math.ceil(done)}/{total}, {s} slices")
 
     x0 = xc.unsqueeze(0).expand(k, s, 1, hc, wc)
     c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)

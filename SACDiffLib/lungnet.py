@@ -39,7 +39,7 @@ from .atomic import replaced_file
 from .config import ModelConfig
 from .errors import SACDiffError
 from .lung import airway_tree, segment_lungs, split_left_right
-from .progress import Progress, report
+from .progress import Progress, keep_going
 from .train import affine_warp
 from .unet import UNet
 
@@ -401,7 +401,7 @@ def train_lungnet(data_dir, out_path, steps: Optional[int] = None, batch_size: i
             if not math.isfinite(value):
                 raise SACDiffError(f"train-lungmask: the loss became {value} at step {step + 1}; lower --lr")
             losses.append(round(value, 5))
-            if not report(progress, (step + 1) / steps, f"step {step + 1}/{steps}, loss {value:.4f}"):
+            if not keep_going(progress, (step + 1) / steps, f"step {step + 1}/{steps}, loss {value:.4f}"):
                 save(step + 1)
                 break
             if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
@@ -429,7 +429,7 @@ def lung_probability(hu: np.ndarray, image: sitk.Image, net: UNet, cfg: LungNetC
         z = z_all[start:start + batch]
         p = torch.sigmoid(logits(net, slice_stacks(hu, z, image.GetSpacing()[2], cfg)))
         out[z] = io.from_model_grid(p, hu.shape[1:]).numpy()
-        if not report(progress, min(1.0, (start + batch) / hu.shape[0]), "lung mask"):
+        if not keep_going(progress, min(1.0, (start + batch) / hu.shape[0]), "lung mask"):
             from .errors import Cancelled
 
             raise Cancelled("lung mask cancelled")

@@ -16,8 +16,8 @@ from .protocol import progress_line
 Progress = Callable[[float, str], Optional[bool]]
 
 
-def report(progress: Optional[Progress], fraction: float, message: str) -> bool:
-    """Call ``progress`` if there is one; False only when it asked to stop."""
+def keep_going(progress: Optional[Progress], fraction: float, message: str) -> bool:
+    """Tell ``progress`` (if there is one) how far the work is; False only when it asked to stop."""
     return progress is None or progress(fraction, message) is not False
 
 

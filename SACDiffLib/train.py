@@ -28,7 +28,7 @@ from .data import case_path, healthy_cases, holdout_split, load_cases
 from .distributed import Distributed
 from .config import SACDiffConfig, derive, from_dict
 from .errors import SACDiffError
-from .progress import Progress, report
+from .progress import Progress, keep_going
 
 
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
@@ -220,7 +220,7 @@ def train(
                     be.copy_(bm)
             value = float(loss.detach())
             losses.append(round(value, 6))
-            if not report(progress, (step + 1) / tc.steps, f"step {step + 1}/{tc.steps}, loss {value:.4f}, "
+            if not keep_going(progress, (step + 1) / tc.steps, f"step {step + 1}/{tc.steps}, loss {value:.4f}, "
                           f"lr {scheduler.get_last_lr()[0]:.2e}"):
                 save(step + 1)
                 break

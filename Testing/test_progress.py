@@ -2,7 +2,7 @@
 
 import pytest
 
-from SACDiffLib.progress import ProgressLines, part, report
+from SACDiffLib.progress import ProgressLines, keep_going, part
 from SACDiffLib.protocol import parse_progress
 
 
@@ -12,13 +12,13 @@ def test_parts_map_their_own_fraction_onto_their_share():
     third = part(whole, 2, 4, "case_b")  # the third of four equal parts covers 0.5 .. 0.75
     assert third(0.0, "start") and third(0.5, "half")
     assert seen == [(0.5, "case_b: start"), (0.625, "case_b: half")]
-    assert part(None, 0, 3) is None and report(None, 0.3, "x")  # nothing to report to: never a cancel
+    assert part(None, 0, 3) is None and keep_going(None, 0.3, "x")  # nothing to report to: never a cancel
 
 
 def test_a_cancel_passes_through_parts():
     inner = part(lambda f, m: f < 0.5, 1, 2)
-    assert report(inner, 0.0, "") is False  # 0.5 of the whole: the callback said stop
-    assert report(part(lambda f, m: None, 0, 2), 0.9, "") is True  # None is not a cancel
+    assert keep_going(inner, 0.0, "") is False  # 0.5 of the whole: the callback said stop
+    assert keep_going(part(lambda f, m: None, 0, 2), 0.9, "") is True  # None is not a cancel
 
 
 def test_lines_follow_the_protocol_the_slicer_module_parses(capsys):

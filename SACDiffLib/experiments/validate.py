@@ -343,7 +343,7 @@ def write_validation(folder: Path, rows: list[dict], model_path, holdout_every: 
     return table
 
 
-def validate(data_dir, model, diffusion, cfg, settings: list[dict], device, holdout_every: int,
+def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], device, holdout_every: int,
              normal_cases: Optional[list] = None, log: Callable = print, seed: int = 0,
              variants: tuple = ()) -> list[dict]:
     """One row per setting (a dict of DetectConfig overrides, e.g. {"steps": 150, "sampling_steps": 10}) and per
