@@ -35,10 +35,6 @@ from .progress import Progress, keep_going
 
 
 
-def cuda_available() -> bool:
-    return bool(torch.cuda.is_available())
-
-
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -128,7 +124,8 @@ def reconstruct_ensemble(
     cond: Optional[torch.Tensor],
     steps: int,
     ensemble: int,
-    seed: int,
+    seed: int = 0,
+    *,
     batch_size: int = 0,
     progress: Optional[Progress] = None,
     sampling_steps: int = 0,
@@ -393,9 +390,10 @@ def detect_volume(
     box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
     chunk_stats: dict = {}
     members = reconstruct_ensemble(
-        model, diffusion, x, cond, det.steps, det.ensemble, det.seed, det.batch_size, progress,
-        det.sampling_steps, box if det.crop_to_lung else None, chunk_stats, compile_model,
-        harmonise_steps=det.harmonise_steps, lung=c, harmonise_radius=det.harmonise_radius,
+        model, diffusion, x, cond, det.steps, det.ensemble, det.seed, batch_size=det.batch_size, progress=progress,
+        sampling_steps=det.sampling_steps, box=box if det.crop_to_lung else None, stats=chunk_stats,
+        compile_model=compile_model, harmonise_steps=det.harmonise_steps, lung=c,
+        harmonise_radius=det.harmonise_radius,
     )
     err, std, mean = error_maps(x, members, det.error, det.shift_tolerance)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
