@@ -28,6 +28,8 @@ sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-new" --overwrite
 # The map candidates for solid lesions (map-candidates.md, validation-map-candidates.md; issue 20).
 sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-map" --overwrite --normal-cases "$HEALTHY" --device cpu \
   --settings 100x10x3,100x10x3s1,250x10x3h9,250x10x3h9r3,250x10x3h9r3s1,250x10x3h4,150x10x3h9r3
+sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-variants" --overwrite --normal-cases "$HEALTHY" \
+  --device cpu --settings 100x10x3 --variants noise,sharp,thick
 
 # The picture: nsclc_lung1 heart-level and tumour slices.
 python Resources/results/render_nsclc_slices.py "$WORK/eval-old/runs/nsclc_lung1" "$WORK/eval-new/runs/nsclc_lung1" \

@@ -408,7 +408,7 @@ def markdown(rows: list[dict], model_name: str) -> str:
             values = r.get("flagged_percent_at_model_lambda", {})
             at_model.append(f"| {r['setting']} | {r.get('variant') or 'as scanned'} | {r.get('model_lambda', '')} | "
                             + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
-        lines = lines[:-4] + at_model + lines[-4:]
+        lines = lines[:-4] + at_model + [""] + lines[-4:]
     for r in rows:
         rec = r["recommended_lambda"]
         if rec is None:
