@@ -620,7 +620,7 @@ def cmd_calibrate(args) -> int:
     target = _percent(args.target)
     model_path = Path(args.model) if args.model else shipped_model_path()
     scans = collect_scans(args.scans)
-    Output(args.out, "checkpoint", args.overwrite, inputs=[model_path, *args.scans])  # checks before any work
+    output = Output(args.out, "checkpoint", args.overwrite, inputs=[model_path, *args.scans])  # before any work
     device = resolve_device(args.device)
     cfg, model, diffusion = load_for_detection(model_path, device)
     if cfg.detect.threshold != "adaptive":
@@ -631,8 +631,10 @@ def cmd_calibrate(args) -> int:
                             lung_source=LungSource(args.lung_method), progress=bar)
     finally:
         bar.close()
-    out = write_calibrated(model_path, Path(args.out), figures)
-    load_checkpoint(out)  # the written file passes the same checks as any checkpoint
+    with output as tmp:
+        write_calibrated(model_path, tmp, figures)
+        load_checkpoint(tmp)  # the written file passes the same checks as any checkpoint, before it is put in place
+    out = output.target
     for name, reason in figures["left_out"].items():
         print(f"left out {name}: not healthy-looking ({reason})")
     per_scan = ", ".join(f"{k} {v:.2f} %" for k, v in figures["per_scan_flagged_percent"].items())

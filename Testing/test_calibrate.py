@@ -67,3 +67,12 @@ def test_calibrate_writes_a_model_with_the_chosen_lambda_and_its_provenance(tmp_
 def test_a_target_outside_0_50_percent_is_refused(capsys, tmp_path, data_dir, target):
     assert main(["calibrate", "--scans", str(data_dir), "--target", target, "--out", str(tmp_path / "m.pt")]) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_calibrate_never_writes_over_its_model_or_scans(capsys, tmp_path, data_dir, tiny_checkpoint):
+    model = tmp_path / "m.pt"
+    model.write_bytes(tiny_checkpoint.read_bytes())
+    before = model.read_bytes()
+    assert main(["calibrate", "--model", str(model), "--scans", str(data_dir / "ct" / "normal_a_ct.nii.gz"),
+                 "--out", str(model), "--overwrite"]) == 2
+    assert "would replace or hold the input" in capsys.readouterr().err and model.read_bytes() == before
