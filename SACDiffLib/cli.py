@@ -30,7 +30,9 @@ def _bool_flag(p, name, default, help_text):
                    default=default, help=help_text)
 
 
-def _add_detect_options(p):
+def _add_detect_options(p, one_command_detect: bool = False):
+    """The detection options; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and
+    torch.compile): an option a command would ignore is not offered there."""
     p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
     p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
     p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default: the model's)")
@@ -61,11 +63,14 @@ def _add_detect_options(p):
     p.add_argument("--complete-lung", action="store_true",
                    help="add to the given lung mask the lung network's parts it lacks that touch it (e.g. dense "
                    "consolidation a threshold mask cut out); the given mask is never reduced (default off)")
-    p.add_argument("--dicom-seg", action="store_true",
-                   help="also write the anomaly mask as a DICOM Segmentation (anomaly.seg.dcm) referencing the CT's "
-                   "instances; the CT must be a DICOM series folder (needs highdicom: pip install 'sacdiff[dicom]')")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to eager")
+    if one_command_detect:
+        p.add_argument("--dicom-seg", action="store_true",
+                       help="also write the anomaly mask as a DICOM Segmentation (anomaly.seg.dcm) referencing the "
+                       "CT's instances; the CT must be a DICOM series folder (needs highdicom: pip install "
+                       "'sacdiff[dicom]')")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to "
+                       "eager")
     p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--progress", choices=("bar", "lines"), default="bar",
@@ -142,7 +147,7 @@ def _detect_args(p):
     p.add_argument("--lung", help="lung mask on the CT grid (one scan only; default: automatic lung mask)")
     p.add_argument("--model", help="checkpoint from `sacdiff train` (default: the shipped reference model)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    _add_detect_options(p)
+    _add_detect_options(p, one_command_detect=True)
 
 
 def _evaluate_args(p):

@@ -715,3 +715,10 @@ def test_a_killed_image_writers_inner_temporary_is_removed_by_the_next_writer(tm
     inner.write_bytes(b"partial")
     assert run_cli("lungmask", data_dir / "ct" / "sick_ct.nii.gz", "--out", tmp_path / "mask.nii.gz") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz"]
+
+
+@pytest.mark.parametrize("option", ["--dicom-seg", "--compile"])
+def test_evaluate_does_not_offer_options_it_would_ignore(capsys, tmp_path, data_dir, option):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("evaluate", "--cases", data_dir, "--out", tmp_path / "e", option)
+    assert exit_info.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
