@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from .allocator import keep_freed_memory
 from .config import ErrorMode, NoiseKind, ThresholdMode, choices, derive
@@ -30,32 +31,34 @@ def _bool_flag(p, name, default, help_text):
                    default=default, help=help_text)
 
 
+def _add_detect_option(p, option) -> None:
+    """One ``config.DETECT_OPTIONS`` entry as an argparse option (dest = the DetectConfig field; default None =
+    the model's own setting)."""
+    from .config import detect_option_type
+
+    kind = detect_option_type(option)
+    if kind is bool:
+        p.add_argument(option.flag, dest=option.field, action=argparse.BooleanOptionalAction, default=None,
+                       help=option.help)
+    elif get_origin(kind) is Literal:
+        p.add_argument(option.flag, dest=option.field, choices=get_args(kind), help=option.help)
+    else:
+        p.add_argument(option.flag, dest=option.field, type=kind, help=option.help)
+
+
 def _add_detect_options(p, one_command_detect: bool = False):
-    """The detection options; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and
-    torch.compile): an option a command would ignore is not offered there."""
-    p.add_argument("--steps", type=int, help="T_s, partial-diffusion depth (default: the model's, paper 550)")
-    p.add_argument("--ensemble", type=int, help="K reconstructions (default: the model's, paper 7)")
-    p.add_argument("--lambda", dest="lam", type=float, help="λ of the background-adaptive threshold (default: the model's)")
-    p.add_argument("--threshold", choices=choices(ThresholdMode), help="adaptive (Section 2.4) or fixed α")
-    p.add_argument("--fixed-threshold", type=float, help="α for --threshold fixed")
-    p.add_argument("--error", choices=choices(ErrorMode), help="how members form E")
+    """The detection options (``config.DETECT_OPTIONS``) with the command-only ones around them, in the order the
+    help lists them; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and torch.compile):
+    an option a command would ignore is not offered there."""
+    from .config import DETECT_OPTIONS
+
+    options = {o.field: o for o in DETECT_OPTIONS}
+    for field in ("steps", "ensemble", "lam", "threshold", "fixed_threshold", "error"):
+        _add_detect_option(p, options.pop(field))
     p.add_argument("--noise", choices=choices(NoiseKind), help="override the model's noise family")
-    _bool_flag(p, "crf", None, "dense CRF refinement (default on)")
-    p.add_argument("--seed", type=int, help="noise seed (default 0); same seed, same result")
-    p.add_argument("--sampling-steps", type=int,
-                   help="respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)")
-    p.add_argument("--harmonise-steps", type=int,
-                   help="harmonised reverse chain: at the first N reverse steps, blend the predicted healthy image "
-                   "with the query where they agree inside the lung and re-noise (THOR-style; 0 = the paper's plain "
-                   "chain; default: the model's)")
-    p.add_argument("--harmonise-radius", type=int,
-                   help="pixels over which the residual is averaged before the harmonisation weight (default: the "
-                   "model's, 1)")
-    p.add_argument("--shift-tolerance", type=int,
-                   help="pixels of shift the error map forgives (0 = none; default: the model's)")
-    _bool_flag(p, "crop", None, "run the network on the body's bounding box only (default on)")
-    _bool_flag(p, "exclude-airways", None, "take the trachea and main bronchi out of the lung mask, the given one "
-               "too (default on: air in a large airway is not lung and lights up in E)")
+    for field in ("crf", "seed", "sampling_steps", "harmonise_steps", "harmonise_radius", "shift_tolerance",
+                  "crop_to_lung", "exclude_airways"):
+        _add_detect_option(p, options.pop(field))
     p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
                    help="automatic lung mask when none is given: classical (−320 HU threshold) or learned (SACDiff's "
                    "lung network: keeps consolidation and pleural masses inside; default: classical)")
@@ -71,7 +74,8 @@ def _add_detect_options(p, one_command_detect: bool = False):
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to "
                        "eager")
-    p.add_argument("--batch-size", type=int, help="slices per forward chunk (× K); 0 = automatic from memory")
+    for option in options.values():  # the rest (batch_size), and any new DETECT_OPTIONS entry
+        _add_detect_option(p, option)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--progress", choices=("bar", "lines"), default="bar",
                    help="bar (terminal) or lines: 'SACDIFF_PROGRESS <fraction> <message>' on stdout (for the "
@@ -82,16 +86,14 @@ def _add_detect_options(p, one_command_detect: bool = False):
 def _load_for_detection(args):
     """The command's checkpoint and detection options → (cfg, model, diffusion, device)."""
     from .checkpoint import load_for_detection
+    from .config import detect_overrides
     from .detect import resolve_device
 
     device = resolve_device(args.device)
+    detect = {k: v for k, v in detect_overrides(args).items() if k != "seed"}  # the seed also seeds the noise
     cfg, model, diffusion = load_for_detection(
         args.model, device, seed=0 if args.seed is None else args.seed, noise_kind=args.noise,
-        log=lambda m: print(m, file=sys.stderr), steps=args.steps, ensemble=args.ensemble, lam=args.lam,
-        threshold=args.threshold, fixed_threshold=args.fixed_threshold, error=args.error, crf=args.crf,
-        batch_size=args.batch_size, sampling_steps=args.sampling_steps, crop_to_lung=args.crop,
-        exclude_airways=args.exclude_airways, harmonise_steps=args.harmonise_steps,
-        shift_tolerance=args.shift_tolerance, harmonise_radius=args.harmonise_radius)
+        log=lambda m: print(m, file=sys.stderr), **detect)
     _refuse_inert_threshold_options(cfg.detect, args)
     return cfg, model, diffusion, device
 

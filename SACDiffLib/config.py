@@ -146,6 +146,60 @@ class DetectConfig:
     shift_tolerance: int = 0
 
 
+@dataclass(frozen=True)
+class DetectOption:
+    """One detection setting as a command line offers it: the ``DetectConfig`` field, its flag and help. The type,
+    the choices (a ``Literal``) and the on/off form (a bool: ``--x/--no-x``) come from the field's annotation; the
+    range from ``_validate_detect``. Every command that detects builds its options from ``DETECT_OPTIONS``, and
+    ``detect_overrides`` turns the parsed values back into ``derive(cfg, detect=…)``: a new detection setting is one
+    field, one entry here and its range check."""
+
+    field: str
+    flag: str
+    help: str
+
+
+# In the order the commands list them (``cli._add_detect_options`` puts the command-only options around them).
+DETECT_OPTIONS = (
+    DetectOption("steps", "--steps", "T_s, partial-diffusion depth (default: the model's, paper 550)"),
+    DetectOption("ensemble", "--ensemble", "K reconstructions (default: the model's, paper 7)"),
+    DetectOption("lam", "--lambda", "λ of the background-adaptive threshold (default: the model's)"),
+    DetectOption("threshold", "--threshold", "adaptive (Section 2.4) or fixed α"),
+    DetectOption("fixed_threshold", "--fixed-threshold", "α for --threshold fixed"),
+    DetectOption("error", "--error", "how members form E"),
+    DetectOption("crf", "--crf", "dense CRF refinement (default on)"),
+    DetectOption("seed", "--seed", "noise seed (default 0); same seed, same result"),
+    DetectOption("sampling_steps", "--sampling-steps",
+                 "respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)"),
+    DetectOption("harmonise_steps", "--harmonise-steps",
+                 "harmonised reverse chain: at the first N reverse steps, blend the predicted healthy image with the "
+                 "query where they agree inside the lung and re-noise (THOR-style; 0 = the paper's plain chain; "
+                 "default: the model's)"),
+    DetectOption("harmonise_radius", "--harmonise-radius",
+                 "pixels over which the residual is averaged before the harmonisation weight (default: the model's, "
+                 "1)"),
+    DetectOption("shift_tolerance", "--shift-tolerance",
+                 "pixels of shift the error map forgives (0 = none; default: the model's)"),
+    DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
+    DetectOption("exclude_airways", "--exclude-airways",
+                 "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
+                 "large airway is not lung and lights up in E)"),
+    DetectOption("batch_size", "--batch-size", "slices per forward chunk (× K); 0 = automatic from memory"),
+)
+
+
+def detect_option_type(option: DetectOption):
+    """The field's annotation: int, float, bool or a Literal of choices."""
+    return get_type_hints(DetectConfig)[option.field]
+
+
+def detect_overrides(values) -> dict:
+    """``derive(cfg, detect=…)`` from parsed options (an argparse namespace or a dict keyed by field; None = keep the
+    model's own setting)."""
+    get = values.get if isinstance(values, dict) else lambda name: getattr(values, name, None)
+    return {o.field: get(o.field) for o in DETECT_OPTIONS if get(o.field) is not None}
+
+
 @dataclass
 class SACDiffConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -60,3 +60,26 @@ def test_harmonise_steps_and_shift_tolerance_are_range_checked():
         derive(cfg, detect={"sampling_steps": 4, "harmonise_steps": 4})
     with pytest.raises(SACDiffError, match="shift_tolerance"):
         derive(cfg, detect={"shift_tolerance": 5})
+
+
+def test_every_detection_setting_is_offered_once_or_named_as_not_offered():
+    """One definition per detection option (config.DETECT_OPTIONS): each DetectConfig field is either an entry there
+    — and then a flag of `detect` and `evaluate` whose value reaches derive() unchanged — or deliberately not on the
+    command line. A new field that is neither fails here."""
+    import dataclasses
+
+    from SACDiffLib.cli import build_parser
+    from SACDiffLib.config import DETECT_OPTIONS, DetectConfig, detect_overrides
+
+    not_offered = {"crf_iterations", "morphology_radius"}  # the paper's fixed post-processing
+    fields = {f.name for f in dataclasses.fields(DetectConfig)}
+    offered = [o.field for o in DETECT_OPTIONS]
+    assert len(offered) == len(set(offered)) and set(offered) | not_offered == fields
+    for command in ("detect", "evaluate"):
+        head = ["detect", "ct.nii.gz", "--out", "o"] if command == "detect" else ["evaluate", "--cases", "c",
+                                                                                  "--out", "o"]
+        args = build_parser().parse_args(head + ["--harmonise-steps", "3", "--no-crop", "--lambda", "2.5",
+                                                 "--threshold", "fixed", "--shift-tolerance", "1"])
+        assert detect_overrides(args) == {"harmonise_steps": 3, "crop_to_lung": False, "lam": 2.5,
+                                          "threshold": "fixed", "shift_tolerance": 1}
+        assert detect_overrides(build_parser().parse_args(head)) == {}  # nothing given: the model's own settings
