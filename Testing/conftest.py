@@ -124,3 +124,12 @@ def _write_dicom_files(volume, folder):
         writer.SetFileName(str(folder / f"{z:03d}.dcm"))
         writer.Execute(sl)
     return folder
+
+
+def free_port() -> str:
+    """A TCP port free on this machine now, for a torchrun rendezvous (a fixed one can be held by another run)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])

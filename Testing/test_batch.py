@@ -51,7 +51,9 @@ def test_lung_option_is_refused_for_several_scans(data_dir, tiny_checkpoint, tmp
 def test_two_ranks_share_the_scans_and_rank_zero_writes_one_summary(data_dir, tiny_checkpoint, tmp_path):
     out = tmp_path / "ranks"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
+    from conftest import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "SACDiffLib", "detect", str(data_dir), "--model", str(tiny_checkpoint), "--out", str(out),
            "--device", "cpu", "--no-crf", "--progress", "lines"]
     proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)

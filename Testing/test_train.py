@@ -90,12 +90,9 @@ def test_loss_decreases_on_a_small_problem(data_dir, tmp_path):
 def test_two_process_ddp_training_with_gloo(data_dir, tmp_path):
     out = tmp_path / "ddp.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    import socket
+    from conftest import free_port
 
-    with socket.socket() as probe:  # a free port now (a fixed one can still be held by an earlier run)
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "SACDiffLib.cli", "train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
            "--steps", "3", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
