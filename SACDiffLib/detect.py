@@ -326,7 +326,7 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
 
 
 def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True,
-                 source: LungSource = LungSource()) -> tuple[np.ndarray, str]:
+                 source: LungSource = LungSource(), body: Optional[np.ndarray] = None) -> tuple[np.ndarray, str]:
     """(lung labels 1 right / 2 left, where they came from): the given mask (completed by the learned mask when
     ``source.complete``) or the automatic one of ``source.method``, without the trachea and main bronchi unless
     ``exclude_airways`` is off."""
@@ -339,7 +339,7 @@ def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways
         else:
             lung, origin = segment_lungs(hu, ct, airways=not exclude_airways), "automatic (classical threshold fallback)"
     else:
-        lung, how = lung_labels(io.read_mask(lung_path, ct), ct, hu)
+        lung, how = lung_labels(io.read_mask(lung_path, ct), ct, body_mask(hu) if body is None else body)
         origin = f"{lung_path} ({how})"
         if source.complete:
             from .lungnet import complete_lung, learned_lungs
@@ -373,7 +373,8 @@ def detect_volume(
     hu = io.ct_array(ct)
     timings["read_s"] = time.perf_counter() - t0
     t_lung = time.perf_counter()
-    lung, lung_origin = prepare_lung(ct, hu, lung_path, det.exclude_airways, lung_source)
+    body = body_mask(hu)  # once: the given mask's sides (lung_labels) and the background of α (postprocess)
+    lung, lung_origin = prepare_lung(ct, hu, lung_path, det.exclude_airways, lung_source, body)
     timings["lung_mask_s"] = time.perf_counter() - t_lung
     processed = io.lung_slices(lung, pre.min_lung_fraction)
     if processed.size == 0:
@@ -385,7 +386,6 @@ def detect_volume(
     t1 = time.perf_counter()
     x, c = (t.to(device) for t in io.model_inputs(hu[processed], lung[processed], pre))
     cond = c if cfg.model.conditional else None
-    body = body_mask(hu)
     body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)
     box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
     chunk_stats: dict = {}

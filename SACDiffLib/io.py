@@ -229,6 +229,12 @@ def check_readable(path) -> None:
     if path.is_dir():
         read_image(path)
         return
+    read_header(path)
+
+
+def read_header(path: Path) -> sitk.ImageFileReader:
+    """A file's header, after ``check_complete``: the reader holding size, spacing, origin and direction (no voxels
+    read). One line (``SACDiffError``) for a file that ends early or cannot be parsed."""
     check_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -236,6 +242,7 @@ def check_readable(path) -> None:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise _read_failure(path, exc) from None
+    return reader
 
 
 def read_ct(path) -> sitk.Image:
@@ -405,14 +412,11 @@ def check_writable_format(path) -> None:
 def verify_written(path: Path, array: np.ndarray, reference: sitk.Image) -> None:
     """Read back what was written: the file is complete (``check_complete``: ITK's writer does not report a full
     disk) and its header holds the array's size and the reference's geometry."""
-    check_complete(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise SACDiffError(f"writing {path.name} failed: it cannot be read back ({str(exc).strip()[-120:]}); free "
-                           "space or choose another --out") from None
+        reader = read_header(path)
+    except SACDiffError as exc:  # its advice is for an input ("download it again"); this is our own output
+        raise SACDiffError(f"writing {path.name} failed: it cannot be read back ({exc}); free space or choose "
+                           "another --out") from None
     same = (tuple(reader.GetSize()) == tuple(reversed(array.shape))
             and all(np.allclose(getattr(reader, g)(), getattr(reference, g)(), atol=1e-3, rtol=0)
                     for g in ("GetSpacing", "GetOrigin", "GetDirection")))

@@ -210,12 +210,12 @@ def _side_by_x(indices_zyx: np.ndarray, image: sitk.Image, cut: float) -> np.nda
 ONE_LUNG_FRACTION = 0.1  # a one-field mask with less than this on one side of the body's midline is one lung
 
 
-def lung_labels(mask: np.ndarray, image: sitk.Image, hu: Optional[np.ndarray] = None) -> tuple[np.ndarray, str]:
+def lung_labels(mask: np.ndarray, image: sitk.Image, body: Optional[np.ndarray] = None) -> tuple[np.ndarray, str]:
     """(right/left labels, how they were read) for a given lung mask.
 
     Labels 1 and 2 both present: right and left as given; only label 2: the left lung as given. Otherwise the mask
     is unlabeled (binary 0/1 as most tools write, or any other values) and is split (``split_left_right``) — except a
-    single connected field lying on one side of the body's midline (``hu`` gives the body; ≥ 1 − ONE_LUNG_FRACTION
+    single connected field lying on one side of the body's midline (``body``: ``body_mask``; ≥ 1 − ONE_LUNG_FRACTION
     of it on one side): that is one lung (e.g. after a pneumonectomy, or a one-lung mask labelled 1), labelled by the
     side it lies on, never cut in two."""
     values = set(np.unique(mask).tolist()) - {0}
@@ -225,17 +225,14 @@ def lung_labels(mask: np.ndarray, image: sitk.Image, hu: Optional[np.ndarray] = 
         return mask.astype(np.uint8), "label 2 only: the left lung as given"
     field = mask > 0
     labels, n = ndimage.label(field)
-    if hu is not None and n >= 1:
+    if body is not None and body.any() and n >= 1:
         sizes = np.bincount(labels.ravel())[1:]
         if sizes.max() >= 0.9 * field.sum():  # one connected field (small pieces aside)
-            body = body_mask(hu)
-            midline = _physical_x(np.argwhere(body).mean(axis=0), image) if body.any() else None
-            if midline is not None:
-                sides = _side_by_x(np.argwhere(field), image, midline)
-                right_share = float((sides == RIGHT).mean())
-                if min(right_share, 1 - right_share) < ONE_LUNG_FRACTION:
-                    side = RIGHT if right_share >= 0.5 else LEFT
-                    out = np.zeros(mask.shape, np.uint8)
-                    out[field] = side
-                    return out, f"one lung ({'right' if side == RIGHT else 'left'}, by its side of the body)"
+            midline = _physical_x(np.argwhere(body).mean(axis=0), image)
+            right_share = float((_side_by_x(np.argwhere(field), image, midline) == RIGHT).mean())
+            if min(right_share, 1 - right_share) < ONE_LUNG_FRACTION:
+                side = RIGHT if right_share >= 0.5 else LEFT
+                out = np.zeros(mask.shape, np.uint8)
+                out[field] = side
+                return out, f"one lung ({'right' if side == RIGHT else 'left'}, by its side of the body)"
     return split_left_right(field, image), "unlabeled mask split into right/left"

@@ -425,46 +425,41 @@ class ctkCollapsibleButton(QAbstractButton):
         self.collapsed = False
 
 
+class _TextProperty:
+    """A string property that emits ``signal`` (the attribute name of a Signal) when its value changes, whoever sets
+    it — as ctkPathLineEdit's currentPath and ctkDirectoryButton's directory do."""
+
+    def __init__(self, signal: str):
+        self.signal = signal
+
+    def __set_name__(self, owner, name):
+        self.key = "_" + name
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__.get(self.key, "")
+
+    def __set__(self, obj, value):
+        value = str(value)
+        if value != obj.__dict__.get(self.key, ""):
+            obj.__dict__[self.key] = value
+            getattr(obj, self.signal).emit(value)
+
+
 class ctkPathLineEdit(QWidget):
     currentPathChanged = Signal()
+    currentPath = _TextProperty("currentPathChanged")
     Files, Dirs = 1, 2
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        self._path = ""
         self.filters = 0
         self.nameFilters = []
         self.settingKey = ""
 
-    @property
-    def currentPath(self):
-        return self._path
-
-    @currentPath.setter
-    def currentPath(self, path):
-        path = str(path)
-        if path != self._path:
-            self._path = path
-            self.currentPathChanged.emit(path)
-
 
 class ctkDirectoryButton(QWidget):
     directoryChanged = Signal()
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self._directory = ""
-
-    @property
-    def directory(self):
-        return self._directory
-
-    @directory.setter
-    def directory(self, value):
-        value = str(value)
-        if value != self._directory:
-            self._directory = value
-            self.directoryChanged.emit(value)
+    directory = _TextProperty("directoryChanged")
 
 
 class ctkSliderWidget(QWidget):

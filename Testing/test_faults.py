@@ -160,16 +160,22 @@ def test_report_is_strict_json(run_dir):
 
 # 4. races ---------------------------------------------------------------------------------------------------------
 
-def test_two_writers_one_wins_the_other_gets_an_error(tmp_path):
-    target = tmp_path / "out"
-    first, second = atomic.Output(target, "results"), atomic.Output(target, "results")  # both checked: absent
+def _first_writer_wins(target, first, second, match):
+    """``first`` commits, then ``second`` (created before that commit) fails with ``match``; the first's output stays
+    and no temporary is left beside it."""
     with first as tmp:
         (tmp / "a.txt").write_text("first")
-    with pytest.raises(SACDiffError, match="another process"):
+    with pytest.raises(SACDiffError, match=match):
         with second as tmp:
             (tmp / "a.txt").write_text("second")
     assert (target / "a.txt").read_text() == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary left
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+def test_two_writers_one_wins_the_other_gets_an_error(tmp_path):
+    target = tmp_path / "out"
+    _first_writer_wins(target, atomic.Output(target, "results"), atomic.Output(target, "results"),  # both: absent
+                       match="another process")
 
 
 def test_two_overwrite_writers_one_wins_the_other_gets_an_error(tmp_path):
@@ -178,15 +184,8 @@ def test_two_overwrite_writers_one_wins_the_other_gets_an_error(tmp_path):
     target = tmp_path / "out"
     with atomic.Output(target, "results") as tmp:
         (tmp / "a.txt").write_text("original")
-    first = atomic.Output(target, "results", overwrite=True)
-    second = atomic.Output(target, "results", overwrite=True)
-    with first as tmp:
-        (tmp / "a.txt").write_text("first")
-    with pytest.raises(SACDiffError, match="written by another process"):
-        with second as tmp:
-            (tmp / "a.txt").write_text("second")
-    assert (target / "a.txt").read_text() == "first"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    _first_writer_wins(target, atomic.Output(target, "results", overwrite=True),
+                       atomic.Output(target, "results", overwrite=True), match="written by another process")
 
 
 def test_threshold_racing_detect_overwrite_keeps_the_new_detection(tmp_path, run_dir, data_dir, tiny_checkpoint):

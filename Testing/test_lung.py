@@ -2,7 +2,7 @@ import numpy as np
 
 from conftest import SHARED_DATA, make_chest, needs_shared_data, to_image
 from SACDiffLib import io
-from SACDiffLib.lung import LEFT, RIGHT, lung_labels, segment_lungs, split_left_right
+from SACDiffLib.lung import LEFT, RIGHT, body_mask, lung_labels, segment_lungs, split_left_right
 from SACDiffLib.metrics import segmentation_metrics
 
 
@@ -62,11 +62,12 @@ def test_a_one_lung_mask_stays_one_lung_and_only_unlabeled_masks_are_split():
     left[:, 16:48, 68:98] = 1
     hu[(right + left) > 0] = -850
     image = to_image(hu)
-    labels, how = lung_labels(right, image, hu)
+    body = body_mask(hu)
+    labels, how = lung_labels(right, image, body)
     assert set(np.unique(labels[right > 0])) == {RIGHT} and "one lung" in how
-    labels, how = lung_labels(right * 2, image, hu)
+    labels, how = lung_labels(right * 2, image, body)
     assert set(np.unique(labels[right > 0])) == {LEFT} and "as given" in how
-    labels, how = lung_labels(right + left, image, hu)
+    labels, how = lung_labels(right + left, image, body)
     assert (labels[right > 0] == RIGHT).all() and (labels[left > 0] == LEFT).all() and "split" in how
-    labels, how = lung_labels(left, image, hu)
+    labels, how = lung_labels(left, image, body)
     assert set(np.unique(labels[left > 0])) == {LEFT} and "one lung (left" in how

@@ -7,7 +7,6 @@ slider) is an in-process, torch-free library call on the cached maps. Packages: 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from .process import LIBRARY_PARENT, DetectionProcess, cudaAvailable, pythonExecutable
+from .process import LIBRARY_PARENT, DetectionProcess, cudaAvailable, libraryEnvironment, pythonExecutable
 
 from SACDiffLib.errors import SACDiffError  # noqa: E402  (torch-free; found through LIBRARY_PARENT by .process)
 
@@ -250,12 +249,26 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(workDir, ignore_errors=True)
             raise
         runDir = workDir / "run"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env = libraryEnvironment()
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONIOENCODING"] = "utf-8"
         command = self.detectionCommand(ctPath, lungPath, runDir, **options)
         return DetectionProcess(command, runDir, workDir, env)
+
+    @staticmethod
+    def _runLibrary(command: list, timeout: float):
+        """A short ``python -m SACDiffLib …`` child run to its end; its stdout, or SACDiffInputError with the
+        library's one-line error (else its last line of output)."""
+        import subprocess
+
+        from SACDiffLib.protocol import is_error_line
+
+        done = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=timeout, env=libraryEnvironment(), cwd=str(LIBRARY_PARENT))
+        if done.returncode != 0:
+            lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
+            errors = [ln for ln in lines if is_error_line(ln)]
+            raise SACDiffInputError((errors or lines or [f"exit status {done.returncode}"])[-1])
+        return done.stdout
 
     @staticmethod
     def _temporaryFolder() -> Optional[str]:
@@ -385,9 +398,6 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         """The model's detection defaults and where its λ came from (``sacdiff info``, in a child process: no torch
         in Slicer's). Raises SACDiffInputError with the library's message for a file that is not a model."""
         import json
-        import subprocess
-
-        from SACDiffLib.protocol import is_error_line
 
         key = modelPath
         if modelPath and Path(modelPath).is_file():
@@ -395,26 +405,14 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
             key = (modelPath, st.st_size, st.st_mtime_ns)
         if key not in cls._modelInfoCache:
             command = [pythonExecutable(), "-m", "SACDiffLib", "info"] + (["--model", modelPath] if modelPath else [])
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
-            env["PYTHONIOENCODING"] = "utf-8"
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
-                                  cwd=str(LIBRARY_PARENT), encoding="utf-8")
-            if done.returncode != 0:
-                lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
-                errors = [ln for ln in lines if is_error_line(ln)]
-                raise SACDiffInputError((errors or lines or [f"exit status {done.returncode}"])[-1])
-            cls._modelInfoCache[key] = json.loads(done.stdout.strip().splitlines()[-1])
+            cls._modelInfoCache[key] = json.loads(cls._runLibrary(command, timeout=300).strip().splitlines()[-1])
         return dict(cls._modelInfoCache[key])
 
     def createLungSegmentation(self, ctNode, learned: bool = False, lungModel: str = ""):
         """A lung segmentation with 'Right lung' and 'Left lung': the library's classical threshold mask (in
         process, torch-free), or with ``learned`` SACDiff's pathology-inclusive lung network (child process)."""
-        import subprocess
-
         from SACDiffLib import io
         from SACDiffLib.lung import segment_lungs
-        from SACDiffLib.protocol import is_error_line
 
         self.checkCT(ctNode)
         with tempfile.TemporaryDirectory(prefix="SACDiff-lung-", dir=self._temporaryFolder()) as folder:
@@ -422,12 +420,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
             ct = io.read_ct(ctPath)
             if learned:
                 outPath = Path(folder) / "lung.nrrd"
-                done = subprocess.run(self.lungMaskCommand(ctPath, outPath, lungModel), capture_output=True,
-                                      text=True, timeout=1800, cwd=str(LIBRARY_PARENT))
-                if done.returncode != 0:
-                    lines = [ln for ln in (done.stderr or "").splitlines() if ln.strip()]
-                    errors = [ln for ln in lines if is_error_line(ln)]
-                    raise SACDiffInputError((errors or lines or [f"exit status {done.returncode}"])[-1])
+                self._runLibrary(self.lungMaskCommand(ctPath, outPath, lungModel), timeout=1800)
                 labels = io.read_mask(outPath, ct)
             else:
                 labels = segment_lungs(io.ct_array(ct), ct)

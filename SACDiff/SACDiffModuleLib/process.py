@@ -44,6 +44,15 @@ def cudaAvailable() -> bool:
     return probe.stdout.strip().endswith("True")
 
 
+def libraryEnvironment() -> dict:
+    """The environment of a SACDiffLib child process: the library's folder on PYTHONPATH, UTF-8 output (the library
+    prints α, λ, ²: never the locale's codec)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(LIBRARY_PARENT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
 def pythonExecutable() -> str:
     """PythonSlicer inside Slicer (the launcher sets up Slicer's environment), else this interpreter."""
     return shutil.which("PythonSlicer") or sys.executable
