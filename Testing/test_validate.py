@@ -49,13 +49,16 @@ def test_validate_cli_on_phantoms(tmp_path, tiny_checkpoint):
                                                                    "thick")]
     for row in result["rows"]:  # the model's own λ per case, also in the table
         assert set(row["flagged_percent_at_model_lambda"]) == set(row["per_case"])
+        f = row["synthetic_lesion_fraction_of_lung"]  # whole lung flagged: Dice = 2f / (1 + f)
+        assert row["synthetic_baseline_dice"] == pytest.approx(2 * f / (1 + f))
     for row in result["rows"]:
         flagged = [row["healthy_flagged_percent"][str(lam)] for lam in LAMBDAS]
         assert all(0 <= f <= 100 for f in flagged)
         ok = [lam for lam, f in zip(LAMBDAS, flagged) if f <= 1.0]
         assert row["recommended_lambda"] == (min(ok) if ok else None)
         assert 0 <= row["synthetic_voxel_auroc"] <= 1 and 0 <= row["synthetic_oracle_dice"] <= 1
-    assert "recommended λ" in (out / "validation.md").read_text() and "[thick]" in (out / "validation.md").read_text()
+    table = (out / "validation.md").read_text()
+    assert "recommended λ" in table and "[thick]" in table and "Trivial baseline" in table
     assert main(["validate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
 
 

@@ -3,8 +3,8 @@
     python Resources/results/nsclc_settings.py ../shared/data '{}' '{"steps": 250, "harmonise_steps": 9}' ...
 
 Each argument after the data folder is a JSON dict of detection settings applied to the shipped model's; one JSON
-line per setting: tumour voxel AUROC and oracle Dice inside the lung, Dice of the mask at the model's λ, % of the
-lung flagged, α, seconds (map-candidates.md).
+line per setting: tumour voxel AUROC and oracle Dice inside the lung, Dice of the mask at the model's λ beside the
+whole-lung baseline, % of the lung flagged, α, seconds (map-candidates.md).
 """
 
 import json
@@ -33,6 +33,7 @@ def main(data: str, *settings: str) -> None:
         e, t = r.error[lung], truth[lung]
         print(json.dumps({"setting": setting, "auroc": auroc(e, t), "oracle_dice": oracle_dice(e, t)[0],
                           "dice": segmentation_metrics(r.mask > 0, truth)["dice"],
+                          "baseline_dice": segmentation_metrics(lung, truth)["dice"],  # flag the whole lung
                           "lung_flagged_percent": 100 * float((r.mask[lung] > 0).mean()),
                           "alpha": r.threshold.alpha, "s": round(time.time() - t0, 1)}), flush=True)
 
