@@ -268,6 +268,7 @@ def _train_lungmask_args(p):
     p.add_argument("--cases", help="comma-separated healthy cases to train on (default: diagnosis mentions 'normal')")
     p.add_argument("--save-every", type=int, default=100, help="write the resumable state every N steps (default 100)")
     p.add_argument("--resume", help="continue this lung network's training (its settings are kept)")
+    p.add_argument("--init", help="start from this lung network's weights (fresh optimiser and schedule)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing lung network file SACDiff wrote")
     p.add_argument("--progress", choices=("bar", "lines"), default="bar")
 
@@ -479,12 +480,16 @@ def cmd_train_lungmask(args) -> int:
 
     if not (0 <= args.seed < 2**63):
         raise SACDiffError("--seed must lie in 0 … 2⁶³−1")
+    if args.resume and args.init:
+        raise SACDiffError("train-lungmask: give --resume (continue a training) or --init (start from its weights), "
+                           "not both")
     if not (args.resume and Path(args.resume).resolve() == Path(args.out).resolve()):  # continuing in place is fine
-        Output(args.out, "lung-model", args.overwrite, inputs=[args.data, args.resume])  # checks before any work
+        Output(args.out, "lung-model", args.overwrite, inputs=[args.data, args.resume, args.init])  # checks first
     bar = _progress(args, "train-lungmask")
     try:
         summary = train_lungnet(args.data, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                seed=args.seed, resume=args.resume, save_every=args.save_every, progress=bar,
+                                seed=args.seed, resume=args.resume, init=args.init, save_every=args.save_every,
+                                progress=bar,
                                 cases=args.cases.split(",") if args.cases else None)
     finally:
         bar.close()

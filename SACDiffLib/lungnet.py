@@ -120,12 +120,24 @@ def _hu_units(hu: float, cfg: LungNetConfig) -> float:
     return (hu - lo) / (hi - lo) * 2 - 1
 
 
+# Kinds of synthetic pathology and how often each is drawn. Round two (2026-11-29, lungmask.md) added "whole": a
+# whole lung's cross-section consolidated (white-out, the thin consolidated crescent at the diaphragm), with
+# ground glass grading into dense consolidation towards the back (gravity) in half of the large lesions.
+PATHOLOGY_KINDS = {"dependent": 0.2, "pleural": 0.12, "mass": 0.13, "wedge": 0.1, "ground-glass": 0.13,
+                   "lobar": 0.17, "whole": 0.15}
+
+
+HU_CHANGED = 100.0  # a pixel that synthetic pathology changed by more than this counts as lesion (evaluation)
+
+
 def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Generator, cfg: LungNetConfig,
-                        pixel_mm: float) -> np.ndarray:
+                        pixel_mm: float, kinds: Optional[tuple] = None) -> np.ndarray:
     """Draw 1–4 lesions into the lung of one training stack (3, S, S) (windowed units; the same lesion in the
-    three slices, as a lesion spans neighbouring slices). The lung label does not change. Kinds: consolidation
-    along the pleura (posterior = dependent, or anywhere), a pleural-based solid mass, a wedge of collapse from the
-    pleura, ground glass, most of a lung's cross-section (lobar consolidation, white-out); soft edges (partial volume), texture, and air bronchograms in consolidation."""
+    three slices, as a lesion spans neighbouring slices). The lung label does not change. Kinds
+    (``PATHOLOGY_KINDS``, or only ``kinds``): consolidation along the pleura (posterior = dependent, or anywhere),
+    a pleural-based solid mass, a wedge of collapse from the pleura, ground glass, most of a lung's cross-section
+    (lobar consolidation), a whole lung's cross-section (white-out); soft edges (partial volume), texture, air
+    bronchograms in consolidation, and a gravity gradient (ground glass in front, dense behind) in large ones."""
     out = stack.copy()
     if lung.sum() < 200:
         return out
@@ -135,9 +147,10 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
     posterior = edge[edge[:, 0] > np.percentile(ys, 60)]
     yy, xx = np.mgrid[: lung.shape[0], : lung.shape[1]]
     rim = ndimage.binary_dilation(lung, iterations=1)  # a soft edge may reach one pixel past the lung, no further
+    names = list(kinds or PATHOLOGY_KINDS)
+    weights = np.array([PATHOLOGY_KINDS[k] for k in names])
     for _ in range(int(rng.integers(1, 5))):
-        kind = rng.choice(["dependent", "pleural", "mass", "wedge", "ground-glass", "lobar"],
-                          p=[0.25, 0.15, 0.15, 0.1, 0.15, 0.2])
+        kind = rng.choice(names, p=weights / weights.sum())
         pool = posterior if kind == "dependent" and len(posterior) else edge
         cy, cx = pool[rng.integers(len(pool))]
         dist = np.hypot(yy - cy, xx - cx)
@@ -151,8 +164,11 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
         elif kind == "wedge":  # lens from the pleura towards the hilum
             r = mm(15, 60)
             region = lung & (dist < r) & (depth < 0.6 * (r - dist) + 2)
-        elif kind == "lobar":  # most of a lung's cross-section, from the pleura inwards (white-out, lobar pneumonia)
+        elif kind == "lobar":  # most of a lung's cross-section, from the pleura inwards (lobar pneumonia)
             region = lung & (dist < mm(40, 160)) & (depth < mm(10, 90))
+        elif kind == "whole":  # the whole cross-section of the lung at (cy, cx), perhaps a thin aerated core left
+            parts, _ = ndimage.label(lung)
+            region = (parts == parts[cy, cx]) & (depth < mm(15, 200))
         else:
             region = lung & (dist < mm(10, 60))
         rough = ndimage.gaussian_filter(rng.normal(size=lung.shape), 3.0)
@@ -163,12 +179,17 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
             target, blend = rng.uniform(-750, -300), rng.uniform(0.6, 0.95)
         else:
             target, blend = rng.uniform(-60, 70), rng.uniform(0.85, 1.0)
+        if kind in ("lobar", "whole") and rng.random() < 0.5:  # gravity: ground glass in front, dense behind
+            rows = np.nonzero(region.any(1))[0]
+            back = np.clip((yy - rows[0]) / max(rows[-1] - rows[0], 1), 0, 1) ** rng.uniform(0.5, 1.5)
+            target = rng.uniform(-700, -350) + (rng.uniform(-60, 70) - rng.uniform(-700, -350)) * back
         alpha = ndimage.gaussian_filter(region.astype(np.float32), rng.uniform(0.6, 1.5)) * blend * rim
         # texture: fine mottling, or a coarse reticular pattern (crazy paving, fibrosis)
         texture = ndimage.gaussian_filter(rng.normal(size=lung.shape), rng.choice([1.0, 2.0])) * rng.uniform(5, 25)
         if rng.random() < 0.3:
             texture *= 4
-        value = np.float32(_hu_units(target, cfg)) + texture.astype(np.float32) * (2 / (cfg.hu_window[1] - cfg.hu_window[0]))
+        value = (np.float32(_hu_units(0.0, cfg)) + (np.asarray(target, np.float32) + texture.astype(np.float32))
+                 * np.float32(2 / (cfg.hu_window[1] - cfg.hu_window[0])))
         keep_air = np.zeros(lung.shape, bool)
         if kind != "ground-glass" and rng.random() < 0.5:  # air bronchograms: dark branches stay dark
             keep_air = stack[0] < _hu_units(-900, cfg)
@@ -330,14 +351,15 @@ def shipped_lung_model_path() -> Path:
 def train_lungnet(data_dir, out_path, steps: Optional[int] = None, batch_size: int = 8, lr: float = 2e-3, seed: int = 0,
                   resume=None, cases: Optional[list] = None, holdout_every: int = 4, save_every: int = 200,
                   pathology: float = 0.8, progress: Optional[Progress] = None,
-                  cfg: LungNetConfig = LungNetConfig()) -> dict:
+                  cfg: LungNetConfig = LungNetConfig(), init=None) -> dict:
     """Train (or resume) the lung network and write it to ``out_path`` (every ``save_every`` steps, on cancel and
     at the end; ``resume`` continues a checkpoint's optimiser, schedule and step, with its own total of steps
-    unless ``steps`` is given). Batches are drawn from a
+    unless ``steps`` is given; ``init`` starts from another lung network's weights and config with a fresh optimiser
+    and schedule). Batches are drawn from a
     generator seeded by (seed, step): a resumed training draws the same batches as an uninterrupted one."""
     if steps is not None and steps < 1 or batch_size < 1 or not (0 < lr < 1) or save_every < 0 or not 0 <= pathology <= 1:
         raise SACDiffError("train-lungmask: --steps and --batch-size must be ≥ 1, --lr in (0, 1), --save-every ≥ 0")
-    state = None
+    state, init_weights = None, None
     if resume:
         payload = read_lungnet(resume)
         cfg = LungNetConfig.from_dict(payload["config"])
@@ -347,6 +369,12 @@ def train_lungnet(data_dir, out_path, steps: Optional[int] = None, batch_size: i
         seed, batch_size, lr, holdout_every = (state["settings"][k] for k in ("seed", "batch_size", "lr", "holdout_every"))
         cases = state["settings"]["cases"]
         steps = steps or int(state["settings"]["steps"])  # the run's own schedule unless asked otherwise
+        init = state["settings"].get("init")
+    elif init:
+        start_from = read_lungnet(init)
+        cfg = LungNetConfig.from_dict(start_from["config"])
+        init_weights = {k: v.float() if v.is_floating_point() else v for k, v in start_from["model"].items()}
+        init = Path(init).name
     steps = steps or 3000
     stacks, labels, pixel, used = training_slices(data_dir, cfg, cases, holdout_every)
     lung_slices = torch.nonzero(labels.flatten(1).sum(1) > 0).flatten()
@@ -356,13 +384,16 @@ def train_lungnet(data_dir, out_path, steps: Optional[int] = None, batch_size: i
     schedule = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     start, losses = 0, []
+    if init_weights is not None:
+        net.load_state_dict(init_weights)
     if state:
         net.load_state_dict(payload["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, losses = int(state["step"]), list(state["losses"])
     settings = {"seed": seed, "batch_size": batch_size, "lr": lr, "holdout_every": holdout_every,
-                "cases": [name for name, _ in used], "pathology": pathology, "steps": steps}
+                "cases": [name for name, _ in used], "pathology": pathology, "steps": steps, "init": init,
+                "pathology_kinds": PATHOLOGY_KINDS}
 
     def save(step: int):
         extra = {"training_data": used, "steps_done": step, "settings": settings, "seconds": round(spent(), 1)}

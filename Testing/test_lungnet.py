@@ -9,7 +9,7 @@ import torch
 
 from conftest import to_image
 from SACDiffLib.errors import SACDiffError
-from SACDiffLib.lungnet import (LungNetConfig, complete_lung, learned_lungs, load_lungnet, read_lungnet,
+from SACDiffLib.lungnet import (LungNetConfig, _hu_units, complete_lung, learned_lungs, load_lungnet, read_lungnet,
                                 refine_edges, synthetic_pathology, train_lungnet)
 
 TINY = LungNetConfig(image_size=64, channels=(8, 16))
@@ -35,6 +35,21 @@ def test_synthetic_pathology_changes_only_the_lung_and_densifies_it():
     assert changed[lung].mean() > 0.3  # over many draws, much of the lung, the pleural rim included
     rim = lung & ~_disc((128, 128), 64, 64, 36)
     assert changed[rim].mean() > 0.3
+
+
+def test_whole_lung_pathology_densifies_most_of_the_chosen_lung_only():
+    """The white-out kind: one lung's whole cross-section turns dense (a thin aerated core at most) while the
+    other lung is untouched unless another lesion lands there; the label is not changed by the function."""
+    cfg = LungNetConfig()
+    right, left = _disc((128, 128), 64, 36, 22), _disc((128, 128), 64, 92, 22)
+    lung = right | left
+    stack = np.where(lung, _hu_units(-850.0, cfg), _hu_units(40.0, cfg)).astype(np.float32)[None].repeat(3, 0)
+    dense = []
+    for seed in range(12):
+        out = synthetic_pathology(stack, lung, np.random.default_rng(seed), cfg, pixel_mm=1.4, kinds=("whole",))
+        denser = out[0] > _hu_units(-600.0, cfg)
+        dense.append(max(denser[right].mean(), denser[left].mean()))
+    assert np.median(dense) > 0.5  # most of one lung's section is consolidated or ground glass
 
 
 def test_refine_edges_takes_air_at_the_edge_and_keeps_dense_lung_inside():
@@ -74,6 +89,16 @@ def test_training_resumes_to_the_same_weights(data_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     cfg, net, _ = load_lungnet(whole)
     assert cfg == TINY and not net.training
+
+
+def test_init_starts_from_the_given_weights(data_dir, tmp_path):
+    start = tmp_path / "start.pt"
+    train_lungnet(data_dir, start, steps=2, batch_size=2, save_every=0, cfg=TINY, holdout_every=0)
+    tuned = tmp_path / "tuned.pt"
+    train_lungnet(data_dir, tuned, steps=1, batch_size=2, save_every=0, holdout_every=0, lr=1e-12, init=start)
+    a, b = read_lungnet(start)["model"], read_lungnet(tuned)
+    assert b["train_state"]["settings"]["init"] == "start.pt" and LungNetConfig.from_dict(b["config"]) == TINY
+    assert all(torch.allclose(a[k].float(), b["model"][k].float(), atol=1e-6) for k in a)
 
 
 def test_a_scan_without_lungs_is_refused(data_dir, tmp_path, monkeypatch):

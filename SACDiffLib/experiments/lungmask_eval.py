@@ -5,7 +5,11 @@
 - nsclc_lung1: the share of the radiologist's tumour inside the mask; the trachea and main bronchi (found on the
   case's own mask) inside the mask;
 - MedSeg COVID-19 slices: the share of the radiologists' infection pixels inside the mask, pooled and per slice;
-- inference time of the learned mask on the largest healthy volume.
+- inference time of the learned mask on the largest healthy volume;
+- label-free: severe synthetic pathology (``lungnet.synthetic_pathology``, kinds whole / lobar / dependent, a fixed
+  seed) drawn into the held-out healthy slabs, and the share of its pixels the network keeps inside (on its grid,
+  P > 0.5; with neighbours, and alone as a single 2D image). Drawn by the training generator, so it shows a network
+  that got worse, not one that generalises.
 
 No lesion label chooses anything here: the labels only score the two finished methods.
 
@@ -102,13 +106,50 @@ def medseg_figures(folder: Path, model) -> dict:
     return {"slices": len(scored), "summary": summary, "per_slice": rows}
 
 
+SEVERE_KINDS = ("whole", "lobar", "dependent")
+
+
+def synthetic_inclusion(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int = 12345) -> dict:
+    import torch
+
+    from ..lungnet import HU_CHANGED, _hu_units, load_lungnet, logits, synthetic_pathology, training_slices
+
+    cfg, net, _ = load_lungnet(model)
+    stacks, labels, pixel, _ = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")
+    changed_units = HU_CHANGED * 2 / (cfg.hu_window[1] - cfg.hu_window[0])
+    out = {}
+    for variant in ("with neighbours", "single slice"):
+        kept = total = 0
+        per_slice = []
+        for i in range(stacks.shape[0]):
+            lung = labels[i, 0].numpy() > 0
+            if lung.sum() < 200:
+                continue
+            x = stacks[i].float().numpy()
+            if variant == "single slice":
+                x[1:] = x[:1]
+            sick = synthetic_pathology(x, lung, np.random.default_rng([seed, i]), cfg, float(pixel[i]), SEVERE_KINDS)
+            lesion = lung & (np.abs(sick[0] - x[0]) > changed_units)
+            if not lesion.any():
+                continue
+            with torch.inference_mode():
+                inside = (torch.sigmoid(logits(net, torch.from_numpy(sick)[None]))[0, 0].numpy() > 0.5)[lesion]
+            kept, total = kept + int(inside.sum()), total + int(lesion.sum())
+            per_slice.append(100 * float(inside.mean()))
+        out[variant] = {"slices": len(per_slice), "pooled_inside_percent": 100 * kept / max(total, 1),
+                        "worst_slice_percent": float(min(per_slice, default=0.0)),
+                        "slices_below_80_percent": int(sum(v < 80 for v in per_slice))}
+    return out
+
+
 def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
     data_dir = Path(data_dir)
     payload = read_lungnet(model)
     settings = (payload["train_state"] or {}).get("settings") or payload["extra"].get("settings", {})
     cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
                                             if "normal" in str(d.get("diagnosis", "")))
-    out = {"model": str(model), "healthy": healthy_figures(data_dir, model, cases, holdout_every)}
+    out = {"model": str(model), "healthy": healthy_figures(data_dir, model, cases, holdout_every),
+           "synthetic_severe": synthetic_inclusion(data_dir, model, cases, holdout_every)}
     if case_path(data_dir, "nsclc_lung1", "lesion").exists():
         out["nsclc_lung1"] = nsclc_figures(data_dir, model)
     medseg = data_dir / "slices" / "medseg_covid"
@@ -124,6 +165,10 @@ def markdown(r: dict) -> str:
         lines.append(f"| {row['case']} ({row['slices']} slices) | {row['learned']['dice_held_out']:.3f} / "
                      f"{row['classical']['dice_held_out']:.3f} | {row['learned']['dense_outside_percent']:.2f} / "
                      f"{row['classical']['dense_outside_percent']:.2f} | {row['seconds']:.1f} |")
+    for variant, v in r.get("synthetic_severe", {}).items():
+        lines += ["", f"Synthetic severe pathology on the held-out healthy slabs ({variant}, {v['slices']} slices, "
+                      f"label-free): {v['pooled_inside_percent']:.1f} % of its pixels inside the network's mask; "
+                      f"worst slice {v['worst_slice_percent']:.0f} %; slices below 80 %: {v['slices_below_80_percent']}"]
     if "nsclc_lung1" in r:
         n = r["nsclc_lung1"]
         lines += ["", f"nsclc_lung1: tumour inside the mask {n['learned']['tumour_inside_percent']:.1f} % learned, "
