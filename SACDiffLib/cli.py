@@ -57,7 +57,7 @@ def _add_detect_options(p, one_command_detect: bool = False):
         _add_detect_option(p, options.pop(field))
     p.add_argument("--noise", choices=choices(NoiseKind), help="override the model's noise family")
     for field in ("crf", "seed", "sampling_steps", "harmonise_steps", "harmonise_radius", "shift_tolerance",
-                  "crop_to_lung", "exclude_airways"):
+                  "error_radius", "crop_to_lung", "exclude_airways"):
         _add_detect_option(p, options.pop(field))
     p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
                    help="automatic lung mask when none is given: classical (−320 HU threshold) or learned (SACDiff's "

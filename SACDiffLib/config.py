@@ -144,6 +144,10 @@ class DetectConfig:
     # Shift tolerance of the error map (pixels of the model grid): a query pixel that lies between the min and max
     # of a reconstruction within this radius has no error (a vessel drawn one pixel off is not an anomaly). 0 = off.
     shift_tolerance: int = 0
+    # Radius (model-grid pixels) of the box mean taken of the SIGNED residual x − x̂ before it is squared: a vessel
+    # the reconstruction only blurred or shifted keeps its mass and averages out, a lesion it removed does not;
+    # hyper- and hypodense residuals keep their sign until squared (neither is dropped). 0 = the paper's E.
+    error_radius: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,9 @@ DETECT_OPTIONS = (
                  "1)"),
     DetectOption("shift_tolerance", "--shift-tolerance",
                  "pixels of shift the error map forgives (0 = none; default: the model's)"),
+    DetectOption("error_radius", "--error-radius",
+                 "pixels over which the signed residual is averaged before squaring: a vessel the reconstruction "
+                 "blurred or shifted averages out, a removed lesion does not (0 = off; default: the model's)"),
     DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
     DetectOption("exclude_airways", "--exclude-airways",
                  "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
@@ -284,6 +291,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "harmonise_steps"): 0,  # the plain reverse chain of Alg. 2
     (DetectConfig, "harmonise_radius"): 1,
     (DetectConfig, "shift_tolerance"): 0,
+    (DetectConfig, "error_radius"): 0,
 }
 
 _SECTIONS = {
@@ -421,6 +429,7 @@ def _validate_detect(det: DetectConfig) -> None:
     _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
     _check_range("detect.shift_tolerance (--shift-tolerance)", det.shift_tolerance, 0, 4)
+    _check_range("detect.error_radius (--error-radius)", det.error_radius, 0, 8)
     _check_range("detect.harmonise_radius (--harmonise-radius)", det.harmonise_radius, 0, 16)
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")

@@ -308,21 +308,36 @@ def _box_on_ct_grid(box: tuple[slice, slice], size: int, shape: tuple[int, int])
     return (int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
 
 
-def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors", shift_tolerance: int = 0):
+def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors", shift_tolerance: int = 0,
+               error_radius: int = 0):
     """(E, uncertainty, pseudo-healthy) from the query x (S,1,H,W) and members (K,S,1,H,W).
 
     mean-of-errors: E = (1/K) Σ_k (x − x̂₀ᵏ)²  (the issue's reading; = (x − x̄₀)² + σ², so it also counts the
     members' disagreement). error-of-mean: E = (x − x̄₀)² (Section 2.5's "averaged ... stable estimate").
-    ``shift_tolerance`` r > 0 replaces x − x̂ by ``tolerant_residual`` (no error for a shift of ≤ r pixels).
+    ``shift_tolerance`` r > 0 replaces x − x̂ by ``tolerant_residual`` (no error for a shift of ≤ r pixels);
+    ``error_radius`` r > 0 replaces it by its mean over (2r + 1)² pixels (``local_mean``) before squaring.
     Uncertainty σ = population std over members (Section 2.5); pseudo-healthy x̄₀ = member mean.
     """
     mean = members.mean(0)
     std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
     if kind == "mean-of-errors":
-        err = tolerant_residual(x.unsqueeze(0), members, shift_tolerance).pow(2).mean(0)
+        err = local_mean(tolerant_residual(x.unsqueeze(0), members, shift_tolerance), error_radius).pow(2).mean(0)
     else:
-        err = tolerant_residual(x, mean, shift_tolerance).pow(2)
+        err = local_mean(tolerant_residual(x, mean, shift_tolerance), error_radius).pow(2)
     return err, std, mean
+
+
+def local_mean(residual: torch.Tensor, radius: int) -> torch.Tensor:
+    """The signed residual averaged over (2r + 1)² in-plane pixels (the window clipped at the image's edge); r 0 =
+    unchanged. A structure the reconstruction only blurred or moved leaves a residual of zero mass (a vessel's
+    core minus its blurred copy, a dipole), which averages out; a lesion it removed leaves its whole contrast."""
+    if radius <= 0:
+        return residual
+    import torch.nn.functional as F
+
+    shape = residual.shape
+    flat = residual.reshape(-1, 1, *shape[-2:])
+    return F.avg_pool2d(flat, 2 * radius + 1, 1, radius, count_include_pad=False).view(shape)
 
 
 def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways: bool = True,
@@ -395,7 +410,7 @@ def detect_volume(
         compile_model=compile_model, harmonise_steps=det.harmonise_steps, lung=c,
         harmonise_radius=det.harmonise_radius,
     )
-    err, std, mean = error_maps(x, members, det.error, det.shift_tolerance)
+    err, std, mean = error_maps(x, members, det.error, det.shift_tolerance, det.error_radius)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
         raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
                            "nothing was written — check the model with `sacdiff validate` or retrain it")

@@ -60,6 +60,9 @@ def test_harmonise_steps_and_shift_tolerance_are_range_checked():
         derive(cfg, detect={"sampling_steps": 4, "harmonise_steps": 4})
     with pytest.raises(SACDiffError, match="shift_tolerance"):
         derive(cfg, detect={"shift_tolerance": 5})
+    with pytest.raises(SACDiffError, match="error_radius"):
+        derive(cfg, detect={"error_radius": 9})
+    assert derive(cfg, detect={"error_radius": 2}).detect.error_radius == 2
 
 
 def test_every_detection_setting_is_offered_once_or_named_as_not_offered():

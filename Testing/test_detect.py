@@ -162,6 +162,25 @@ def test_shift_tolerant_residual_by_hand():
     np.testing.assert_allclose(e.flatten().numpy(), [0, 0, 0, 0, 0, 0, 4, 4])
 
 
+def test_error_radius_by_hand():
+    """The signed residual's 3-pixel mean before squaring: a vessel the reconstruction blurred (mass kept) scores 0
+    at its centre and 1/81 beside it; a 5-pixel lesion it removed keeps its full contrast at its core; the window is
+    clipped at the image's edge (divided by the pixels inside)."""
+    recon = torch.tensor([0, 0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0]).view(1, 1, 1, 8)
+    vessel = torch.tensor([0, 0, 0, 1.0, 0, 0, 0, 0]).view(1, 1, 1, 8)  # residual [0, 0, −⅓, ⅔, −⅓, 0, 0, 0]
+    e, _, _ = error_maps(vessel, recon.unsqueeze(0), "mean-of-errors", error_radius=1)
+    np.testing.assert_allclose(e.flatten().numpy(), np.array([0, 1, 1, 0, 1, 1, 0, 0]) / 81, atol=1e-7)
+    plain, _, _ = error_maps(vessel, recon.unsqueeze(0), "mean-of-errors")
+    assert float(plain.max()) == pytest.approx(4 / 9)
+    lesion = torch.tensor([0, 0, 1, 1, 1, 1, 1, 0.0]).view(1, 1, 1, 8)
+    e, _, _ = error_maps(lesion, torch.zeros(1, 1, 1, 1, 8), "error-of-mean", error_radius=1)
+    np.testing.assert_allclose(e.flatten().numpy(), np.array([0, 1 / 3, 2 / 3, 1, 1, 1, 2 / 3, 1 / 2]) ** 2,
+                               atol=1e-7)
+    dark = -lesion  # hypodense (emphysema, a cyst): the same score, not dropped
+    e_dark, _, _ = error_maps(dark, torch.zeros(1, 1, 1, 1, 8), "error-of-mean", error_radius=1)
+    assert torch.allclose(e, e_dark)
+
+
 def test_harmonised_blend_against_a_numpy_reference():
     """w = clamp(z / 4 − 1, 0, 1), z = (r̃ − median) / (1.4826 · MAD), r̃ = |3×3 mean of (x̂₀ − x)|, grown by a 5×5 max filter, computed
     here with scipy over the lung; 1 outside the lung (x̂₀ kept); x̂₀ʰ = w x̂₀ + (1 − w) x."""
