@@ -116,12 +116,12 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
                                        part(progress, i, len(mine), scan.name),
                                        compile_model=compile_model, lung_source=lung_source)
                 write_run(result, check_out_dir(out_dir / scan.name, overwrite, [scan.ct, scan.lung, lung_source.model]))
-                q = result.report["quantification"]
+                q = result.quantification
                 row.update(status="ok", anomaly_ml=round(q["anomaly_ml"], 3),
                            anomaly_percent_of_lung=round(q["anomaly_percent_of_lung"], 4),
                            right_anomaly_percent=round(q["right_anomaly_percent"], 4),
                            left_anomaly_percent=round(q["left_anomaly_percent"], 4),
-                           alpha=result.threshold.alpha, seconds=result.report["timings"]["total_s"])
+                           alpha=result.threshold.alpha, seconds=result.facts["timings"]["total_s"])
             except (Cancelled, KeyboardInterrupt):
                 if dist.active:
                     raise

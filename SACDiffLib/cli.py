@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from .allocator import keep_freed_memory
-from .config import ErrorMode, NoiseKind, ThresholdMode, choices, derive
+from .config import NoiseKind, choices, derive
 from .errors import Cancelled, SACDiffError
 from .progress import for_terminal
 from .protocol import error_line
@@ -390,12 +390,12 @@ def cmd_detect(args) -> int:
                             "shipped model", d.lam if d.threshold == "adaptive" else None)
 
     out = write_run(result, output, extra=extra)
-    q = result.report["quantification"]
+    q = result.quantification
     print(f"anomaly: {q['anomaly_ml']:.1f} ml ({q['anomaly_percent_of_lung']:.2f} % of lung; right "
           f"{q['right_anomaly_percent']:.2f} %, left {q['left_anomaly_percent']:.2f} %), α = {result.threshold.alpha:.4g} "
-          f"({'fixed' if d.threshold == 'fixed' else f'λ = {d.lam}'}); {result.report['timings']['total_s']:.1f} s "
+          f"({'fixed' if d.threshold == 'fixed' else f'λ = {d.lam}'}); {result.facts['timings']['total_s']:.1f} s "
           f"on {device}; outputs in {out}")
-    t = result.report["timings"]
+    t = result.facts["timings"]
     print("time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in t.items() if k != "total_s"))
     return 0
 
@@ -443,7 +443,7 @@ def cmd_threshold(args) -> int:
     before = int(result.mask.sum()) if result.mask is not None else 0
     rethreshold(result, args.lam, crf=args.crf)
     write_threshold_update(result, args.run)
-    q = result.report["quantification"]
+    q = result.quantification
     print(f"λ = {args.lam}: α = {result.threshold.alpha:.4g}, anomaly {q['anomaly_ml']:.1f} ml "
           f"({before} → {int(result.mask.sum())} voxels) in {time.perf_counter() - t0:.2f} s; updated {args.run}")
     return 0

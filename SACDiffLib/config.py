@@ -35,7 +35,7 @@ def choices(kind) -> tuple[str, ...]:
     return get_args(kind)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Conditional residual UNet (Fig. 2). ``channels[i]`` is the width at resolution level i; the network has
     ``len(channels) - 1`` downsampling and as many upsampling modules."""
@@ -58,7 +58,7 @@ class ModelConfig:
         return 2 ** (len(self.channels) - 1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class NoiseConfig:
     """Noise of the forward and reverse process (Section 2.2, Appendix C)."""
 
@@ -72,7 +72,7 @@ class NoiseConfig:
     normalise: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 1000  # T_training
     schedule: Schedule = "linear"  # "linear" (DDPM, β from beta_start to beta_end) or "cosine" (Nichol & Dhariwal)
@@ -84,7 +84,7 @@ class DiffusionConfig:
     noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig:
     """How a CT becomes model input. Chest/lung window W = 1500, L = −600, i.e. [−1350, 150] HU → [−1, 1]:
     covers air, lung parenchyma, ground glass and consolidation (soft tissue up to +150 HU); bone saturates."""
@@ -95,7 +95,7 @@ class PreprocessConfig:
     min_lung_fraction: float = 0.005  # a slice is a lung slice when ≥ this fraction of its pixels are lung
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 4
     steps: int = 100_000
@@ -117,7 +117,7 @@ class TrainConfig:
     holdout_every: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DetectConfig:
     steps: int = 550  # T_sampling (Section 3.2)
     ensemble: int = 7  # K (Section 2.5); 1 = "SAC-Diff w/o Ensemble"
@@ -207,7 +207,7 @@ def detect_overrides(values) -> dict:
     return {o.field: get(o.field) for o in DETECT_OPTIONS if get(o.field) is not None}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SACDiffConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

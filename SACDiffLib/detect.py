@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from contextlib import nullcontext
 from typing import Optional
 
@@ -30,7 +29,8 @@ from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import LungSource, body_mask, lung_labels, segment_lungs
-from .postprocess import DetectionResult, rethreshold
+from .postprocess import rethreshold
+from .result import DetectionResult, detection_facts
 from .progress import Progress, keep_going
 
 
@@ -427,25 +427,17 @@ def detect_volume(
     uncertainty[processed] = std_ct * io.hu_per_unit(pre)
     pseudo = hu.copy()
     pseudo[processed] = io.unwindow(mean_ct.clip(-1, 1), pre)
-    result = DetectionResult(ct, hu, lung, processed, error, uncertainty, pseudo, None, None, det,
+    result = DetectionResult(reference=ct, ct_hu=hu, lung=lung, processed=processed, error=error,
+                             uncertainty_hu=uncertainty, pseudo_healthy_hu=pseudo, detect=det,
                              box=_box_on_ct_grid(box, pre.image_size, shape), body=body)
     t2 = time.perf_counter()
     rethreshold(result, det.lam)
     timings["postprocess_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    result.report.update(
-        {
-            "ct": str(Path(ct_path).resolve()),  # absolute: a later `threshold` may run from another folder
-            "ct_fingerprint": io.fingerprint(ct_path),
-            "lung_mask": lung_origin,
-            "device": str(device),
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "network_evaluations": int(network_evaluations(det) * processed.size),
-            # fraction of the CT's voxels the network ran on (lung slices × in-plane box on the model grid)
-            "processed_voxel_fraction": round(
-                processed.size / hu.shape[0] * (_box_fraction(box, pre.image_size) if det.crop_to_lung else 1.0), 4),
-            "chunk": chunk_stats,
-            "config": dataclasses.asdict(cfg),
-        }
-    )
+    result.facts = detection_facts(
+        ct_path=ct_path, ct_fingerprint=io.fingerprint(ct_path), lung_origin=lung_origin, device=device,
+        timings=timings, network_evaluations=network_evaluations(det) * processed.size,
+        processed_voxel_fraction=processed.size / hu.shape[0] * (
+            _box_fraction(box, pre.image_size) if det.crop_to_lung else 1.0),
+        chunk=chunk_stats, config=dataclasses.asdict(cfg))
     return result

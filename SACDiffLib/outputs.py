@@ -6,7 +6,6 @@ interrupted run never leaves a half-written folder. ``load_run`` reads a finishe
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -19,11 +18,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, io
-from .config import PreprocessConfig, detect_from_dict
-from .postprocess import DetectionResult
 from .atomic import MARKER, Output, identity, replaced_file
+from .config import PreprocessConfig, detect_from_dict
 from .errors import SACDiffError
 from .postprocess import Threshold
+from .result import DetectionResult, read_report, report_text
 
 FILES = {
     "anomaly_map": "anomaly_map.nii.gz",
@@ -60,7 +59,7 @@ def write_run(result: DetectionResult, out, overwrite: bool = False, extra=None)
     """Every file of a run, verified finite, assembled under a temporary name and put in place whole. ``out`` is a
     path or the ``Output`` that ``check_out_dir`` prepared before the work; ``extra(folder)`` may add files (the
     DICOM SEG) before the run is put in place."""
-    output = out if isinstance(out, Output) else check_out_dir(out, overwrite, [result.report.get("ct")])
+    output = out if isinstance(out, Output) else check_out_dir(out, overwrite, [result.facts.get("ct")])
     check_finite(result)
     t0 = time.perf_counter()
     with output as tmp:
@@ -68,7 +67,7 @@ def write_run(result: DetectionResult, out, overwrite: bool = False, extra=None)
         if extra is not None:
             extra(tmp)
     # in memory for callers (the timing of the writing itself cannot be inside the report it writes)
-    result.report.setdefault("timings", {})["write_s"] = round(time.perf_counter() - t0, 3)
+    result.facts.setdefault("timings", {})["write_s"] = round(time.perf_counter() - t0, 3)
     return output.target
 
 
@@ -94,46 +93,7 @@ def write_files(result: DetectionResult, folder: Path) -> None:
 
 
 def _write_report(result: DetectionResult, folder: Path) -> None:
-    report = {k: v for k, v in result.report.items() if not k.startswith("_")}  # "_…": in-memory caches
-    report["sacdiff_report_version"] = 1
-    report["seed"] = result.detect.seed
-    report["detect"] = {k: v for k, v in vars(result.detect).items()}
-    # the versions that made the maps; a later `threshold` (no torch loaded) adds its own beside them
-    report["versions"] = result.report.get("versions") or versions()
-    if "versions" in result.report:
-        report["threshold_versions"] = {k: v for k, v in versions().items() if k != "torch"}
-    q = report.get("quantification", {})
-    report["slice_scores"] = q.get("slice_anomaly_ml", [])
-    report["units"] = {
-        "anomaly_map": "squared error of the [-1, 1] windowed image",
-        "uncertainty": "HU (std over the K reconstructions)",
-        "pseudo_healthy": "HU (window-clipped mean reconstruction on processed slices, the CT elsewhere)",
-        "volumes": "ml",
-        "slice_scores": "anomaly volume per slice (ml), in the CT's z order",
-    }
-    text = json.dumps(_undefined_as_null(report), indent=1, default=_json_default, allow_nan=False)  # strict JSON
-    (folder / FILES["report"]).write_text(text, encoding="utf-8")
-
-
-def _undefined_as_null(value):
-    """NaN (an undefined ratio, e.g. % of a lung the mask does not have) → null; infinity stays an error."""
-    if isinstance(value, dict):
-        return {k: _undefined_as_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_undefined_as_null(v) for v in value]
-    if isinstance(value, (float, np.floating)) and np.isnan(value):
-        return None
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    return str(value)
+    (folder / FILES["report"]).write_text(report_text(result, versions()), encoding="utf-8")
 
 
 def load_run(run_dir) -> DetectionResult:
@@ -147,13 +107,7 @@ def load_run(run_dir) -> DetectionResult:
             "run `sacdiff detect` first"
         )
     damaged = f"; the run in {run_dir} is damaged: run `sacdiff detect` again"
-    try:
-        report = json.loads((run_dir / FILES["report"]).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SACDiffError(f"{run_dir / FILES['report']} is not valid JSON ({exc}){damaged}") from None
-    missing_keys = [k for k in ("detect", "processed_slices", "threshold") if k not in report]
-    if missing_keys:
-        raise SACDiffError(f"{run_dir / FILES['report']} lacks {', '.join(missing_keys)}{damaged}")
+    report = read_report(run_dir / FILES["report"], damaged)
     error_img = io.read_image(run_dir / FILES["anomaly_map"])
     lung_img = io.read_image(run_dir / FILES["lung_mask"])
     if io.geometry_differences(error_img, lung_img):
@@ -172,7 +126,8 @@ def load_run(run_dir) -> DetectionResult:
         raise SACDiffError(f"{run_dir / FILES['report']} names slices outside the map{damaged}")
     mask = _read_optional(run_dir / FILES["anomaly_mask"], np.uint8)
     uncertainty = _read_optional(run_dir / FILES["uncertainty"])
-    # For the overview only: the original CT when it is still where it was, else the pseudo-healthy volume.
+    # For the overview and the body mask only: the original CT when it is still where it was (else
+    # ``DetectionResult.anatomy_hu`` falls back on the pseudo-healthy volume).
     ct = None
     ct_source = Path(report["ct"]) if report.get("ct") else None  # (Path("") would be the working folder)
     if ct_source is not None and not (ct_source.is_absolute() and report.get("ct_fingerprint") == io.fingerprint(
@@ -185,12 +140,12 @@ def load_run(run_dir) -> DetectionResult:
                 ct = io.ct_array(ct_img)
         except SACDiffError:
             ct = None
-    if ct is None:
-        ct = _read_optional(run_dir / FILES["pseudo_healthy"])
+    pseudo = _read_optional(run_dir / FILES["pseudo_healthy"]) if ct is None else None
     box = report.get("analysis_box")
-    report["_run_identity"] = run_identity  # "_…": in memory only, never written
-    return DetectionResult(error_img, ct, lung, processed, error, uncertainty, None, mask, th, det, report,
-                           None if box is None else tuple(int(v) for v in box))
+    return DetectionResult(reference=error_img, ct_hu=ct, lung=lung, processed=processed, error=error,
+                           uncertainty_hu=uncertainty, pseudo_healthy_hu=pseudo, detect=det, mask=mask, threshold=th,
+                           quantification=report.get("quantification", {}), facts=report,
+                           box=None if box is None else tuple(int(v) for v in box), run_identity=run_identity)
 
 
 def _read_optional(path: Path, dtype=np.float32) -> Optional[np.ndarray]:
@@ -203,7 +158,7 @@ def write_threshold_update(result: DetectionResult, run_dir, extra=None) -> Path
     and a report of different λ. ``extra(folder)`` may add files (the Slicer export)."""
     run_dir = Path(run_dir)
     check_finite(result)
-    output = Output(run_dir, "run", overwrite=True, started_from=result.report.get("_run_identity"))
+    output = Output(run_dir, "run", overwrite=True, started_from=result.run_identity)
     with output as tmp:
         for item in run_dir.iterdir():
             if item.name in (FILES["anomaly_mask"], FILES["report"], FILES["overview"], MARKER) or item.is_dir():
@@ -217,7 +172,7 @@ def write_threshold_update(result: DetectionResult, run_dir, extra=None) -> Path
         write_overview(result, tmp / FILES["overview"])
         if extra is not None:
             extra(tmp)
-    result.report["_run_identity"] = output.committed  # the next rewrite (the λ slider again) replaces this one
+    result.run_identity = output.committed  # the next rewrite (the λ slider again) replaces this one
     return run_dir
 
 
@@ -278,7 +233,7 @@ def write_overview(result: DetectionResult, path, truth: Optional[np.ndarray] = 
     unc = result.uncertainty_hu
     umax = float(np.percentile(unc[zs], 99.5)) if unc is not None else 1.0
     umax = umax if umax > 0 else 1.0
-    ct = result.ct_hu
+    ct = result.anatomy_hu()
     rows = []
     for z in zs:
         base = _grey(ct[z]) if ct is not None else _hot(result.error[z] * 0)

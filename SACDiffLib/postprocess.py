@@ -11,15 +11,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import SimpleITK as sitk
 
-from .config import DetectConfig
 from .errors import SACDiffError
 from .lung import LEFT, RIGHT, body_mask
+from .result import DetectionResult
 
 
 ROBUST = "median + 1.4826·MAD"
@@ -218,39 +217,21 @@ def quantify(mask: np.ndarray, lung_labels: np.ndarray, spacing_xyz, lung_counts
     return out
 
 
-@dataclass
-class DetectionResult:
-    reference: sitk.Image  # the CT (geometry of every output)
-    ct_hu: np.ndarray
-    lung: np.ndarray  # uint8 labels 1 right / 2 left
-    processed: np.ndarray  # z indices of the slices run through the model
-    error: np.ndarray  # E on the CT grid (windowed units², 0 on unprocessed slices)
-    uncertainty_hu: np.ndarray
-    pseudo_healthy_hu: np.ndarray
-    mask: np.ndarray  # uint8
-    threshold: Threshold
-    detect: DetectConfig
-    report: dict = field(default_factory=dict)
-    box: Optional[tuple[int, int, int, int]] = None  # (y0, y1, x0, x1) on the CT grid: the network's crop box
-    body: Optional[np.ndarray] = None  # bool (z, y, x): the patient's body (``lung.body_mask``), made on first use
-
-
 def _lung_counts(result: DetectionResult) -> np.ndarray:
-    counts = result.report.get("_lung_voxels")
-    if counts is None or len(counts) < 3:
-        counts = np.bincount(result.lung.ravel(), minlength=3)
-        result.report["_lung_voxels"] = counts  # cached for the λ slider; not written to report.json
-    return np.asarray(counts)
+    if result.lung_voxels is None or len(result.lung_voxels) < 3:
+        result.lung_voxels = np.bincount(result.lung.ravel(), minlength=3)  # once: the λ slider re-uses it
+    return result.lung_voxels
 
 
 def _body(result: DetectionResult) -> Optional[np.ndarray]:
-    if result.body is None and result.ct_hu is not None:
-        result.body = body_mask(result.ct_hu)
+    if result.body is None and result.anatomy_hu() is not None:
+        result.body = body_mask(result.anatomy_hu())
     return result.body
 
 
 def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None) -> DetectionResult:
-    """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold and report."""
+    """Binarise the cached error map again with λ (no diffusion). Updates mask, threshold, detect (λ, CRF) and
+    quantification (``result.report_document`` composes the report from them)."""
     if not np.isfinite(lam):
         raise SACDiffError(f"λ = {lam} is not a finite number; give e.g. --lambda 1")
     det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
@@ -270,14 +251,5 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
     )
     result.threshold = threshold
     result.detect = det
-    result.report.update(
-        {
-            "lambda": det.lam,
-            "threshold": dataclasses.asdict(threshold),
-            "crf": det.crf,
-            "processed_slices": result.processed.tolist(),
-            "analysis_box": None if result.box is None else list(result.box),
-            "quantification": quantify(result.mask, result.lung, result.reference.GetSpacing(), _lung_counts(result)),
-        }
-    )
+    result.quantification = quantify(result.mask, result.lung, result.reference.GetSpacing(), _lung_counts(result))
     return result

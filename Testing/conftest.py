@@ -82,11 +82,10 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(data_dir, tmp_path_factory) -> Path:
-    from SACDiffLib.config import preset
+    from SACDiffLib.config import derive, preset
     from SACDiffLib.train import train
 
-    cfg = preset("tiny")
-    cfg.train.steps = 6
+    cfg = derive(preset("tiny"), train={"steps": 6})
     out = tmp_path_factory.mktemp("model") / "tiny.pt"
     train(cfg, data_dir, out)
     return out

@@ -6,6 +6,7 @@ import pytest
 
 from SACDiffLib.experiments.ablation import ROWS, model_name
 from SACDiffLib.checkpoint import load_checkpoint
+from SACDiffLib.config import derive
 from SACDiffLib.cli import main
 from SACDiffLib.detect import detect_volume
 from SACDiffLib.experiments.phantom import write_phantom_cases
@@ -38,7 +39,7 @@ def test_fixed_alpha_flags_one_percent_of_healthy_lung(tmp_path, tiny_checkpoint
 
     data = write_phantom_cases(tmp_path / "d", cases=1, kind="covid", size=48, slices=8, seed=2, normals=2)
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
-    cfg.detect.steps, cfg.detect.crf = 3, False
+    cfg = derive(cfg, detect={"steps": 3, "crf": False})
     alpha = fixed_alpha(data, model, diffusion, cfg, "cpu")
     flagged, total = 0, 0
     for name in ("phantom_normal_000", "phantom_normal_001"):

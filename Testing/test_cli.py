@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_chest, to_image
 from SACDiffLib.cli import main
+from SACDiffLib.config import derive
 from SACDiffLib.errors import Cancelled
 
 
@@ -178,7 +179,7 @@ def test_progress_callback_can_cancel(data_dir, tiny_checkpoint):
     from SACDiffLib.detect import detect_volume
 
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
-    cfg.detect.steps = 6
+    cfg = derive(cfg, detect={"steps": 6})
     seen = []
 
     def progress(fraction, message):

@@ -1,5 +1,6 @@
 """Train a tiny model on two synthetic volumes, detect on a third: outputs, geometry, determinism, batching."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from SACDiffLib.checkpoint import load_checkpoint
+from SACDiffLib.config import DetectConfig, derive
 from SACDiffLib.detect import detect_volume, error_maps, harmonised_x0, reconstruct_ensemble, tolerant_residual
 from SACDiffLib.postprocess import rethreshold
 from SACDiffLib.outputs import FILES, load_run, write_run
@@ -15,8 +17,7 @@ from SACDiffLib.outputs import FILES, load_run, write_run
 
 def _detect(data_dir, ckpt, **overrides):
     cfg, model, diffusion, _ = load_checkpoint(ckpt)
-    for k, v in overrides.items():
-        setattr(cfg.detect, k, v)
+    cfg = derive(cfg, detect=overrides)
     return detect_volume(data_dir / "ct" / "sick_ct.nii.gz", model, diffusion, cfg,
                          lung_path=data_dir / "ct" / "sick_lung.nii.gz")
 
@@ -238,7 +239,7 @@ def test_rethreshold_changes_the_mask_only(data_dir, tiny_checkpoint, tmp_path):
     high = rethreshold(run, 3.0).mask.sum()
     assert low > high
     np.testing.assert_array_equal(run.error, error_before)
-    assert run.report["lambda"] == 3.0
+    assert run.detect.lam == 3.0 and run.threshold.lam == 3.0
 
 
 @pytest.mark.skipif(not (__import__("conftest").SHARED_DATA / "cases.json").exists(),
@@ -247,7 +248,7 @@ def test_real_512_ct_keeps_its_geometry(tiny_checkpoint, tmp_path):
     from conftest import SHARED_DATA
 
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
-    cfg.detect.steps, cfg.detect.ensemble, cfg.detect.crf = 2, 1, False
+    cfg = derive(cfg, detect={"steps": 2, "ensemble": 1, "crf": False})
     ct_path = SHARED_DATA / "ct" / "nsclc_lung1_ct.nii.gz"
     result = detect_volume(ct_path, model, diffusion, cfg, SHARED_DATA / "ct" / "nsclc_lung1_lung.nii.gz")
     out = write_run(result, tmp_path / "run")
@@ -259,7 +260,7 @@ def test_real_512_ct_keeps_its_geometry(tiny_checkpoint, tmp_path):
             np.testing.assert_allclose(img.GetSpacing(), ct.GetSpacing(), rtol=1e-6)
             np.testing.assert_allclose(img.GetOrigin(), ct.GetOrigin(), atol=1e-4)
             np.testing.assert_allclose(img.GetDirection(), ct.GetDirection(), atol=1e-6)
-    q = result.report["quantification"]
+    q = result.quantification
     assert 1500 < q["lung_ml"] < 9000  # adult lungs
 
 
@@ -288,7 +289,7 @@ def test_cropped_path_matches_the_plain_path_inside_the_lung(data_dir, tiny_chec
     both = (plain.mask > 0) | (cropped.mask > 0)
     agree = ((plain.mask > 0) & (cropped.mask > 0)).sum() / max(both.sum(), 1)
     assert agree > 0.9
-    assert cropped.report["processed_voxel_fraction"] <= plain.report["processed_voxel_fraction"] <= 1.0
+    assert cropped.facts["processed_voxel_fraction"] <= plain.facts["processed_voxel_fraction"] <= 1.0
 
 
 def test_cropped_reconstruction_matches_the_uncropped_one_away_from_the_box_border(tiny_checkpoint):
@@ -348,10 +349,9 @@ def test_respaced_detection_runs_fewer_network_evaluations(tiny_checkpoint):
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     reconstruct_ensemble(counter, diffusion, x, torch.ones_like(x), 10, 2, seed=0, sampling_steps=4)
     assert len(counter.batches) == 4
-    cfg.detect.steps, cfg.detect.ensemble, cfg.detect.sampling_steps = 550, 7, 25
-    assert network_evaluations(cfg.detect) == 7 * 25
-    cfg.detect.sampling_steps = 0
-    assert network_evaluations(cfg.detect) == 7 * 550
+    paper = DetectConfig(steps=550, ensemble=7, sampling_steps=25)  # the paper's T_s (this tiny model has T = 100)
+    assert network_evaluations(paper) == 7 * 25
+    assert network_evaluations(dataclasses.replace(paper, sampling_steps=0)) == 7 * 550
 
 
 def test_compiled_network_gives_the_eager_result(tiny_checkpoint):

@@ -476,7 +476,10 @@ def test_the_report_names_the_ct_absolutely_and_a_changed_ct_is_not_drawn(tmp_pa
     other = tmp_path / "other.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(data_dir / "ct" / "normal_a_ct.nii.gz")), str(other))
     (work / "ct.nii.gz").write_bytes(other.read_bytes())  # another scan now under the same name
-    assert not np.array_equal(load_run(work / "run").ct_hu, sitk.GetArrayFromImage(sitk.ReadImage(str(other))))
+    changed = load_run(work / "run")
+    assert changed.ct_hu is None  # not the other scan: the pictures fall back on the run's pseudo-healthy volume
+    pseudo = sitk.GetArrayFromImage(sitk.ReadImage(str(work / "run" / "pseudo_healthy.nii.gz")))
+    assert np.array_equal(changed.anatomy_hu(), pseudo)
 
 
 def test_threshold_keeps_the_versions_that_made_the_maps(tmp_path, run_dir):

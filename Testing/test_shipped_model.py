@@ -6,6 +6,7 @@ import json
 
 from conftest import ROOT, SHARED_DATA, needs_shared_data
 from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, shipped_model_path
+from SACDiffLib.config import derive
 from SACDiffLib.cli import main
 
 MODEL = ROOT / "Resources" / "models" / "sacdiff-small256.pt"
@@ -39,7 +40,7 @@ def test_shipped_model_separates_infected_slices_of_ctmd_p001(tmp_path):
     from SACDiffLib.detect import detect_volume
 
     cfg, model, diffusion, _ = load_checkpoint(MODEL)
-    cfg.detect.ensemble, cfg.detect.sampling_steps = 1, 5
+    cfg = derive(cfg, detect={"ensemble": 1, "sampling_steps": 5})
     result = detect_volume(SHARED_DATA / "ct" / "ctmd_P001_ct.nii.gz", model, diffusion, cfg,
                            SHARED_DATA / "ct" / "ctmd_P001_lung.nii.gz")
     labels = json.loads((SHARED_DATA / "cases.json").read_text())["ctmd_P001"]["slice_label_infection"]

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, build
-from SACDiffLib.config import from_dict, preset, to_dict
+from SACDiffLib.config import derive, from_dict, preset, to_dict
 from SACDiffLib.errors import SACDiffError
 from SACDiffLib.train import cosine_lr, load_training_slices, train
 
 
 def _cfg(steps=4):
-    cfg = preset("tiny")
-    cfg.train.steps = steps
-    return cfg
+    return derive(preset("tiny"), train={"steps": steps})
 
 
 def test_config_round_trip():
@@ -79,9 +77,7 @@ def test_same_seed_same_losses_and_resume_continues_identically(data_dir, tmp_pa
 
 
 def test_loss_decreases_on_a_small_problem(data_dir, tmp_path):
-    cfg = _cfg(60)
-    cfg.train.lr = 2e-3
-    cfg.train.augment = False
+    cfg = derive(_cfg(60), train={"lr": 2e-3, "augment": False})
     train(cfg, data_dir, tmp_path / "m.pt")
     losses = read_checkpoint(tmp_path / "m.pt")["train_state"]["losses"]
     assert sum(losses[-15:]) / 15 < 0.8 * sum(losses[:15]) / 15

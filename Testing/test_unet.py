@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -13,8 +15,7 @@ def test_tiny_forward_shapes_conditional_and_not():
     assert net.conv_in.in_channels == 2  # [x_t ⊕ c]
     with pytest.raises(ValueError):
         net(x, None, t)
-    cfg.conditional = False
-    plain = UNet(cfg)
+    plain = UNet(dataclasses.replace(cfg, conditional=False))
     assert plain.conv_in.in_channels == 1
     assert plain(x, None, t).shape == (3, 1, 32, 32)
 

@@ -130,7 +130,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.result = None  # SACDiffLib.detect.DetectionResult of the loaded run
+        self.result = None  # SACDiffLib.result.DetectionResult of the loaded run
         self.runDir: Optional[Path] = None
         self.ctNode = None
         self.runCrf = True
@@ -369,7 +369,7 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
         return self.summary()
 
     def summary(self) -> dict:
-        q = self.result.report["quantification"]
+        q = self.result.quantification
         return {
             "alpha": self.result.threshold.alpha,
             "lambda": self.result.threshold.lam,

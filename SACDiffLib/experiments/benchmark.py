@@ -25,7 +25,8 @@ from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
 from ..detect import crop_box, network_evaluations, reconstruct_ensemble, resolve_device
-from ..postprocess import DetectionResult, rethreshold
+from ..postprocess import rethreshold
+from ..result import DetectionResult
 from ..noise import RAW_OCTAVE_STD, SimplexNoise
 
 
@@ -270,8 +271,9 @@ def bench_rethreshold(shape=(80, 512, 512), repeats: int = 5) -> dict:
     err = rng.gamma(2.0, 0.01, shape).astype(np.float32)
     err[z // 4 : z // 2, h // 3 : h // 2, w // 5 : w // 3] += 0.2
     processed = np.arange(5, z - 5)
-    result = DetectionResult(sitk.Image(w, h, z, sitk.sitkUInt8), None, lung, processed, err, None, None, None,
-                             None, DetectConfig(crf=False), box=(h // 6, 5 * h // 6, w // 10, 9 * w // 10))
+    result = DetectionResult(reference=sitk.Image(w, h, z, sitk.sitkUInt8), ct_hu=None, lung=lung, processed=processed,
+                             error=err, uncertainty_hu=None, pseudo_healthy_hu=None, detect=DetectConfig(crf=False),
+                             box=(h // 6, 5 * h // 6, w // 10, 9 * w // 10))
     rethreshold(result, 1.0, crf=False)  # first call computes the background statistics
     lams = iter(np.linspace(-1, 3, repeats + 1))
     t_fast = _median_time(lambda: rethreshold(result, float(next(lams)), crf=False), repeats)
@@ -351,10 +353,10 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
         before = _rusage()
         result = detect_volume(ct_path, model, diffusion, cfg, lung_path=lung_path)
         spent = _since(before)
-    evaluations = result.report["network_evaluations"]
+    evaluations = result.facts["network_evaluations"]
     out.update(model=model_note, slices=slices, size=size, lung_slices=int(result.processed.size),
                detect_s=spent["wall"], user_s=spent["user"], system_s=spent["system"], faults=spent["faults"],
-               noise_s=result.report["timings"]["noise_s"], evaluations=evaluations,
+               noise_s=result.facts["timings"]["noise_s"], evaluations=evaluations,
                peak_rss_mb=peak_host_memory_mb(),
                error_sha256=hashlib.sha256(np.ascontiguousarray(result.error).tobytes()).hexdigest())
     return out

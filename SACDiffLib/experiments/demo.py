@@ -85,7 +85,7 @@ def run_demo(
         result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress, lung_source=lung_source)
         run_dir = write_run(result, out_dir / "run", overwrite=overwrite)
         summary = {"run": str(run_dir), "model": str(model), "seconds": time.perf_counter() - t0,
-                   "anomaly_ml": result.report["quantification"]["anomaly_ml"]}
+                   "anomaly_ml": result.quantification["anomaly_ml"]}
         if truth_path is not None:
             truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_path))) > 0
             # Scored exactly as `sacdiff evaluate` scores a case (voxel metrics in the lung, slice AUROC over all slices

@@ -48,7 +48,7 @@ COLUMNS = ("case", "diagnosis", "status") + ALL_METRICS + ("anomaly_ml", "anomal
 
 def score_case(result, lesion: Optional[np.ndarray], slice_labels: Optional[list]) -> dict:
     """Metrics a case's labels allow, from a finished detection."""
-    q = result.report["quantification"]
+    q = result.quantification
     row = {"anomaly_ml": q["anomaly_ml"], "anomaly_percent_of_lung": q["anomaly_percent_of_lung"],
            "lung_ml": q["lung_ml"], "alpha": result.threshold.alpha}
     if lesion is not None:

@@ -112,7 +112,7 @@ SEVERE_KINDS = ("whole", "lobar", "dependent")
 def synthetic_inclusion(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int = 12345) -> dict:
     import torch
 
-    from ..lungnet import HU_CHANGED, _hu_units, load_lungnet, logits, synthetic_pathology, training_slices
+    from ..lungnet import HU_CHANGED, load_lungnet, logits, synthetic_pathology, training_slices
 
     cfg, net, _ = load_lungnet(model)
     stacks, labels, pixel, _ = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")

@@ -248,7 +248,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
         truths.append(vol["truth"][lesion_lung])
         kinds.append(vol["kinds"][lesion_lung] if "kinds" in vol else vol["truth"][lesion_lung].astype(np.uint8))
         n_clean = int(clean_lung.sum())
-        clean_vessels = (clean_lung & (np.asarray(result.ct_hu) > VESSEL_HU) if hasattr(result, "ct_hu")
+        clean_vessels = (clean_lung & (result.ct_hu > VESSEL_HU) if getattr(result, "ct_hu", None) is not None
                          else np.zeros_like(clean_lung))
         case = per_case.setdefault(vol.get("case", str(i)), {"flagged_percent": {}, "alpha": {}})
         for lam in lambdas:
@@ -370,7 +370,7 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
                 results = []
                 for vol in group:
                     results.append((detect_volume(vol["ct"], model, diffusion, run_cfg, vol["lung"], device), vol))
-                seconds = sum(r.report["timings"]["total_s"] for r, _ in results)
+                seconds = sum(r.facts["timings"]["total_s"] for r, _ in results)
                 lambdas = tuple(sorted(set(LAMBDAS) | {float(run_cfg.detect.lam)}))
                 row = {"setting": setting, "variant": kind, "seconds": seconds, **score_setting(results, lambdas)}
                 row["model_lambda"] = float(run_cfg.detect.lam)
