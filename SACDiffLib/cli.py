@@ -46,19 +46,9 @@ def _add_detect_option(p, option) -> None:
         p.add_argument(option.flag, dest=option.field, type=kind, help=option.help)
 
 
-def _add_detect_options(p, one_command_detect: bool = False):
-    """The detection options (``config.DETECT_OPTIONS``) with the command-only ones around them, in the order the
-    help lists them; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and torch.compile):
-    an option a command would ignore is not offered there."""
-    from .config import DETECT_OPTIONS
-
-    options = {o.field: o for o in DETECT_OPTIONS}
-    for field in ("steps", "ensemble", "lam", "threshold", "fixed_threshold", "error"):
-        _add_detect_option(p, options.pop(field))
-    p.add_argument("--noise", choices=choices(NoiseKind), help="override the model's noise family")
-    for field in ("crf", "seed", "sampling_steps", "harmonise_steps", "harmonise_radius", "shift_tolerance",
-                  "error_radius", "crop_to_lung", "exclude_airways"):
-        _add_detect_option(p, options.pop(field))
+def _add_command_options(p, one_command_detect: bool) -> None:
+    """The options of the detecting commands that are not detection settings: the lung mask's source and, for
+    `detect` alone, the DICOM SEG output and torch.compile."""
     p.add_argument("--lung-method", choices=("classical", "learned"), default="classical",
                    help="automatic lung mask when none is given: classical (−320 HU threshold) or learned (SACDiff's "
                    "lung network: keeps consolidation and pleural masses inside; default: classical)")
@@ -74,8 +64,20 @@ def _add_detect_options(p, one_command_detect: bool = False):
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the network (CUDA graphs on GPU); pays off for long runs, falls back to "
                        "eager")
-    for option in options.values():  # the rest (batch_size), and any new DETECT_OPTIONS entry
+
+
+def _add_detect_options(p, one_command_detect: bool = False):
+    """The detection options (``config.DETECT_OPTIONS``) with the command-only ones around them, in the order the
+    help lists them; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and torch.compile):
+    an option a command would ignore is not offered there."""
+    from .config import DETECT_OPTIONS
+
+    for option in DETECT_OPTIONS:
+        if option.field == "batch_size":
+            _add_command_options(p, one_command_detect)
         _add_detect_option(p, option)
+        if option.field == "error":
+            p.add_argument("--noise", choices=choices(NoiseKind), help="override the model's noise family")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--progress", choices=("bar", "lines"), default="bar",
                    help="bar (terminal) or lines: 'SACDIFF_PROGRESS <fraction> <message>' on stdout (for the "

@@ -163,7 +163,8 @@ class DetectOption:
     help: str
 
 
-# In the order the commands list them (``cli._add_detect_options`` puts the command-only options around them).
+# In the order the commands list them (``cli._add_detect_options`` puts the command-only options around them: the
+# noise family after "error", the lung-mask and output options before "batch_size"). A new option goes here.
 DETECT_OPTIONS = (
     DetectOption("steps", "--steps", "T_s, partial-diffusion depth (default: the model's, paper 550)"),
     DetectOption("ensemble", "--ensemble", "K reconstructions (default: the model's, paper 7)"),
@@ -205,6 +206,23 @@ def detect_overrides(values) -> dict:
     model's own setting)."""
     get = values.get if isinstance(values, dict) else lambda name: getattr(values, name, None)
     return {o.field: get(o.field) for o in DETECT_OPTIONS if get(o.field) is not None}
+
+
+def detect_arguments(settings: dict) -> list[str]:
+    """The command-line arguments that ask a detecting command for these settings (DetectConfig field → value, in
+    the order given): the inverse of ``detect_overrides``, for front ends that start `sacdiff detect` (the Slicer
+    module). A bool becomes ``--x`` / ``--no-x``; a float keeps every digit (``repr``)."""
+    options = {o.field: o for o in DETECT_OPTIONS}
+    arguments = []
+    for name, value in settings.items():
+        option = options.get(name)
+        if option is None:
+            raise SACDiffError(f"{name!r} is not a detection option; choose one of: {', '.join(options)}")
+        if detect_option_type(option) is bool:
+            arguments.append(option.flag if value else "--no-" + option.flag[2:])
+        else:
+            arguments += [option.flag, repr(float(value)) if isinstance(value, float) else str(value)]
+    return arguments
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,23 @@ def test_every_detection_setting_is_offered_once_or_named_as_not_offered():
         assert detect_overrides(args) == {"harmonise_steps": 3, "crop_to_lung": False, "lam": 2.5,
                                           "threshold": "fixed", "shift_tolerance": 1}
         assert detect_overrides(build_parser().parse_args(head)) == {}  # nothing given: the model's own settings
+
+
+def test_detect_arguments_is_the_inverse_of_the_parser_for_every_option():
+    """What a front end sends (``detect_arguments``, used by the Slicer module) parses back to the same settings,
+    for every entry of DETECT_OPTIONS: a new option needs no edit on the Slicer side to be sent."""
+    from typing import Literal, get_args, get_origin
+
+    from SACDiffLib.cli import build_parser
+    from SACDiffLib.config import DETECT_OPTIONS, detect_arguments, detect_option_type, detect_overrides
+
+    sample = {}
+    for option in DETECT_OPTIONS:
+        kind = detect_option_type(option)
+        sample[option.field] = (False if kind is bool else get_args(kind)[-1] if get_origin(kind) is Literal
+                                else 0.1 + 1 / 3 if kind is float else 3)
+    head = ["detect", "ct.nii.gz", "--out", "o"]
+    assert detect_overrides(build_parser().parse_args(head + detect_arguments(sample))) == sample
+    assert detect_arguments({"crf": True, "lam": 2.5}) == ["--crf", "--lambda", "2.5"]
+    with pytest.raises(SACDiffError, match="'crf_iterations' is not a detection option"):
+        detect_arguments({"crf_iterations": 3})

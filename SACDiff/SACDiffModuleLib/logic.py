@@ -223,20 +223,21 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     def detectionCommand(ctPath, lungPath, runDir, modelPath: str = "", device: str = "auto", ensemble: int = 0,
                          steps: int = 0, samplingSteps: int = -1, seed: int = 0, crf: bool = True,
                          lam: Optional[float] = None) -> list[str]:
-        """The ``sacdiff detect`` command line; 0 / −1 / "" / None keep the model's own setting."""
+        """The ``sacdiff detect`` command line; 0 / −1 / "" / None keep the model's own setting. The panel's
+        settings are named by their DetectConfig field; ``detect_arguments`` turns them into the command's flags."""
+        from SACDiffLib.config import detect_arguments
+
         command = [pythonExecutable(), "-m", "SACDiffLib", "detect", str(ctPath), "--lung", str(lungPath),
-                   "--out", str(runDir), "--progress", "lines", "--device", device, "--seed", str(int(seed)),
-                   "--crf" if crf else "--no-crf"]
+                   "--out", str(runDir), "--progress", "lines", "--device", device]
+        command += detect_arguments({"seed": int(seed), "crf": bool(crf)})
         if lam is not None:
-            command += ["--lambda", repr(float(lam))]
+            command += detect_arguments({"lam": float(lam)})
         if modelPath:
             command += ["--model", str(modelPath)]
-        if ensemble > 0:
-            command += ["--ensemble", str(int(ensemble))]
-        if steps > 0:
-            command += ["--steps", str(int(steps))]
-        if samplingSteps >= 0:
-            command += ["--sampling-steps", str(int(samplingSteps))]
+        fromModel = {"ensemble": int(ensemble), "steps": int(steps)}  # 0 = the model's own
+        command += detect_arguments({k: v for k, v in fromModel.items() if v > 0})
+        if samplingSteps >= 0:  # −1 = the model's own (0 means "every step")
+            command += detect_arguments({"sampling_steps": int(samplingSteps)})
         return command
 
     def startDetection(self, ctNode, lungNode, **options) -> DetectionProcess:
