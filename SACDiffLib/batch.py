@@ -17,7 +17,7 @@ from typing import Optional
 from .atomic import replaced_file
 from .errors import Cancelled, SACDiffError
 from .lung import LungSource
-from .progress import Progress, part
+from .progress import Progress, log, part
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -93,7 +93,7 @@ def collect_scans(inputs) -> list[Scan]:
 
 
 def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overwrite: bool = False,
-                progress: Optional[Progress] = None, log=print,
+                progress: Optional[Progress] = None,
                 compile_model: bool = False, lung_source: LungSource = LungSource()) -> Optional[dict]:
     """Detect on this rank's share of ``scans``; rank 0 returns the summary (None on other ranks)."""
     from .detect import detect_volume
@@ -135,7 +135,7 @@ def detect_many(scans: list[Scan], model, diffusion, cfg, out_dir, device, overw
                     "lists them and the cancelled ones; nothing partial was left")) from None
             except SACDiffError as exc:
                 row.update(status=f"error: {exc}")
-                log(f"{scan.name}: {exc}")
+                log.info(f"{scan.name}: {exc}")
             rows.append(row)
         (out_dir / f".rank{dist.rank}.json").write_text(json.dumps(rows), encoding="utf-8")
         if dist.active:

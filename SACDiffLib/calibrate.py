@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import SACDiffError
 from .postprocess import rethreshold
+from .progress import log
 
 LAMBDAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0)
 FOCAL_ML = 1.0
@@ -74,7 +75,7 @@ def choose_lambda(table: dict, target_percent: float, lambdas=LAMBDAS) -> tuple[
     return (lam if kept else None), refused
 
 
-def calibrate(scans, model, diffusion, cfg, device, target_percent: float, log: Callable = print,
+def calibrate(scans, model, diffusion, cfg, device, target_percent: float,
               lung_source=None, progress=None) -> dict:
     """Detect on every scan (``batch.Scan``), choose λ; returns the figures (see ``choose_lambda``)."""
     from .detect import detect_volume
@@ -83,7 +84,7 @@ def calibrate(scans, model, diffusion, cfg, device, target_percent: float, log: 
 
     results = {}
     for i, scan in enumerate(scans):
-        log(f"[{i + 1}/{len(scans)}] {scan.name}")
+        log.info(f"[{i + 1}/{len(scans)}] {scan.name}")
         results[scan.name] = detect_volume(scan.ct, model, diffusion, cfg, scan.lung, device,
                                            part(progress, i, len(scans), scan.name),
                                            lung_source=lung_source or LungSource())

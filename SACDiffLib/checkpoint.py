@@ -17,6 +17,7 @@ from .config import SACDiffConfig, from_dict, to_dict
 from .diffusion import Diffusion
 from .atomic import replaced_file
 from .errors import SACDiffError
+from .progress import log
 from .unet import UNet
 
 FORMAT = "sacdiff-checkpoint"
@@ -112,18 +113,18 @@ def load_checkpoint(path, device="cpu", use_ema: bool = True, noise_seed: int = 
     return cfg, model, diffusion.to(device), payload
 
 
-def load_for_detection(path=None, device="cpu", seed: int = 0, noise_kind: Optional[str] = None, log=print,
+def load_for_detection(path=None, device="cpu", seed: int = 0, noise_kind: Optional[str] = None,
                        **detect) -> tuple[SACDiffConfig, UNet, Diffusion]:
     """A checkpoint (default: the shipped model) ready to detect with: its config with the command's detection
     options applied (``derive``: every option range-checked before any scan is read), the network and the
-    diffusion. ``noise_kind`` replaces the trained noise family (an ablation; noted through ``log``)."""
+    diffusion. ``noise_kind`` replaces the trained noise family (an ablation; noted through ``progress.log``)."""
     from .config import derive
 
     path = shipped_model_path() if path is None else path
     cfg, model, diffusion, _ = load_checkpoint(path, device, noise_seed=seed)
     cfg = derive(cfg, detect=dict(detect, seed=seed))
     if noise_kind and noise_kind != cfg.diffusion.noise.kind:
-        log(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {noise_kind}")
+        log.info(f"note: the model was trained with {cfg.diffusion.noise.kind} noise; detecting with {noise_kind}")
         cfg = derive(cfg, diffusion={"noise": {"kind": noise_kind}})
         _, diffusion = build(cfg, noise_seed=seed)
         diffusion.to(device)

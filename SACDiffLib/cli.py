@@ -18,7 +18,7 @@ from typing import Literal, get_args, get_origin
 from .allocator import keep_freed_memory
 from .config import NoiseKind, choices, derive
 from .errors import Cancelled, SACDiffError
-from .progress import for_terminal
+from .progress import for_terminal, show_notes
 from .protocol import error_line
 
 
@@ -94,8 +94,7 @@ def _load_for_detection(args):
     device = resolve_device(args.device)
     detect = {k: v for k, v in detect_overrides(args).items() if k != "seed"}  # the seed also seeds the noise
     cfg, model, diffusion = load_for_detection(
-        args.model, device, seed=0 if args.seed is None else args.seed, noise_kind=args.noise,
-        log=lambda m: print(m, file=sys.stderr), **detect)
+        args.model, device, seed=0 if args.seed is None else args.seed, noise_kind=args.noise, **detect)
     _refuse_inert_threshold_options(cfg.detect, args)
     return cfg, model, diffusion, device
 
@@ -360,8 +359,7 @@ def cmd_detect(args) -> int:
         cfg, model, diffusion, device = _load_for_detection(args)
         bar = _progress(args, "detect")
         try:
-            summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                                  log=lambda m: print(m, file=sys.stderr), compile_model=args.compile,
+            summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar, compile_model=args.compile,
                                   lung_source=lung_source)
         finally:
             bar.close()
@@ -418,14 +416,13 @@ def cmd_evaluate(args) -> int:
 
         try:
             table = sweep(args.cases, model, diffusion, cfg, args.out, device, parse_sweep(args.sweep),
-                          args.overwrite, bar, log=lambda m: print(m, file=sys.stderr), lung_source=lung_source)
+                          args.overwrite, bar, lung_source=lung_source)
         finally:
             bar.close()
         print(table)
         return 0
     try:
-        summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
-                           log=lambda m: print(m, file=sys.stderr), lung_source=lung_source)
+        summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar, lung_source=lung_source)
     finally:
         bar.close()
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())
@@ -535,15 +532,14 @@ def cmd_ablation(args) -> int:
 
     Output(args.out, "results", args.overwrite, inputs=[args.train, args.cases, args.models])
     overrides = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps)) if v is not None}
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     if args.quick:
         result = run_quick_ablation(args.out, args.train_steps, resolve_device(args.device), args.overwrite,
-                                    overrides, log)
+                                    overrides)
     elif args.train is None:
         raise SACDiffError("give --train DIR (a data folder with normal cases) or --quick")
     else:
         result = run_ablation(args.train, args.cases or args.train, args.out, args.preset, args.train_steps,
-                              args.models, resolve_device(args.device), args.overwrite, overrides, log=log)
+                              args.models, resolve_device(args.device), args.overwrite, overrides)
     print((Path(args.out) / "ablation.md").read_text(encoding="utf-8"))
     return 0 if result["rows"] else 1
 
@@ -570,8 +566,7 @@ def cmd_validate(args) -> int:
         raise SACDiffError(f"{model_path} was trained without a hold-out; give --holdout-every N (its held-out "
                            "slices were then seen in training: say so when you report the figures)")
     rows = validate_settings(args.data, model, diffusion, cfg, settings, device, every,
-                    args.normal_cases.split(",") if args.normal_cases else None,
-                    log=lambda m: print(m, file=sys.stderr), seed=args.seed, variants=variants)
+                    args.normal_cases.split(",") if args.normal_cases else None, seed=args.seed, variants=variants)
     with output as tmp:
         print(write_validation(tmp, rows, model_path, every))
     return 0
@@ -641,7 +636,7 @@ def cmd_calibrate(args) -> int:
         raise SACDiffError("the model uses a fixed threshold; λ calibration applies to the adaptive one only")
     bar = _progress(args, "calibrate")
     try:
-        figures = calibrate(scans, model, diffusion, cfg, device, target, log=lambda m: print(m, file=sys.stderr),
+        figures = calibrate(scans, model, diffusion, cfg, device, target,
                             lung_source=LungSource(args.lung_method), progress=bar)
     finally:
         bar.close()
@@ -738,6 +733,8 @@ def main(argv=None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    # the notes (progress.log): on stderr, beside the result lines; the demo's and benchmark's are their output
+    show_notes("stdout" if args.command in ("demo", "benchmark") else "stderr")
     previous = _terminate_as_interrupt()
     try:
         return COMMANDS[args.command][0](args)

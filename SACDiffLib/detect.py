@@ -31,7 +31,7 @@ from .lung import exclude_airways as exclude_airways_from
 from .lung import LungSource, body_mask, lung_labels, segment_lungs
 from .postprocess import rethreshold
 from .result import DetectionResult, detection_facts
-from .progress import Progress, keep_going
+from .progress import Progress, keep_going, log
 
 
 
@@ -99,9 +99,7 @@ def prepare_model(model: torch.nn.Module, device: torch.device, compile_model: b
         try:
             compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
         except Exception as exc:  # no compiler / unsupported platform
-            import warnings
-
-            warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); running the eager model")
+            log.warning(f"note: torch.compile unavailable ({type(exc).__name__}: {exc}); running the eager model")
             compiled = model
         model.__dict__["_sacdiff_compiled"] = compiled
     return compiled, compiled is not model
@@ -175,9 +173,7 @@ def reconstruct_ensemble(
                 except Exception as exc:  # a compile error surfaces at the first call: fall back for good
                     if _is_oom(exc):
                         raise
-                    import warnings
-
-                    warnings.warn(f"torch.compile failed ({type(exc).__name__}); running the eager model")
+                    log.warning(f"note: torch.compile failed ({type(exc).__name__}); running the eager model")
                     eager[0] = True
             return model(x_t, c, t).float()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import NoiseConfig
+from .progress import log
 
 # Constants of OpenSimplex 2D (opensimplex/constants.py).
 STRETCH_CONSTANT2 = -0.211324865405187  # (1/sqrt(2+1) - 1) / 2
@@ -86,7 +87,6 @@ def simplex2(x: torch.Tensor, y: torch.Tensor, grad_x: torch.Tensor, grad_y: tor
 
 def _compiled_or_eager(fn):
     """``torch.compile(fn)``, falling back to ``fn`` for good (with one note on stderr) if compiling fails."""
-    import sys
 
     state = {"fn": None}
 
@@ -95,15 +95,14 @@ def _compiled_or_eager(fn):
             try:
                 state["fn"] = torch.compile(fn, dynamic=False)
             except Exception as exc:  # torch.compile unavailable on this platform
-                print(f"note: simplex noise runs eagerly (torch.compile unavailable: {type(exc).__name__})",
-                      file=sys.stderr)
+                log.info(f"note: simplex noise runs eagerly (torch.compile unavailable: {type(exc).__name__})")
                 state["fn"] = fn
         if state["fn"] is fn:
             return fn(*args)
         try:
             return state["fn"](*args)
         except Exception as exc:  # e.g. no C++ compiler for inductor's CPU code
-            print(f"note: simplex noise runs eagerly (compiling failed: {type(exc).__name__})", file=sys.stderr)
+            log.info(f"note: simplex noise runs eagerly (compiling failed: {type(exc).__name__})")
             state["fn"] = fn
             return fn(*args)
 

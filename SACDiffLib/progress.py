@@ -4,16 +4,59 @@ ways the command line shows it.
     progress(fraction in [0, 1], message) -> bool      returning False asks the job to stop (cancel)
 
 Jobs made of parts hand each part ``part(progress, i, n)``, which maps the part's own 0..1 onto its share.
+
+Notes to the user (a step begun, a case skipped, a fallback taken) leave by one logger, ``log`` ("sacdiff"); the
+command line decides where they show (``show_notes``), the Slicer module's child process forwards its stderr.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
+from contextlib import contextmanager
 from typing import Callable, Optional
 
 from .protocol import progress_line
 
 Progress = Callable[[float, str], Optional[bool]]
+
+log = logging.getLogger("sacdiff")
+
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler that writes to ``sys.stdout`` / ``sys.stderr`` as they are when a note is emitted (a redirect,
+    pytest's capture), as bare lines."""
+
+    def __init__(self, stream_name: str):
+        super().__init__()
+        self.stream_name = stream_name
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record):
+        self.stream = getattr(sys, self.stream_name)
+        super().emit(record)
+
+
+@contextmanager
+def quiet_notes():
+    """Within: no notes (a job that reports its own steps runs inner jobs that would report theirs)."""
+    was = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = was
+
+
+def show_notes(stream_name: str = "stderr") -> None:
+    """Show the notes (INFO and above) as bare lines on sys.stdout or sys.stderr; called by the command line once
+    per command (a second call replaces the first one's handler)."""
+    for handler in [h for h in log.handlers if isinstance(h, _CurrentStream)]:
+        log.removeHandler(handler)
+    log.addHandler(_CurrentStream(stream_name))
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def keep_going(progress: Optional[Progress], fraction: float, message: str) -> bool:

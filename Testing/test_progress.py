@@ -49,3 +49,24 @@ def test_progress_lines_with_a_fraction_outside_0_1_are_not_progress(text):
 def test_progress_lines_at_the_ends_are_kept():
     assert parse_progress("SACDIFF_PROGRESS 0 start") == (0.0, "start")
     assert parse_progress("SACDIFF_PROGRESS 1.0000 done") == (1.0, "done")
+
+
+def test_notes_leave_by_one_logger_where_the_command_line_says(capsys):
+    """progress.log is the one way notes leave (issue 25 item 5): the CLI shows them as bare lines on stderr (stdout
+    for the demo and the benchmark, whose notes are their output), inner jobs can be quieted, a second set-up does
+    not double them."""
+    from SACDiffLib.progress import log, quiet_notes, show_notes
+
+    show_notes("stderr")
+    show_notes("stderr")
+    log.info("[1/2] case_a")
+    with quiet_notes():
+        log.info("hidden")
+    log.warning("note: fell back")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "[1/2] case_a\nnote: fell back\n"
+    show_notes("stdout")
+    log.info("[3/3] detecting")
+    out, err = capsys.readouterr()
+    assert out == "[3/3] detecting\n" and err == ""
+    show_notes("stderr")

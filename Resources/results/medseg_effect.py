@@ -10,7 +10,7 @@ from SACDiffLib.experiments import medseg
 from SACDiffLib.lung import segment_lungs
 from SACDiffLib.lungnet import learned_lungs
 from SACDiffLib.metrics import auroc, oracle_dice, segmentation_metrics
-cfg, model, diffusion = load_for_detection(None, torch.device("cpu"), seed=0, log=lambda m: None)
+cfg, model, diffusion = load_for_detection(None, torch.device("cpu"), seed=0)
 folder = Path("../shared/data/slices/medseg_covid")
 work = Path(tempfile.mkdtemp(prefix="sacdiff-medseg-effect-"))
 out = {}
@@ -26,7 +26,7 @@ for method in ("classical", "learned"):
             li = sitk.GetImageFromArray(lung); li.CopyInformation(image); sitk.WriteImage(li, str(lung_path))
             r = detect_volume(ct_path, model, diffusion, cfg, lung_path, torch.device("cpu"))
             pred, err, lung = r.mask > 0, r.error, r.lung > 0
-        except Exception as exc:
+        except Exception:
             fails.append(path.stem); pred = np.zeros(truth.shape, bool); err = np.zeros(truth.shape, np.float32); lung = pred.copy()
         region = lung | truth
         P.append(pred[region] & lung[region]); T.append(truth[region]); E.append(np.where(lung, err, 0)[region]); L.append(lung[region])

@@ -38,6 +38,7 @@ from ..errors import SACDiffError
 from .evaluate import ALL_METRICS, evaluate
 from ..atomic import Output
 from ..data import case_path, healthy_cases, load_cases, optional_path
+from ..progress import log, quiet_notes
 from ..train import train
 
 # (name, simplex, guidance, adaptive, ensemble)
@@ -73,8 +74,8 @@ def fixed_alpha(train_dir: Path, model, diffusion, cfg, device) -> float:
 
 
 def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", train_steps: Optional[int] = None,
-                 models_dir=None, device="cpu", overwrite: bool = False, detect_overrides: Optional[dict] = None,
-                 log=print) -> dict:
+                 models_dir=None, device="cpu", overwrite: bool = False,
+                 detect_overrides: Optional[dict] = None) -> dict:
     train_dir, cases_dir, out_dir = Path(train_dir), Path(cases_dir), Path(out_dir)
     with Output(out_dir, "results", overwrite, inputs=[train_dir, cases_dir, models_dir]) as tmp:
         (tmp / "models").mkdir()
@@ -88,7 +89,7 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                     continue
                 cfg = derive(make_preset(preset_name), diffusion={"noise": {"kind": "simplex" if simplex else "gaussian"}},
                              model={"conditional": guidance})
-                log(f"training {name} ({preset_name} preset) on the normal cases of {train_dir}")
+                log.info(f"training {name} ({preset_name} preset) on the normal cases of {train_dir}")
                 path = tmp / "models" / f"{name}.pt"
                 train(cfg, train_dir, path, device, steps=train_steps)
                 checkpoints[name] = path
@@ -102,9 +103,10 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
                 if name not in alphas:
                     alphas[name] = fixed_alpha(train_dir, model, diffusion, cfg, device)
                 cfg = derive(cfg, detect={"threshold": "fixed", "fixed_threshold": alphas[name]})
-            log(f"row {label}: {name}, threshold {cfg.detect.threshold}, K = {cfg.detect.ensemble}")
+            log.info(f"row {label}: {name}, threshold {cfg.detect.threshold}, K = {cfg.detect.ensemble}")
             slug = label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "and").replace("/", "")
-            summary = evaluate(cases_dir, model, diffusion, cfg, tmp / "rows" / slug, device, log=lambda m: None)
+            with quiet_notes():  # the row is the note; its cases are not
+                summary = evaluate(cases_dir, model, diffusion, cfg, tmp / "rows" / slug, device)
             rows.append({"config": label, "simplex": simplex, "guidance": guidance, "adaptive": adaptive,
                          "ensemble": cfg.detect.ensemble, "model": name,
                          "fixed_alpha": None if adaptive else alphas[name], "metrics": summary["mean_std"]})
@@ -117,7 +119,7 @@ def run_ablation(train_dir, cases_dir, out_dir, preset_name: str = "small", trai
 
 
 def run_quick_ablation(out_dir, train_steps: Optional[int] = None, device="cpu", overwrite: bool = False,
-                       detect_overrides: Optional[dict] = None, log=print) -> dict:
+                       detect_overrides: Optional[dict] = None) -> dict:
     """The whole table in about a minute (CI): tiny phantoms (2 COVID-like + 3 normal, 48², 10 slices), the tiny
     preset, 30 training steps, no CRF. Checks that every row runs; its figures say nothing about the method."""
     import shutil
@@ -129,7 +131,7 @@ def run_quick_ablation(out_dir, train_steps: Optional[int] = None, device="cpu",
     try:
         write_phantom_cases(data, cases=2, kind="covid", size=48, slices=10, seed=0, normals=3, overwrite=True)
         overrides = {"crf": False, **(detect_overrides or {})}
-        return run_ablation(data, data, out_dir, "tiny", train_steps or 30, None, device, overwrite, overrides, log)
+        return run_ablation(data, data, out_dir, "tiny", train_steps or 30, None, device, overwrite, overrides)
     finally:
         shutil.rmtree(data, ignore_errors=True)
 

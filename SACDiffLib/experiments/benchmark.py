@@ -26,6 +26,7 @@ from ..config import preset
 from ..config import DetectConfig
 from ..detect import crop_box, network_evaluations, reconstruct_ensemble, resolve_device
 from ..postprocess import rethreshold
+from ..progress import log
 from ..result import DetectionResult
 from ..noise import RAW_OCTAVE_STD, SimplexNoise
 
@@ -345,7 +346,7 @@ def volume_run(slices: int = 120, size: int = 256, train_presets=(), train_steps
         io.write_image(hu, ref, ct_path)
         io.write_image(lungs, ref, lung_path)
         if model_path is not None:
-            cfg, model, diffusion = load_for_detection(model_path, torch.device("cpu"), seed=0, log=lambda m: None)
+            cfg, model, diffusion = load_for_detection(model_path, torch.device("cpu"), seed=0)
         else:
             cfg = preset(random_preset or "small256")
             model, diffusion = build(cfg)
@@ -413,12 +414,12 @@ def allocator_lines(a: dict) -> list[str]:
     return lines
 
 
-def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
+def run_benchmark(device: str = "auto", quick: bool = False) -> dict:
     dev = str(resolve_device(device))
     results = {"threads": torch.get_num_threads()}
     n = bench_noise(64 if quick else 128, 4 if quick else 8, "cpu", 3)
     results["noise_cpu"] = n
-    log(f"noise, one {n['size']}² single-octave field on CPU: opensimplex {n['opensimplex_s_per_field'] * 1e3:.1f} ms, "
+    log.info(f"noise, one {n['size']}² single-octave field on CPU: opensimplex {n['opensimplex_s_per_field'] * 1e3:.1f} ms, "
         f"torch {n['torch_s_per_field'] * 1e3:.2f} ms → {n['speedup']:.0f}× ; "
         f"6-octave fields: {n['torch_6_octave_fields_per_s']:.0f}/s")
     rows = bench_noise_octaves((64,) if quick else (128, 256, 512), "cpu", 2 if quick else 4)
@@ -426,18 +427,18 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
     for r in rows:
         ref = (f"; opensimplex {r['opensimplex_ms']:.0f} ms → eager {r['eager_vs_opensimplex']:.0f}×, compiled "
                f"{r['compiled_vs_opensimplex']:.0f}×") if "opensimplex_ms" in r else ""
-        log(f"6-octave field {r['size']}² on CPU: eager {r['eager_ms']:.1f} ms, torch.compile {r['compiled_ms']:.1f} ms "
+        log.info(f"6-octave field {r['size']}² on CPU: eager {r['eager_ms']:.1f} ms, torch.compile {r['compiled_ms']:.1f} ms "
             f"({r['compiled_speedup']:.1f}× faster; compiled once in {r['compile_s']:.0f} s){ref}")
     if dev.startswith("cuda"):
         results["noise_octaves_cuda"] = bench_noise_octaves((128, 256, 512), dev, 64, reference=False)
         g = bench_noise(512, 64, dev, 5)
         results["noise_cuda"] = g
-        log(f"noise on {dev}: 512² field {g['torch_s_per_field'] * 1e6:.0f} µs; "
+        log.info(f"noise on {dev}: 512² field {g['torch_s_per_field'] * 1e6:.0f} µs; "
             f"6-octave fields {g['torch_6_octave_fields_per_s']:.0f}/s")
     for name in (("tiny",) if quick else ("demo", "small", "small256", "fast")):
         tr = bench_training(name, dev, 2 if quick else 3, compile_noise=not quick)
         results[f"train_{name}"] = tr
-        log(f"training, preset {name} ({tr['image_size']}², batch {tr['batch']}) on {tr['device']}: "
+        log.info(f"training, preset {name} ({tr['image_size']}², batch {tr['batch']}) on {tr['device']}: "
             f"{tr['samples_per_s']:.1f} samples/s; data {tr['share']['data']:.0%}, noise {tr['share']['noise']:.0%}, "
             f"network {tr['share']['network']:.0%}")
     for name in (("tiny",) if quick else ("demo", "fast")):
@@ -445,7 +446,7 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
         results[f"step_{name}"] = d
         flops = unet_flops(preset(name))
         d["gflops_per_evaluation"] = flops / 1e9
-        log(f"detection step, preset {name} ({d['image_size']}², K={d['ensemble']} × {d['slices']} slices) on "
+        log.info(f"detection step, preset {name} ({d['image_size']}², K={d['ensemble']} × {d['slices']} slices) on "
             f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s, "
             f"{flops / 1e9:.2f} GFLOP per evaluation → {flops * d['evaluations_per_s'] / 1e12:.3f} TFLOP/s")
     if dev.startswith("cuda"):
@@ -456,30 +457,30 @@ def run_benchmark(device: str = "auto", quick: bool = False, log=print) -> dict:
         achieved = flops * d["evaluations_per_s"] / 1e12
         results["step_paper"] = dict(d, gflops_per_evaluation=flops / 1e9, achieved_tflops=achieved)
         evals = network_evaluations(preset("paper").detect) * 80  # 550 × 7 per slice, from the preset
-        log(f"paper preset 512² on {dev}: {d['evaluations_per_s']:.0f} evaluations/s, {achieved:.1f} TFLOP/s = "
+        log.info(f"paper preset 512² on {dev}: {d['evaluations_per_s']:.0f} evaluations/s, {achieved:.1f} TFLOP/s = "
             f"{achieved / peak:.2f} of the measured bf16 matmul peak {peak:.0f} TFLOP/s; a 80-slice volume "
             f"(550 × 7 × 80 evaluations) ≈ {evals / d['evaluations_per_s']:.0f} s, FLOP floor "
             f"{evals * flops / (peak * 1e12):.0f} s")
     name = "tiny" if quick else "small"
     v = bench_volume(name, 4 if quick else 8, 3 if quick else 5, dev, naive=True)
     results["volume"] = v
-    log(f"reconstruction, preset {name}, {v['slices']} slices × K={v['ensemble']} × {v['steps']} steps on "
+    log.info(f"reconstruction, preset {name}, {v['slices']} slices × K={v['ensemble']} × {v['steps']} steps on "
         f"{v['device']}: batched + lung crop ({v['box_fraction']:.0%} of the grid) {v['batched_s']:.2f} s vs naive "
         f"loop with opensimplex noise {v['naive_s']:.2f} s → {v['speedup']:.1f}×")
     r = bench_rethreshold((24, 256, 256) if quick else (80, 512, 512), 3 if quick else 5)
     results["rethreshold"] = r
-    log(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
+    log.info(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
         f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
     a = allocator_comparison(8 if quick else 120, 64 if quick else 256,
                              ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3,
                              "tiny" if quick else "")
     results["allocator"] = a
     for line in allocator_lines(a):
-        log(line)
+        log.info(line)
     results["peak_host_memory_mb"] = peak_host_memory_mb()
     line = f"peak memory: host {results['peak_host_memory_mb']:.0f} MB"
     if dev.startswith("cuda"):
         results["peak_cuda_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         line += f", device {results['peak_cuda_memory_mb']:.0f} MB"
-    log(line)
+    log.info(line)
     return results

@@ -23,7 +23,7 @@ from ..detect import detect_volume, resolve_device
 from ..errors import SACDiffError
 from .evaluate import score_case
 from ..outputs import write_overview, write_run
-from ..progress import Progress, part
+from ..progress import Progress, log, part
 from ..atomic import Output
 from ..data import case_path
 from .phantom import write_phantom_cases
@@ -39,7 +39,6 @@ def run_demo(
     device: str = "auto",
     overwrite: bool = True,
     progress: Optional[Progress] = None,
-    log=print,
     detect_steps: Optional[int] = None,
     ensemble: Optional[int] = None,
     sampling_steps: Optional[int] = None,
@@ -54,33 +53,33 @@ def run_demo(
         if model is None and train_steps is None:
             try:
                 model = shipped_model_path()
-                log(f"[1/3] model: the shipped reference model {model}")
+                log.info(f"[1/3] model: the shipped reference model {model}")
             except SACDiffError as exc:
-                log(f"[1/3] {exc}; training the small demo model instead")
+                log.info(f"[1/3] {exc}; training the small demo model instead")
         size = 128
         if model is None:
             size = 96
-            log(f"[1/3] synthetic healthy chests for training → {data}")
+            log.info(f"[1/3] synthetic healthy chests for training → {data}")
             write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, normals=4, overwrite=True)
             cfg = derive(preset("demo"), train={"seed": seed})
             model = out_dir / "demo-model.pt"
-            log(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
+            log.info(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
             summary = train(cfg, data, model, dev, steps=train_steps, progress=part(progress, 0, 2, "train"))
             progress = part(progress, 1, 2, "detect")  # the bar's second half
-            log(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
+            log.info(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
         cfg, net, diffusion, _ = load_checkpoint(model, dev, noise_seed=seed)
         cfg = derive(cfg, detect={"seed": seed, "steps": detect_steps, "ensemble": ensemble,
                                   "sampling_steps": sampling_steps})
         if ct is None:
             case = "phantom_covid_000"
             if not case_path(data, case, "ct").exists():
-                log(f"[2/3] a synthetic COVID-like chest ({size}², 24 slices) with known lesions → {data}")
+                log.info(f"[2/3] a synthetic COVID-like chest ({size}², 24 slices) with known lesions → {data}")
                 write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, overwrite=True)
             ct_path, lung_path = case_path(data, case, "ct"), case_path(data, case, "lung")
             truth_path = case_path(data, case, "lesion")
         else:
             ct_path, lung_path, truth_path = Path(ct), None, None
-        log(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
+        log.info(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
             f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
         result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress, lung_source=lung_source)
         run_dir = write_run(result, out_dir / "run", overwrite=overwrite)

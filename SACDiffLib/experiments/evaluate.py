@@ -39,7 +39,7 @@ from ..metrics import METRICS, auroc, oracle_dice, segmentation_metrics, summari
 from ..atomic import Output
 from ..outputs import write_run
 from ..data import case_path, load_cases, optional_path
-from ..progress import Progress, part
+from ..progress import Progress, log, part, quiet_notes
 
 MAP_METRICS = ("baseline_dice", "voxel_auroc", "oracle_dice")  # whole lung flagged; E against the lesion mask
 ALL_METRICS = METRICS + MAP_METRICS + ("slice_auroc",)
@@ -73,7 +73,6 @@ def evaluate(
     device,
     overwrite: bool = False,
     progress: Optional[Progress] = None,
-    log=print,
     lung_source: LungSource = LungSource(),
 ) -> dict:
     cases_dir, out_dir = Path(cases_dir), Path(out_dir)
@@ -98,7 +97,7 @@ def evaluate(
             ct = case_path(cases_dir, name, "ct")
             lung = optional_path(cases_dir, name, "lung")
             lesion_path = case_path(cases_dir, name, "lesion")
-            log(f"[{i + 1}/{len(todo)}] {name}")
+            log.info(f"[{i + 1}/{len(todo)}] {name}")
             try:  # a case that fails in the work is reported; the other cases' results are kept
                 result = detect_volume(ct, model, diffusion, cfg, lung, device, part(progress, i, len(todo), name),
                                        lung_source=lung_source)
@@ -107,7 +106,7 @@ def evaluate(
                     lesion = io.read_mask(lesion_path, result.reference, "lesion mask") > 0
                 write_run(result, tmp / "runs" / name)
             except SACDiffError as exc:
-                log(f"{name}: {exc}")
+                log.info(f"{name}: {exc}")
                 failed[name] = str(exc)
                 rows.append({"case": name, "diagnosis": info.get("diagnosis", ""), "status": f"error: {exc}"})
                 continue
@@ -119,8 +118,8 @@ def evaluate(
         medseg = {}
         medseg_dir = cases_dir / "slices" / "medseg_covid"
         if (medseg_dir / "image").is_dir():
-            log(f"MedSeg slices in {medseg_dir}")
-            medseg = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg", log=log,
+            log.info(f"MedSeg slices in {medseg_dir}")
+            medseg = evaluate_medseg(medseg_dir, model, diffusion, cfg, device, tmp / "medseg",
                                      lung_source=lung_source)
             _write_csv(tmp / "medseg_covid.csv", medseg.pop("per_slice"), MEDSEG_COLUMNS)
         stats = {m: st for m, st in summarise(list(per_case.values()), ALL_METRICS).items() if st["n"] > 0}
@@ -153,7 +152,7 @@ def parse_sweep(text: str) -> list[tuple[int, int]]:
 
 
 def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite=False, progress=None,
-          log=print, lung_source: LungSource = LungSource()) -> str:
+          lung_source: LungSource = LungSource()) -> str:
     """``evaluate`` once per (K, n) setting into OUT/<K>x<n>/, and a table of accuracy against network evaluations
     per slice (K × reverse steps) and wall time: OUT/sweep.md and OUT/sweep.json."""
     import time
@@ -165,11 +164,11 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
     rows = []
     for i, (k, n) in enumerate(settings):
         run_cfg = derive(cfg, detect={"ensemble": k, "sampling_steps": n})
-        log(f"[{i + 1}/{len(settings)}] K = {k}, reverse steps = {n or run_cfg.detect.steps}")
+        log.info(f"[{i + 1}/{len(settings)}] K = {k}, reverse steps = {n or run_cfg.detect.steps}")
         t0 = time.perf_counter()
-        summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite,
-                           part(progress, i, len(settings)),
-                           log=lambda m: None, lung_source=lung_source)
+        with quiet_notes():  # the setting is the note; its cases are not
+            summary = evaluate(cases_dir, model, diffusion, run_cfg, out_dir / f"{k}x{n}", device, overwrite,
+                               part(progress, i, len(settings)), lung_source=lung_source)
         rows.append({"ensemble": k, "sampling_steps": n, "evaluations_per_slice": network_evaluations(run_cfg.detect),
                      "seconds": time.perf_counter() - t0, "mean_std": summary["mean_std"],
                      "medseg_covid": summary["medseg_covid"]})
@@ -190,7 +189,7 @@ def sweep(cases_dir, model, diffusion, cfg, out_dir, device, settings, overwrite
 
 
 
-def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print,
+def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir,
                     lung_source: LungSource = LungSource()) -> dict:
     """Detect on every MedSeg slice (axial view, HU fitted per image; the automatic lung mask of
     ``lung_source.method``) and score them all (``medseg.score_slices``); unreadable slices are listed with their
@@ -225,7 +224,7 @@ def evaluate_medseg(folder, model, diffusion, cfg, device, work_dir, log=print,
             sitk.WriteImage(lung_image, str(lung_path))
             result = detect_volume(ct_path, model, diffusion, cfg, lung_path, device)
         except SACDiffError as exc:
-            log(f"MedSeg slice {path.stem}: {exc}")
+            log.info(f"MedSeg slice {path.stem}: {exc}")
             failed.append({"slice": path.stem, "status": f"error: {exc}"})
             continue
         scored.append({"name": path.stem, "pred": result.mask, "truth": truth, "lung": result.lung,

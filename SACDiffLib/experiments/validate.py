@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +42,7 @@ from ..config import derive
 from ..errors import SACDiffError
 from ..detect import detect_volume
 from ..postprocess import rethreshold
+from ..progress import log
 from ..metrics import auroc, oracle_dice, segmentation_metrics
 from ..data import case_path, healthy_cases, holdout_split, load_cases
 
@@ -349,7 +350,7 @@ def write_validation(folder: Path, rows: list[dict], model_path, holdout_every: 
 
 
 def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], device, holdout_every: int,
-             normal_cases: Optional[list] = None, log: Callable = print, seed: int = 0,
+             normal_cases: Optional[list] = None, seed: int = 0,
              variants: tuple = ()) -> list[dict]:
     """One row per setting (a dict of DetectConfig overrides, e.g. {"steps": 150, "sampling_steps": 10}) and per
     scanner variant (``VARIANTS``; the original slabs first, variant None). A variant's row also holds
@@ -360,7 +361,7 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
                                   cfg.preprocess.min_lung_fraction)
         if not volumes:
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
-        log("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))
+        log.info("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))
         rng = np.random.default_rng(seed + 1)
         groups = [(None, volumes)] + [(kind, [scanner_variant(v, kind, Path(tmp), rng) for v in volumes])
                                       for kind in variants]
@@ -376,7 +377,7 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
                 row["model_lambda"] = float(run_cfg.detect.lam)
                 row["flagged_percent_at_model_lambda"] = {
                     case: v["flagged_percent"][str(float(run_cfg.detect.lam))] for case, v in row["per_case"].items()}
-                log(json.dumps({k: row[k] for k in ("setting", "variant", "healthy_error", "synthetic_voxel_auroc",
+                log.info(json.dumps({k: row[k] for k in ("setting", "variant", "healthy_error", "synthetic_voxel_auroc",
                                                       "synthetic_oracle_dice", "recommended_lambda",
                                                       "flagged_percent_at_model_lambda")}))
                 rows.append(row)
