@@ -89,7 +89,7 @@ def _load_for_detection(args):
     """The command's checkpoint and detection options → (cfg, model, diffusion, device)."""
     from .checkpoint import load_for_detection
     from .config import detect_overrides
-    from .detect import resolve_device
+    from .distributed import resolve_device
 
     device = resolve_device(args.device)
     detect = {k: v for k, v in detect_overrides(args).items() if k != "seed"}  # the seed also seeds the noise
@@ -295,7 +295,7 @@ def _progress(args, desc: str):
 
 def cmd_train(args) -> int:
     from .config import preset
-    from .detect import resolve_device
+    from .distributed import resolve_device
     from .train import train
 
     if args.resume:
@@ -527,7 +527,7 @@ def cmd_phantom(args) -> int:
 
 def cmd_ablation(args) -> int:
     from .atomic import Output
-    from .detect import resolve_device
+    from .distributed import resolve_device
     from .experiments.ablation import run_ablation, run_quick_ablation
 
     Output(args.out, "results", args.overwrite, inputs=[args.train, args.cases, args.models])
@@ -547,7 +547,7 @@ def cmd_ablation(args) -> int:
 def cmd_validate(args) -> int:
     from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
-    from .detect import resolve_device
+    from .distributed import resolve_device
     from .experiments.validate import parse_settings, validate_settings, write_validation
 
     from .experiments.validate import VARIANTS
@@ -623,7 +623,7 @@ def cmd_calibrate(args) -> int:
     from .batch import collect_scans
     from .calibrate import calibrate, write_calibrated
     from .checkpoint import load_checkpoint, load_for_detection, shipped_model_path
-    from .detect import resolve_device
+    from .distributed import resolve_device
     from .lung import LungSource
 
     target = _percent(args.target)

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,6 +25,7 @@ import SimpleITK as sitk
 import torch
 
 from . import io
+from .io import crop_box
 from .config import DetectConfig, SACDiffConfig, validate
 from .diffusion import Diffusion
 from .errors import SACDiffError
@@ -33,41 +35,6 @@ from .postprocess import rethreshold
 from .result import DetectionResult, detection_facts
 from .progress import Progress, keep_going, log
 
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SACDiffError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise SACDiffError(f"device {device!r} unknown; choose auto, cpu or cuda")
-    return torch.device(device)
-
-
-CROP_MARGIN = 8  # model-grid pixels of air kept around the body's bounding box
-
-
-def crop_box(region: torch.Tensor, multiple: int, margin: int = CROP_MARGIN) -> tuple[slice, slice]:
-    """In-plane bounding box of ``region`` (S, 1, H, W) over all slices, widened by ``margin`` and to a multiple of
-    ``multiple`` (the UNet's size multiple), kept inside the grid. The whole grid when the region is empty.
-
-    Detection passes the body and the lung: the box's edges then lie in the air around the patient, where the
-    UNet's zero padding meets what it met at the image border in training. A box cut through the body (the lung's
-    box) makes the network paint an air band along the cut, ≈ 15 pixels deep, in the reconstruction."""
-    h, w = region.shape[-2:]
-    rows = torch.nonzero(region.amax(dim=(0, 1, 3)) > 0).flatten()
-    cols = torch.nonzero(region.amax(dim=(0, 1, 2)) > 0).flatten()
-    if rows.numel() == 0:
-        return slice(0, h), slice(0, w)
-
-    def span(lo: int, hi: int, size: int) -> slice:
-        lo, hi = max(0, lo - margin), min(size, hi + 1 + margin)
-        length = min(size, -(-(hi - lo) // multiple) * multiple)
-        lo = max(0, min(lo - (length - (hi - lo)) // 2, size - length))
-        return slice(lo, lo + length)
-
-    return span(int(rows[0]), int(rows[-1]), h), span(int(cols[0]), int(cols[-1]), w)
 
 
 def auto_chunk(slices: int, ensemble: int, height: int, width: int, base_channels: int, device: torch.device) -> int:
@@ -114,99 +81,126 @@ def _is_oom(exc: BaseException) -> bool:
 COMPILE_NOISE_FROM_PIXELS = 2e8
 
 
-@torch.inference_mode()
-def reconstruct_ensemble(
-    model: torch.nn.Module,
-    diffusion: Diffusion,
-    x: torch.Tensor,
-    cond: Optional[torch.Tensor],
-    steps: int,
-    ensemble: int,
-    seed: int = 0,
-    *,
-    batch_size: int = 0,
-    progress: Optional[Progress] = None,
-    sampling_steps: int = 0,
-    box: Optional[tuple[slice, slice]] = None,
-    stats: Optional[dict] = None,
-    compile_model: bool = False,
-    harmonise_steps: int = 0,
-    lung: Optional[torch.Tensor] = None,
-    harmonise_radius: int = 1,
-) -> torch.Tensor:
-    """K pseudo-healthy reconstructions of every slice: x (S, 1, H, W) in [−1, 1] → (K, S, 1, H, W).
+@dataclass(frozen=True)
+class ReconstructionStats:
+    """How a reconstruction ran (report.json's ``chunk``)."""
 
-    ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
-    H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
-    the query itself (no error). ``harmonise_steps`` > 0 runs the harmonised reverse chain
-    (``Diffusion.partial_chain``) with the blend of ``harmonised_x0`` inside ``lung`` (S, 1, H, W; required then).
-    ``batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``); a CUDA
-    out-of-memory error halves the chunk and redoes the network's part of that step. Memory: the state of all
-    slices (K × S × box) plus one step's K fields, never all steps' fields. ``stats`` receives the chunk size used,
-    the number of retries and the seconds spent drawing noise.
-    """
-    s, _, h, w = x.shape
-    k = ensemble
-    rows, cols = box if box is not None else (slice(0, h), slice(0, w))
-    xc = x[:, :, rows, cols]
-    cc = None if cond is None else cond[:, :, rows, cols]
-    hc, wc = xc.shape[-2:]
-    device = x.device
-    if batch_size > 0:
-        chunk = max(1, min(batch_size, s))
-    else:
-        chunk = auto_chunk(s, k, hc, wc, getattr(getattr(model, "cfg", None), "channels", (32,))[0], device)
-    retries = 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    net, compiled = prepare_model(model, device, compile_model)
-    fields = k * len(diffusion.sampling_timesteps(steps, sampling_steps))
-    if compile_model or fields * h * w >= COMPILE_NOISE_FROM_PIXELS:
-        diffusion.compile_noise()  # seconds to compile once, then ≈ 8× faster fields (SimplexNoise.compile)
-    eager = [not compiled]
+    chunk_slices: int  # slices per network forward (× K members), after any halving
+    oom_retries: int  # CUDA out-of-memory errors that halved the chunk
+    compiled: bool  # whether the torch.compile'd network ran (False: eager, or fell back)
+    noise_s: float  # seconds spent drawing simplex fields (a lower bound on CUDA: asynchronous)
 
-    def forward(x_t, c, t):
+
+class _Forward:
+    """The network's forward as detection runs it (``prepare_model``): channels_last, bf16 autocast on CUDA, the
+    compiled module while it works — a compile error surfaces at the first call, and then the eager model runs for
+    good (an out-of-memory error is not a compile error: it is raised for ``_ChunkedEps`` to halve the chunk)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool):
+        self.model = model
+        self.net, self.compiled = prepare_model(model, device, compile_model)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def __call__(self, x_t, c, t):
         x_t = x_t.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            if not eager[0]:
+        with self.autocast:
+            if self.compiled:
                 try:
-                    return net(x_t, c, t).float()
-                except Exception as exc:  # a compile error surfaces at the first call: fall back for good
+                    return self.net(x_t, c, t).float()
+                except Exception as exc:
                     if _is_oom(exc):
                         raise
                     log.warning(f"note: torch.compile failed ({type(exc).__name__}); running the eager model")
-                    eager[0] = True
-            return model(x_t, c, t).float()
+                    self.compiled = False
+            return self.model(x_t, c, t).float()
 
-    def eps_model(x_t, c, t):
-        """ε̂ for a part (K, n, 1, hc, wc) of the state, as K × n images; a CUDA out-of-memory error halves the
-        slices per forward from then on and redoes the part."""
-        nonlocal chunk, retries
-        n = x_t.shape[1]
+
+class _ChunkedEps:
+    """ε̂ for a part (K, n, 1, h, w) of the state, as K × n images, ``chunk`` slices per forward; a CUDA
+    out-of-memory error halves the chunk from then on and redoes the part (at one slice it is raised)."""
+
+    def __init__(self, forward: _Forward, k: int, chunk: int, device: torch.device):
+        self.forward, self.k, self.chunk, self.device, self.retries = forward, k, chunk, device, 0
+
+    def __call__(self, x_t, c, t):
+        k, n, (h, w) = self.k, x_t.shape[1], x_t.shape[-2:]
         while True:
+            chunk = self.chunk
             try:
-                out = [forward(x_t[:, a:a + chunk].reshape(-1, 1, hc, wc),
-                               None if c is None else c[:, a:a + chunk].reshape(-1, 1, hc, wc),
-                               t[:1].repeat(k * min(chunk, n - a))).view(k, -1, 1, hc, wc)
+                out = [self.forward(x_t[:, a:a + chunk].reshape(-1, 1, h, w),
+                                    None if c is None else c[:, a:a + chunk].reshape(-1, 1, h, w),
+                                    t[:1].repeat(k * min(chunk, n - a))).view(k, -1, 1, h, w)
                        for a in range(0, n, chunk)]
                 return out[0] if len(out) == 1 else torch.cat(out, 1)
             except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
                 if not _is_oom(exc) or chunk == 1:
                     raise
                 del exc
-                if device.type == "cuda":
+                if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                chunk, retries = max(1, chunk // 2), retries + 1
+                self.chunk, self.retries = max(1, chunk // 2), self.retries + 1
 
-    # One generator for the volume: the fields of (member k, timestep t) are drawn once and shared by every slice.
-    generator = torch.Generator(device=device).manual_seed(seed)
-    noise_seconds = 0.0
 
-    def noise(_t: int) -> torch.Tensor:  # (K, 1, 1, hc, wc): the same field for every slice of member k
-        nonlocal noise_seconds
+class _NoiseFields:
+    """The simplex fields of one volume (Section 3.2): one generator, one field per (member k, timestep) drawn once
+    on the whole H × W grid and cropped to the box — the same field for every slice of member k; the seconds spent
+    drawing them are counted."""
+
+    def __init__(self, diffusion: Diffusion, k: int, size: tuple[int, int], box: tuple[slice, slice], seed: int,
+                 device: torch.device):
+        self.diffusion, self.k, self.size, self.box, self.device = diffusion, k, size, box, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seconds = 0.0
+
+    def __call__(self, _t: int) -> torch.Tensor:  # (K, 1, 1, hc, wc)
         t0 = time.perf_counter()
-        z = diffusion.sample_noise(k, h, w, generator, device=device)[:, :, rows, cols]
-        noise_seconds += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
+        rows, cols = self.box
+        z = self.diffusion.sample_noise(self.k, *self.size, self.generator, device=self.device)[:, :, rows, cols]
+        self.seconds += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
         return z.unsqueeze(1)
+
+
+@torch.inference_mode()
+def reconstruct_ensemble(
+    model: torch.nn.Module,
+    diffusion: Diffusion,
+    x: torch.Tensor,
+    cond: Optional[torch.Tensor],
+    det: DetectConfig,
+    *,
+    lung: Optional[torch.Tensor] = None,
+    box: Optional[tuple[slice, slice]] = None,
+    progress: Optional[Progress] = None,
+    compile_model: bool = False,
+) -> tuple[torch.Tensor, ReconstructionStats]:
+    """K = ``det.ensemble`` pseudo-healthy reconstructions of every slice from T_s = ``det.steps`` (Alg. 2, with
+    ``det.sampling_steps``, ``det.seed``, ``det.batch_size``, ``det.harmonise_*``): x (S, 1, H, W) in [−1, 1] →
+    members (K, S, 1, H, W), and how it ran.
+
+    ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
+    H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
+    the query itself (no error). ``det.harmonise_steps`` > 0 runs the harmonised reverse chain
+    (``Diffusion.partial_chain``) with the blend of ``harmonised_x0`` inside ``lung`` (S, 1, H, W; required then).
+    ``det.batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``). Memory: the state of all slices
+    (K × S × box) plus one step's K fields, never all steps' fields.
+    """
+    s, _, h, w = x.shape
+    k = det.ensemble
+    rows, cols = box if box is not None else (slice(0, h), slice(0, w))
+    xc = x[:, :, rows, cols]
+    cc = None if cond is None else cond[:, :, rows, cols]
+    hc, wc = xc.shape[-2:]
+    device = x.device
+    if det.batch_size > 0:
+        chunk = max(1, min(det.batch_size, s))
+    else:
+        chunk = auto_chunk(s, k, hc, wc, getattr(getattr(model, "cfg", None), "channels", (32,))[0], device)
+    forward = _Forward(model, device, compile_model)
+    eps_model = _ChunkedEps(forward, k, chunk, device)
+    fields = k * len(diffusion.sampling_timesteps(det.steps, det.sampling_steps))
+    if compile_model or fields * h * w >= COMPILE_NOISE_FROM_PIXELS:
+        diffusion.compile_noise()  # seconds to compile once, then ≈ 8× faster fields (SimplexNoise.compile)
+    noise = _NoiseFields(diffusion, k, (h, w), (rows, cols), det.seed, device)
 
     def on_step(done: float, total: int):
         return keep_going(progress, done / total, f"reverse step {math.ceil(done)}/{total}, {s} slices")
@@ -215,22 +209,20 @@ def reconstruct_ensemble(
     c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)
     parts = [(slice(None), slice(a, a + chunk)) for a in range(0, s, chunk)]
     harmonise = None
-    if harmonise_steps > 0:
+    if det.harmonise_steps > 0:
         if lung is None:
             raise ValueError("the harmonised reverse chain needs the lung mask (lung=)")
         region = lung[:, :, rows, cols].unsqueeze(0).expand(k, s, 1, hc, wc) > 0.5
 
         def harmonise(x0_hat, part):
-            return harmonised_x0(x0_hat, x0[part], region[part], harmonise_radius)
+            return harmonised_x0(x0_hat, x0[part], region[part], det.harmonise_radius)
 
-    recon = diffusion.partial_chain(eps_model, x0, c0, steps, noise, on_step, sampling_steps, parts,
-                                    harmonise, harmonise_steps)
+    recon = diffusion.partial_chain(eps_model, x0, c0, det.steps, noise, on_step, det.sampling_steps, parts,
+                                    harmonise, det.harmonise_steps)
     out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
     out[:, :, :, rows, cols] = recon
-    if stats is not None:
-        stats.update({"chunk_slices": chunk, "oom_retries": retries, "compiled": not eager[0],
-                      "noise_s": round(noise_seconds, 3)})
-    return out
+    return out, ReconstructionStats(chunk_slices=eps_model.chunk, oom_retries=eps_model.retries,
+                                    compiled=forward.compiled, noise_s=round(noise.seconds, 3))
 
 
 HARMONISE_SCALES = 4.0  # weight 0 up to this many robust scales (1.4826·MAD) above the lung's median, 1 from twice
@@ -363,6 +355,59 @@ def prepare_lung(ct: sitk.Image, hu: np.ndarray, lung_path=None, exclude_airways
     return lung, origin + ("" if not exclude_airways else "; trachea and main bronchi excluded")
 
 
+@dataclass
+class PreparedVolume:
+    """A CT ready for the network: read, its lung mask made or read, its lung slices on the model grid."""
+
+    ct: sitk.Image
+    hu: np.ndarray  # (z, y, x) HU
+    body: np.ndarray  # bool, the patient's body (``lung.body_mask``)
+    lung: np.ndarray  # uint8 labels 1 right / 2 left
+    lung_origin: str  # where the mask came from (report.json's ``lung_mask``)
+    processed: np.ndarray  # z indices of the slices with enough lung (Section 3.1)
+    x: torch.Tensor  # (S, 1, H, W) the processed slices, windowed, on the model grid
+    c: torch.Tensor  # (S, 1, H, W) their lung mask on the model grid (the condition, Section 2.3)
+    box: tuple[slice, slice]  # the body's in-plane bounding box on the model grid (``crop_box``)
+
+
+def prepare_volume(ct_path, cfg: SACDiffConfig, lung_path, lung_source: LungSource, device: torch.device,
+                   timings: dict) -> PreparedVolume:
+    """Read the CT, make or read the lung mask, pick the lung slices and move them to the model grid; adds
+    ``read_s`` and ``lung_mask_s`` to ``timings``."""
+    pre = cfg.preprocess
+    t0 = time.perf_counter()
+    ct = io.read_ct(ct_path)
+    hu = io.ct_array(ct)
+    timings["read_s"] = time.perf_counter() - t0
+    t_lung = time.perf_counter()
+    body = body_mask(hu)  # once: the given mask's sides (lung_labels) and the background of α (postprocess)
+    lung, lung_origin = prepare_lung(ct, hu, lung_path, cfg.detect.exclude_airways, lung_source, body)
+    timings["lung_mask_s"] = time.perf_counter() - t_lung
+    processed = io.lung_slices(lung, pre.min_lung_fraction)
+    if processed.size == 0:
+        raise SACDiffError(
+            f"no slice has ≥ {pre.min_lung_fraction:.1%} lung in the lung mask; check that the mask belongs to "
+            "this CT and covers the lungs"
+        )
+    x, c = (t.to(device) for t in io.model_inputs(hu[processed], lung[processed], pre))
+    body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)
+    box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
+    return PreparedVolume(ct, hu, body, lung, lung_origin, processed, x, c, box)
+
+
+def map_back(volume: PreparedVolume, err: torch.Tensor, std: torch.Tensor, mean: torch.Tensor, pre) -> tuple:
+    """E, σ and the member mean from the model grid to the CT grid: (error, uncertainty in HU, pseudo-healthy in
+    HU), zero error and uncertainty and the CT itself on the slices that were not processed."""
+    shape, processed = volume.hu.shape, volume.processed
+    error = np.zeros(shape, np.float32)
+    error[processed] = np.maximum(io.from_model_grid(err, shape[1:]).cpu().numpy(), 0)
+    uncertainty = np.zeros(shape, np.float32)
+    uncertainty[processed] = io.from_model_grid(std, shape[1:]).cpu().numpy() * io.hu_per_unit(pre)
+    pseudo = volume.hu.copy()
+    pseudo[processed] = io.unwindow(io.from_model_grid(mean, shape[1:]).cpu().numpy().clip(-1, 1), pre)
+    return error, uncertainty, pseudo
+
+
 def detect_volume(
     ct_path,
     model: torch.nn.Module,
@@ -375,65 +420,36 @@ def detect_volume(
     lung_source: LungSource = LungSource(),
 ) -> DetectionResult:
     """Run SAC-Diff on one CT file / DICOM folder with the settings in ``cfg.detect``; the lung mask from
-    ``lung_path`` or as ``lung_source`` says."""
+    ``lung_path`` or as ``lung_source`` says: prepare, reconstruct (Alg. 2), the error maps (Section 2.5), map back,
+    binarise (Section 2.4)."""
     validate(cfg)
     det, pre = cfg.detect, cfg.preprocess
     timings = {}
     t0 = time.perf_counter()
-    ct = io.read_ct(ct_path)
-    hu = io.ct_array(ct)
-    timings["read_s"] = time.perf_counter() - t0
-    t_lung = time.perf_counter()
-    body = body_mask(hu)  # once: the given mask's sides (lung_labels) and the background of α (postprocess)
-    lung, lung_origin = prepare_lung(ct, hu, lung_path, det.exclude_airways, lung_source, body)
-    timings["lung_mask_s"] = time.perf_counter() - t_lung
-    processed = io.lung_slices(lung, pre.min_lung_fraction)
-    if processed.size == 0:
-        raise SACDiffError(
-            f"no slice has ≥ {pre.min_lung_fraction:.1%} lung in the lung mask; check that the mask belongs to "
-            "this CT and covers the lungs"
-        )
-
+    volume = prepare_volume(ct_path, cfg, lung_path, lung_source, device, timings)
     t1 = time.perf_counter()
-    x, c = (t.to(device) for t in io.model_inputs(hu[processed], lung[processed], pre))
-    cond = c if cfg.model.conditional else None
-    body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)
-    box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
-    chunk_stats: dict = {}
-    members = reconstruct_ensemble(
-        model, diffusion, x, cond, det.steps, det.ensemble, det.seed, batch_size=det.batch_size, progress=progress,
-        sampling_steps=det.sampling_steps, box=box if det.crop_to_lung else None, stats=chunk_stats,
-        compile_model=compile_model, harmonise_steps=det.harmonise_steps, lung=c,
-        harmonise_radius=det.harmonise_radius,
-    )
-    err, std, mean = error_maps(x, members, det.error, det.shift_tolerance, det.error_radius)
+    members, stats = reconstruct_ensemble(
+        model, diffusion, volume.x, volume.c if cfg.model.conditional else None, det, lung=volume.c,
+        box=volume.box if det.crop_to_lung else None, progress=progress, compile_model=compile_model)
+    err, std, mean = error_maps(volume.x, members, det.error, det.shift_tolerance, det.error_radius)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
         raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
                            "nothing was written — check the model with `sacdiff validate` or retrain it")
-    shape = hu.shape[1:]
-    err_ct = io.from_model_grid(err, shape).cpu().numpy()
-    std_ct = io.from_model_grid(std, shape).cpu().numpy()
-    mean_ct = io.from_model_grid(mean, shape).cpu().numpy()
+    error, uncertainty, pseudo = map_back(volume, err, std, mean, pre)
     timings["diffusion_s"] = time.perf_counter() - t1  # network + noise + reverse updates
-    timings["noise_s"] = chunk_stats.get("noise_s", 0.0)
-
-    error = np.zeros(hu.shape, np.float32)
-    error[processed] = np.maximum(err_ct, 0)
-    uncertainty = np.zeros(hu.shape, np.float32)
-    uncertainty[processed] = std_ct * io.hu_per_unit(pre)
-    pseudo = hu.copy()
-    pseudo[processed] = io.unwindow(mean_ct.clip(-1, 1), pre)
-    result = DetectionResult(reference=ct, ct_hu=hu, lung=lung, processed=processed, error=error,
-                             uncertainty_hu=uncertainty, pseudo_healthy_hu=pseudo, detect=det,
-                             box=_box_on_ct_grid(box, pre.image_size, shape), body=body)
+    timings["noise_s"] = stats.noise_s
+    result = DetectionResult(reference=volume.ct, ct_hu=volume.hu, lung=volume.lung, processed=volume.processed,
+                             error=error, uncertainty_hu=uncertainty, pseudo_healthy_hu=pseudo, detect=det,
+                             box=_box_on_ct_grid(volume.box, pre.image_size, volume.hu.shape[1:]), body=volume.body)
     t2 = time.perf_counter()
     rethreshold(result, det.lam)
     timings["postprocess_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
+    processed_fraction = volume.processed.size / volume.hu.shape[0] * (
+        _box_fraction(volume.box, pre.image_size) if det.crop_to_lung else 1.0)
     result.facts = detection_facts(
-        ct_path=ct_path, ct_fingerprint=io.fingerprint(ct_path), lung_origin=lung_origin, device=device,
-        timings=timings, network_evaluations=network_evaluations(det) * processed.size,
-        processed_voxel_fraction=processed.size / hu.shape[0] * (
-            _box_fraction(box, pre.image_size) if det.crop_to_lung else 1.0),
-        chunk=chunk_stats, config=dataclasses.asdict(cfg))
+        ct_path=ct_path, ct_fingerprint=io.fingerprint(ct_path), lung_origin=volume.lung_origin, device=device,
+        timings=timings, network_evaluations=network_evaluations(det) * volume.processed.size,
+        processed_voxel_fraction=processed_fraction, chunk=dataclasses.asdict(stats),
+        config=dataclasses.asdict(cfg))
     return result

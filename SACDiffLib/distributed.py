@@ -1,4 +1,5 @@
-"""torchrun's environment for training and many-scan detection: one process per GPU (or CPU rank), rank 0 writes."""
+"""Devices: the one a command asks for (``resolve_device``), and torchrun's environment for training and many-scan
+detection: one process per GPU (or CPU rank), rank 0 writes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from .errors import SACDiffError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SACDiffError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise SACDiffError(f"device {device!r} unknown; choose auto, cpu or cuda")
+    return torch.device(device)
 
 
 class Distributed:

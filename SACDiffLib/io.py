@@ -351,6 +351,31 @@ def lung_slices(lung: np.ndarray, min_fraction: float) -> np.ndarray:
     return np.flatnonzero(fraction >= min_fraction)
 
 
+CROP_MARGIN = 8  # model-grid pixels of air kept around the body's bounding box
+
+
+def crop_box(region: "torch.Tensor", multiple: int, margin: int = CROP_MARGIN) -> tuple[slice, slice]:
+    """In-plane bounding box of ``region`` (S, 1, H, W) over all slices, widened by ``margin`` and to a multiple of
+    ``multiple`` (the UNet's size multiple), kept inside the grid. The whole grid when the region is empty.
+
+    Detection passes the body and the lung: the box's edges then lie in the air around the patient, where the
+    UNet's zero padding meets what it met at the image border in training. A box cut through the body (the lung's
+    box) makes the network paint an air band along the cut, ≈ 15 pixels deep, in the reconstruction."""
+    h, w = region.shape[-2:]
+    rows = (region.amax(dim=(0, 1, 3)) > 0).nonzero().flatten()
+    cols = (region.amax(dim=(0, 1, 2)) > 0).nonzero().flatten()
+    if rows.numel() == 0:
+        return slice(0, h), slice(0, w)
+
+    def span(lo: int, hi: int, size: int) -> slice:
+        lo, hi = max(0, lo - margin), min(size, hi + 1 + margin)
+        length = min(size, -(-(hi - lo) // multiple) * multiple)
+        lo = max(0, min(lo - (length - (hi - lo)) // 2, size - length))
+        return slice(lo, lo + length)
+
+    return span(int(rows[0]), int(rows[-1]), h), span(int(cols[0]), int(cols[-1]), w)
+
+
 def to_model_grid(slices: "torch.Tensor", size: int, pad_value: float, mask: bool = False) -> "torch.Tensor":
     """(S, Y, X) → (S, 1, size, size): pad to a centred square (keeps the aspect ratio), then resize."""
     import torch.nn.functional as F  # torch only where the model grid is needed: reading results needs none

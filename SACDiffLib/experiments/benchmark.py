@@ -12,6 +12,7 @@ Timings are medians of repeats.
 
 from __future__ import annotations
 
+
 import resource
 import statistics
 import sys
@@ -24,7 +25,9 @@ import torch
 from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
-from ..detect import crop_box, network_evaluations, reconstruct_ensemble, resolve_device
+from ..detect import network_evaluations, reconstruct_ensemble
+from ..distributed import resolve_device
+from ..io import crop_box
 from ..postprocess import rethreshold
 from ..progress import log
 from ..result import DetectionResult
@@ -229,7 +232,8 @@ def bench_volume(preset_name: str, slices: int, steps: int, device: str, naive: 
     box = crop_box(c, cfg.model.size_multiple)
 
     def batched():
-        reconstruct_ensemble(model, diffusion, x, c, steps, k, 0, box=box)
+        every_step = DetectConfig(steps=steps, ensemble=k, seed=0, sampling_steps=0, batch_size=0)
+        reconstruct_ensemble(model, diffusion, x, c, every_step, box=box)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 

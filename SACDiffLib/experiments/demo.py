@@ -19,7 +19,8 @@ import SimpleITK as sitk
 from ..lung import LungSource
 from ..checkpoint import load_checkpoint, shipped_model_path
 from ..config import derive, preset
-from ..detect import detect_volume, resolve_device
+from ..detect import detect_volume
+from ..distributed import resolve_device
 from ..errors import SACDiffError
 from .evaluate import score_case
 from ..outputs import write_overview, write_run
