@@ -152,28 +152,36 @@ class DetectConfig:
 
 @dataclass(frozen=True)
 class DetectOption:
-    """One detection setting as a command line offers it: the ``DetectConfig`` field, its flag and help. The type,
-    the choices (a ``Literal``) and the on/off form (a bool: ``--x/--no-x``) come from the field's annotation; the
-    range from ``_validate_detect``. Every command that detects builds its options from ``DETECT_OPTIONS``, and
-    ``detect_overrides`` turns the parsed values back into ``derive(cfg, detect=…)``: a new detection setting is one
-    field, one entry here and its range check."""
+    """One detection setting as a command line offers it: the ``DetectConfig`` field, its flag, help and fixed
+    range (``low``/``high``, None = open; ``why`` ends the out-of-range message). The type, the choices (a
+    ``Literal``) and the on/off form (a bool: ``--x/--no-x``) come from the field's annotation; ranges that depend on
+    other settings are checked in ``_validate_detect``. Every command that detects builds its options from
+    ``DETECT_OPTIONS``, ``detect_overrides`` turns the parsed values back into ``derive(cfg, detect=…)`` and
+    ``detect_arguments`` the settings into flags (the Slicer module): a new detection setting is its field, one entry
+    here, and — so that older checkpoints load — its ``_ADDED_LATER`` value."""
 
     field: str
     flag: str
     help: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    why: str = ""
 
 
 # In the order the commands list them (``cli._add_detect_options`` puts the command-only options around them: the
 # noise family after "error", the lung-mask and output options before "batch_size"). A new option goes here.
 DETECT_OPTIONS = (
-    DetectOption("steps", "--steps", "T_s, partial-diffusion depth (default: the model's, paper 550)"),
-    DetectOption("ensemble", "--ensemble", "K reconstructions (default: the model's, paper 7)"),
-    DetectOption("lam", "--lambda", "λ of the background-adaptive threshold (default: the model's)"),
+    DetectOption("steps", "--steps", "T_s, partial-diffusion depth (default: the model's, paper 550)", 1, None,
+                 " (T_s, the partial-diffusion depth)"),
+    DetectOption("ensemble", "--ensemble", "K reconstructions (default: the model's, paper 7)", 1, 64,
+                 " (each member costs a full reverse chain)"),
+    DetectOption("lam", "--lambda", "λ of the background-adaptive threshold (default: the model's)", -100.0, 1000.0),
     DetectOption("threshold", "--threshold", "adaptive (Section 2.4) or fixed α"),
-    DetectOption("fixed_threshold", "--fixed-threshold", "α for --threshold fixed"),
+    DetectOption("fixed_threshold", "--fixed-threshold", "α for --threshold fixed", 0.0, 4.0,
+                 " (E is a squared error of images in [−1, 1])"),
     DetectOption("error", "--error", "how members form E"),
     DetectOption("crf", "--crf", "dense CRF refinement (default on)"),
-    DetectOption("seed", "--seed", "noise seed (default 0); same seed, same result"),
+    DetectOption("seed", "--seed", "noise seed (default 0); same seed, same result", 0, 2**63 - 1),
     DetectOption("sampling_steps", "--sampling-steps",
                  "respaced reverse steps from T_s to 0 (0 = all T_s steps; default: the model's)"),
     DetectOption("harmonise_steps", "--harmonise-steps",
@@ -182,17 +190,18 @@ DETECT_OPTIONS = (
                  "default: the model's)"),
     DetectOption("harmonise_radius", "--harmonise-radius",
                  "pixels over which the residual is averaged before the harmonisation weight (default: the model's, "
-                 "1)"),
+                 "1)", 0, 16),
     DetectOption("shift_tolerance", "--shift-tolerance",
-                 "pixels of shift the error map forgives (0 = none; default: the model's)"),
+                 "pixels of shift the error map forgives (0 = none; default: the model's)", 0, 4),
     DetectOption("error_radius", "--error-radius",
                  "pixels over which the signed residual is averaged before squaring: a vessel the reconstruction "
-                 "blurred or shifted averages out, a removed lesion does not (0 = off; default: the model's)"),
+                 "blurred or shifted averages out, a removed lesion does not (0 = off; default: the model's)", 0, 8),
     DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
     DetectOption("exclude_airways", "--exclude-airways",
                  "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
                  "large airway is not lung and lights up in E)"),
-    DetectOption("batch_size", "--batch-size", "slices per forward chunk (× K); 0 = automatic from memory"),
+    DetectOption("batch_size", "--batch-size", "slices per forward chunk (× K); 0 = automatic from memory", 0, None,
+                 " (0 = automatic)"),
 )
 
 
@@ -432,23 +441,17 @@ def _check_choices(items) -> None:
 
 def _validate_detect(det: DetectConfig) -> None:
     """The checks that need nothing but the detection settings (the rest need the model: ``validate``)."""
-    _check_range("detect.steps (--steps, T_s)", det.steps, 1, None)
+    for option in DETECT_OPTIONS:  # the fixed ranges
+        if option.low is not None or option.high is not None:
+            _check_range(f"detect.{option.field} ({option.flag})", getattr(det, option.field), option.low,
+                         option.high, option.why)
     _check_range("detect.sampling_steps (--sampling-steps)", det.sampling_steps, 0, det.steps,
                  f" (0 = every one of the T_s = {det.steps} steps)")
-    _check_range("detect.batch_size (--batch-size)", det.batch_size, 0, None, " (0 = automatic)")
-    _check_range("detect.seed (--seed)", det.seed, 0, 2**63 - 1)
-    _check_range("detect.ensemble (--ensemble)", det.ensemble, 1, 64, " (each member costs a full reverse chain)")
-    _check_range("detect.lam (--lambda)", det.lam, -100.0, 1000.0)
-    _check_range("detect.fixed_threshold (--fixed-threshold)", det.fixed_threshold, 0.0, 4.0,
-                 " (E is a squared error of images in [−1, 1])")
     _check_range("detect.crf_iterations", det.crf_iterations, 0, 100)
     _check_range("detect.morphology_radius", det.morphology_radius, 0, 50)
     reverse_steps = det.sampling_steps if 0 < det.sampling_steps < det.steps else det.steps
     _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
-    _check_range("detect.shift_tolerance (--shift-tolerance)", det.shift_tolerance, 0, 4)
-    _check_range("detect.error_radius (--error-radius)", det.error_radius, 0, 8)
-    _check_range("detect.harmonise_radius (--harmonise-radius)", det.harmonise_radius, 0, 16)
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
     _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode)))

@@ -30,6 +30,13 @@ sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-map" --overwrite
   --settings 100x10x3,100x10x3s1,250x10x3h9,250x10x3h9r3,250x10x3h9r3s1,250x10x3h4,150x10x3h9r3
 sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-variants" --overwrite --normal-cases "$HEALTHY" \
   --device cpu --settings 100x10x3 --variants noise,sharp,thick
+# Round 3: the mass-preserving error map (--error-radius; map-candidates.md)
+sacdiff validate --data "$DATA" --model "$NEW" --out "$WORK/val-map3" --overwrite --normal-cases "$HEALTHY" --device cpu \
+  --settings 100x10x3,100x10x3e1,150x10x3e1,250x10x3e1,250x10x3e2
+cp "$WORK/val-map3/validation.md" Resources/results/validation-map-candidates-round3.md
+cp "$WORK/val-map3/validation.json" Resources/results/validation-map-candidates-round3.json
+python Resources/results/nsclc_settings.py "$DATA" '{"error_radius": 1}' '{"steps": 250, "error_radius": 2}' \
+  > "$WORK/nsclc-settings-round3.jsonl"
 
 # The picture: nsclc_lung1 heart-level and tumour slices.
 python Resources/results/render_nsclc_slices.py "$WORK/eval-old/runs/nsclc_lung1" "$WORK/eval-new/runs/nsclc_lung1" \
