@@ -359,8 +359,8 @@ def cmd_detect(args) -> int:
         cfg, model, diffusion, device = _load_for_detection(args)
         bar = _progress(args, "detect")
         try:
-            summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar, compile_model=args.compile,
-                                  lung_source=lung_source)
+            summary = detect_many(scans, model, diffusion, cfg, args.out, device, args.overwrite, bar,
+                                  compile_model=args.compile, lung_source=lung_source)
         finally:
             bar.close()
         if summary is not None:
@@ -422,7 +422,8 @@ def cmd_evaluate(args) -> int:
         print(table)
         return 0
     try:
-        summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar, lung_source=lung_source)
+        summary = evaluate(args.cases, model, diffusion, cfg, args.out, device, args.overwrite, bar,
+                           lung_source=lung_source)
     finally:
         bar.close()
     means = ", ".join(f"{k} {v:.4f}" for k, v in summary["mean"].items())
@@ -548,9 +549,7 @@ def cmd_validate(args) -> int:
     from .atomic import Output
     from .checkpoint import load_checkpoint, shipped_model_path
     from .distributed import resolve_device
-    from .experiments.validate import parse_settings, validate_settings, write_validation
-
-    from .experiments.validate import VARIANTS
+    from .experiments.validate import VARIANTS, parse_settings, validate_settings, write_validation
 
     output = Output(args.out, "results", args.overwrite, inputs=[args.data, args.model])
     settings = parse_settings(args.settings)
@@ -566,7 +565,8 @@ def cmd_validate(args) -> int:
         raise SACDiffError(f"{model_path} was trained without a hold-out; give --holdout-every N (its held-out "
                            "slices were then seen in training: say so when you report the figures)")
     rows = validate_settings(args.data, model, diffusion, cfg, settings, device, every,
-                    args.normal_cases.split(",") if args.normal_cases else None, seed=args.seed, variants=variants)
+                             args.normal_cases.split(",") if args.normal_cases else None, seed=args.seed,
+                             variants=variants)
     with output as tmp:
         print(write_validation(tmp, rows, model_path, every))
     return 0

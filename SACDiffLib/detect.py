@@ -245,10 +245,7 @@ def harmonised_x0(x0_hat: torch.Tensor, query: torch.Tensor, region: torch.Tenso
 
     shape = x0_hat.shape
     flat = lambda v: v.reshape(-1, 1, *shape[-2:])  # noqa: E731
-    r = flat((x0_hat - query).float())
-    if radius > 0:  # the mean of the SIGNED difference: a vessel the deep step only blurred or moved keeps its mass
-        r = F.avg_pool2d(r, 2 * radius + 1, 1, radius, count_include_pad=False)  # (≈ 0 after averaging); a removed
-    r = r.abs()  # lesion's mass is gone (large)
+    r = local_mean(flat((x0_hat - query).float()), radius).abs()  # the SIGNED difference averaged first (local_mean)
     inside = flat(region)
     values = torch.where(inside, r, torch.full_like(r, float("nan"))).flatten(1)
     median = values.nanmedian(dim=1).values

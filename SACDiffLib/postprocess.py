@@ -218,7 +218,7 @@ def quantify(mask: np.ndarray, lung_labels: np.ndarray, spacing_xyz, lung_counts
 
 
 def _lung_counts(result: DetectionResult) -> np.ndarray:
-    if result.lung_voxels is None or len(result.lung_voxels) < 3:
+    if result.lung_voxels is None:
         result.lung_voxels = np.bincount(result.lung.ravel(), minlength=3)  # once: the λ slider re-uses it
     return result.lung_voxels
 

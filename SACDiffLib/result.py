@@ -19,6 +19,7 @@ NaN (an undefined ratio) is written as null; any other non-finite number is an e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,8 +97,6 @@ def detection_facts(*, ct_path, ct_fingerprint: str, lung_origin: str, device, t
 def report_document(result: DetectionResult, versions: dict) -> dict:
     """``report.json``'s content for ``result`` (module docstring); ``versions``: the libraries now loaded (those
     that made the maps for a new run; for a re-thresholded one they are recorded as ``threshold_versions``)."""
-    import dataclasses
-
     q = result.quantification
     doc = {
         "lambda": result.detect.lam,

@@ -423,36 +423,38 @@ def run_benchmark(device: str = "auto", quick: bool = False) -> dict:
     results = {"threads": torch.get_num_threads()}
     n = bench_noise(64 if quick else 128, 4 if quick else 8, "cpu", 3)
     results["noise_cpu"] = n
-    log.info(f"noise, one {n['size']}² single-octave field on CPU: opensimplex {n['opensimplex_s_per_field'] * 1e3:.1f} ms, "
-        f"torch {n['torch_s_per_field'] * 1e3:.2f} ms → {n['speedup']:.0f}× ; "
-        f"6-octave fields: {n['torch_6_octave_fields_per_s']:.0f}/s")
+    log.info(f"noise, one {n['size']}² single-octave field on CPU: opensimplex "
+             f"{n['opensimplex_s_per_field'] * 1e3:.1f} ms, torch {n['torch_s_per_field'] * 1e3:.2f} ms → "
+             f"{n['speedup']:.0f}× ; "
+             f"6-octave fields: {n['torch_6_octave_fields_per_s']:.0f}/s")
     rows = bench_noise_octaves((64,) if quick else (128, 256, 512), "cpu", 2 if quick else 4)
     results["noise_octaves_cpu"] = rows
     for r in rows:
         ref = (f"; opensimplex {r['opensimplex_ms']:.0f} ms → eager {r['eager_vs_opensimplex']:.0f}×, compiled "
                f"{r['compiled_vs_opensimplex']:.0f}×") if "opensimplex_ms" in r else ""
-        log.info(f"6-octave field {r['size']}² on CPU: eager {r['eager_ms']:.1f} ms, torch.compile {r['compiled_ms']:.1f} ms "
-            f"({r['compiled_speedup']:.1f}× faster; compiled once in {r['compile_s']:.0f} s){ref}")
+        log.info(f"6-octave field {r['size']}² on CPU: eager {r['eager_ms']:.1f} ms, torch.compile "
+                 f"{r['compiled_ms']:.1f} ms ({r['compiled_speedup']:.1f}× faster; compiled once in "
+                 f"{r['compile_s']:.0f} s){ref}")
     if dev.startswith("cuda"):
         results["noise_octaves_cuda"] = bench_noise_octaves((128, 256, 512), dev, 64, reference=False)
         g = bench_noise(512, 64, dev, 5)
         results["noise_cuda"] = g
         log.info(f"noise on {dev}: 512² field {g['torch_s_per_field'] * 1e6:.0f} µs; "
-            f"6-octave fields {g['torch_6_octave_fields_per_s']:.0f}/s")
+                 f"6-octave fields {g['torch_6_octave_fields_per_s']:.0f}/s")
     for name in (("tiny",) if quick else ("demo", "small", "small256", "fast")):
         tr = bench_training(name, dev, 2 if quick else 3, compile_noise=not quick)
         results[f"train_{name}"] = tr
         log.info(f"training, preset {name} ({tr['image_size']}², batch {tr['batch']}) on {tr['device']}: "
-            f"{tr['samples_per_s']:.1f} samples/s; data {tr['share']['data']:.0%}, noise {tr['share']['noise']:.0%}, "
-            f"network {tr['share']['network']:.0%}")
+                 f"{tr['samples_per_s']:.1f} samples/s; data {tr['share']['data']:.0%}, "
+                 f"noise {tr['share']['noise']:.0%}, network {tr['share']['network']:.0%}")
     for name in (("tiny",) if quick else ("demo", "fast")):
         d = bench_detection_step(name, 4 if quick else 8, dev, 3)
         results[f"step_{name}"] = d
         flops = unet_flops(preset(name))
         d["gflops_per_evaluation"] = flops / 1e9
         log.info(f"detection step, preset {name} ({d['image_size']}², K={d['ensemble']} × {d['slices']} slices) on "
-            f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s, "
-            f"{flops / 1e9:.2f} GFLOP per evaluation → {flops * d['evaluations_per_s'] / 1e12:.3f} TFLOP/s")
+                 f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s, "
+                 f"{flops / 1e9:.2f} GFLOP per evaluation → {flops * d['evaluations_per_s'] / 1e12:.3f} TFLOP/s")
     if dev.startswith("cuda"):
         peak = matmul_peak_tflops(dev)
         results["bf16_matmul_peak_tflops"] = peak
@@ -462,19 +464,19 @@ def run_benchmark(device: str = "auto", quick: bool = False) -> dict:
         results["step_paper"] = dict(d, gflops_per_evaluation=flops / 1e9, achieved_tflops=achieved)
         evals = network_evaluations(preset("paper").detect) * 80  # 550 × 7 per slice, from the preset
         log.info(f"paper preset 512² on {dev}: {d['evaluations_per_s']:.0f} evaluations/s, {achieved:.1f} TFLOP/s = "
-            f"{achieved / peak:.2f} of the measured bf16 matmul peak {peak:.0f} TFLOP/s; a 80-slice volume "
-            f"(550 × 7 × 80 evaluations) ≈ {evals / d['evaluations_per_s']:.0f} s, FLOP floor "
-            f"{evals * flops / (peak * 1e12):.0f} s")
+                 f"{achieved / peak:.2f} of the measured bf16 matmul peak {peak:.0f} TFLOP/s; a 80-slice volume "
+                 f"(550 × 7 × 80 evaluations) ≈ {evals / d['evaluations_per_s']:.0f} s, FLOP floor "
+                 f"{evals * flops / (peak * 1e12):.0f} s")
     name = "tiny" if quick else "small"
     v = bench_volume(name, 4 if quick else 8, 3 if quick else 5, dev, naive=True)
     results["volume"] = v
     log.info(f"reconstruction, preset {name}, {v['slices']} slices × K={v['ensemble']} × {v['steps']} steps on "
-        f"{v['device']}: batched + lung crop ({v['box_fraction']:.0%} of the grid) {v['batched_s']:.2f} s vs naive "
-        f"loop with opensimplex noise {v['naive_s']:.2f} s → {v['speedup']:.1f}×")
+             f"{v['device']}: batched + lung crop ({v['box_fraction']:.0%} of the grid) {v['batched_s']:.2f} s "
+             f"vs naive loop with opensimplex noise {v['naive_s']:.2f} s → {v['speedup']:.1f}×")
     r = bench_rethreshold((24, 256, 256) if quick else (80, 512, 512), 3 if quick else 5)
     results["rethreshold"] = r
-    log.info(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms (target ≤ 100) "
-        f"vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
+    log.info(f"λ re-threshold of {'×'.join(map(str, r['shape'][::-1]))}: {r['rethreshold_s'] * 1e3:.0f} ms "
+             f"(target ≤ 100) vs whole-volume path {r['whole_volume_s'] * 1e3:.0f} ms → {r['speedup']:.1f}×")
     a = allocator_comparison(8 if quick else 120, 64 if quick else 256,
                              ("tiny",) if quick else ("demo", "small", "small256", "fast"), 2 if quick else 3,
                              "tiny" if quick else "")

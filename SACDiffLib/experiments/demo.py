@@ -64,7 +64,8 @@ def run_demo(
             write_phantom_cases(data, cases=1, kind="covid", size=size, slices=24, seed=seed, normals=4, overwrite=True)
             cfg = derive(preset("demo"), train={"seed": seed})
             model = out_dir / "demo-model.pt"
-            log.info(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) → {model}")
+            log.info(f"[2/3] training the small 'demo' model on CPU/GPU ({train_steps or cfg.train.steps} steps) "
+                     f"→ {model}")
             summary = train(cfg, data, model, dev, steps=train_steps, progress=part(progress, 0, 2, "train"))
             progress = part(progress, 1, 2, "detect")  # the bar's second half
             log.info(f"      final loss {summary['final_loss']:.4f} after {summary['seconds']:.0f} s")
@@ -81,7 +82,7 @@ def run_demo(
         else:
             ct_path, lung_path, truth_path = Path(ct), None, None
         log.info(f"[3/3] detecting anomalies in {ct_path} (T_s={cfg.detect.steps}, K={cfg.detect.ensemble}, "
-            f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
+                 f"{cfg.detect.sampling_steps or cfg.detect.steps} reverse steps)")
         result = detect_volume(ct_path, net, diffusion, cfg, lung_path, dev, progress, lung_source=lung_source)
         run_dir = write_run(result, out_dir / "run", overwrite=overwrite)
         summary = {"run": str(run_dir), "model": str(model), "seconds": time.perf_counter() - t0,

@@ -350,8 +350,7 @@ def write_validation(folder: Path, rows: list[dict], model_path, holdout_every: 
 
 
 def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], device, holdout_every: int,
-             normal_cases: Optional[list] = None, seed: int = 0,
-             variants: tuple = ()) -> list[dict]:
+                      normal_cases: Optional[list] = None, seed: int = 0, variants: tuple = ()) -> list[dict]:
     """One row per setting (a dict of DetectConfig overrides, e.g. {"steps": 150, "sampling_steps": 10}) and per
     scanner variant (``VARIANTS``; the original slabs first, variant None). A variant's row also holds
     ``flagged_percent_at_model_lambda``: % of clean lung flagged at the model's own λ, per case."""
@@ -378,8 +377,8 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
                 row["flagged_percent_at_model_lambda"] = {
                     case: v["flagged_percent"][str(float(run_cfg.detect.lam))] for case, v in row["per_case"].items()}
                 log.info(json.dumps({k: row[k] for k in ("setting", "variant", "healthy_error", "synthetic_voxel_auroc",
-                                                      "synthetic_oracle_dice", "recommended_lambda",
-                                                      "flagged_percent_at_model_lambda")}))
+                                                         "synthetic_oracle_dice", "recommended_lambda",
+                                                         "flagged_percent_at_model_lambda")}))
                 rows.append(row)
     return rows
 
@@ -407,18 +406,18 @@ def markdown(rows: list[dict], model_name: str) -> str:
                   + " / ".join(f"{b:.4f}" for b in baselines) + "."]
     lines += ["", "Chosen by the declared rule (highest worst-kind oracle Dice, ties within 0.01 by the synthetic Dice "
               "at the recommended λ): " + ("none qualifies (no λ of the grid flags ≤ 1 % of clean lung)" if best is None
-                                          else f"**{best['setting']}** at λ {best['recommended_lambda']}"), "",
-              "Per case at the recommended λ (how stable the threshold is from scan to scan):", "",
-              "| setting | case | % clean lung flagged | α |", "|---|---|---|---|"]
+                                          else f"**{best['setting']}** at λ {best['recommended_lambda']}"), ""]
     if any("flagged_percent_at_model_lambda" in r for r in rows):
-        at_model = ["", "% of clean lung flagged at the model's own λ, per case and scanner variant (goal ≤ 1 %):", "",
-                    "| setting | variant | λ | " + " | ".join(rows[0]["flagged_percent_at_model_lambda"]) + " |",
-                    "|---|---|---|" + "---|" * len(rows[0]["flagged_percent_at_model_lambda"])]
+        lines += ["", "% of clean lung flagged at the model's own λ, per case and scanner variant (goal ≤ 1 %):", "",
+                  "| setting | variant | λ | " + " | ".join(rows[0]["flagged_percent_at_model_lambda"]) + " |",
+                  "|---|---|---|" + "---|" * len(rows[0]["flagged_percent_at_model_lambda"])]
         for r in rows:
             values = r.get("flagged_percent_at_model_lambda", {})
-            at_model.append(f"| {r['setting']} | {r.get('variant') or 'as scanned'} | {r.get('model_lambda', '')} | "
-                            + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
-        lines = lines[:-4] + at_model + [""] + lines[-4:]
+            lines.append(f"| {r['setting']} | {r.get('variant') or 'as scanned'} | {r.get('model_lambda', '')} | "
+                         + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
+        lines.append("")
+    lines += ["Per case at the recommended λ (how stable the threshold is from scan to scan):", "",
+              "| setting | case | % clean lung flagged | α |", "|---|---|---|---|"]
     for r in rows:
         rec = r["recommended_lambda"]
         if rec is None:
