@@ -130,6 +130,15 @@ PATHOLOGY_KINDS = {"dependent": 0.2, "pleural": 0.12, "mass": 0.13, "wedge": 0.1
 HU_CHANGED = 100.0  # a pixel that synthetic pathology changed by more than this counts as lesion (evaluation)
 
 
+def gravity_target(region: np.ndarray, yy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Target HU per pixel of a large dependent lesion: ground glass (−700…−350 HU) at the ``region``'s front row,
+    grading to dense consolidation (−60…+70 HU) at its back row (larger y = posterior), as gravity leaves it."""
+    rows = np.nonzero(region.any(1))[0]
+    back = np.clip((yy - rows[0]) / max(rows[-1] - rows[0], 1), 0, 1) ** rng.uniform(0.5, 1.5)
+    front, dense = rng.uniform(-700, -350), rng.uniform(-60, 70)
+    return front + (dense - front) * back
+
+
 def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Generator, cfg: LungNetConfig,
                         pixel_mm: float, kinds: Optional[tuple] = None) -> np.ndarray:
     """Draw 1–4 lesions into the lung of one training stack (3, S, S) (windowed units; the same lesion in the
@@ -180,9 +189,7 @@ def synthetic_pathology(stack: np.ndarray, lung: np.ndarray, rng: np.random.Gene
         else:
             target, blend = rng.uniform(-60, 70), rng.uniform(0.85, 1.0)
         if kind in ("lobar", "whole") and rng.random() < 0.5:  # gravity: ground glass in front, dense behind
-            rows = np.nonzero(region.any(1))[0]
-            back = np.clip((yy - rows[0]) / max(rows[-1] - rows[0], 1), 0, 1) ** rng.uniform(0.5, 1.5)
-            target = rng.uniform(-700, -350) + (rng.uniform(-60, 70) - rng.uniform(-700, -350)) * back
+            target = gravity_target(region, yy, rng)
         alpha = ndimage.gaussian_filter(region.astype(np.float32), rng.uniform(0.6, 1.5)) * blend * rim
         # texture: fine mottling, or a coarse reticular pattern (crazy paving, fibrosis)
         texture = ndimage.gaussian_filter(rng.normal(size=lung.shape), rng.choice([1.0, 2.0])) * rng.uniform(5, 25)

@@ -52,6 +52,20 @@ def test_whole_lung_pathology_densifies_most_of_the_chosen_lung_only():
     assert np.median(dense) > 0.5  # most of one lung's section is consolidated or ground glass
 
 
+def test_gravity_gradient_runs_from_ground_glass_in_front_to_consolidation_behind():
+    """The front row of the lesion gets a ground-glass value, the back row a consolidation value, monotone between
+    (the first version drew the front value twice, so its back row landed anywhere in about −410…+420 HU)."""
+    from SACDiffLib.lungnet import gravity_target
+
+    yy, _ = np.mgrid[:64, :64]
+    region = _disc((64, 64), 32, 32, 20)
+    for seed in range(50):
+        target = gravity_target(region, yy, np.random.default_rng(seed))
+        column = target[12:53, 32]  # rows 12 (front) … 52 (back) of the disc
+        assert -700 <= column[0] <= -350 and -60 <= column[-1] <= 70
+        assert np.all(np.diff(column) >= 0)
+
+
 def test_refine_edges_takes_air_at_the_edge_and_keeps_dense_lung_inside():
     hu = np.full((1, 64, 64), 40.0, np.float32)
     air_lung = _disc((64, 64), 32, 32, 20)
