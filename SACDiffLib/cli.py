@@ -483,6 +483,10 @@ def cmd_train_lungmask(args) -> int:
     if args.resume and args.init:
         raise SACDiffError("train-lungmask: give --resume (continue a training) or --init (start from its weights), "
                            "not both")
+    for flag, given in (("--resume", args.resume), ("--init", args.init)):
+        if given and not Path(given).is_file():
+            raise SACDiffError(f"train-lungmask: {flag} {given} does not exist; give a lung network file written by "
+                               "`sacdiff train-lungmask`")
     if not (args.resume and Path(args.resume).resolve() == Path(args.out).resolve()):  # continuing in place is fine
         Output(args.out, "lung-model", args.overwrite, inputs=[args.data, args.resume, args.init])  # checks first
     bar = _progress(args, "train-lungmask")

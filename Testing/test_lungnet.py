@@ -115,6 +115,17 @@ def test_init_starts_from_the_given_weights(data_dir, tmp_path):
     assert all(torch.allclose(a[k].float(), b["model"][k].float(), atol=1e-6) for k in a)
 
 
+def test_train_lungmask_names_a_missing_start_file(tmp_path, capsys):
+    from SACDiffLib.cli import main
+
+    for flag in ("--init", "--resume"):
+        assert main(["train-lungmask", "--data", str(tmp_path), "--out", str(tmp_path / "o.pt"), flag,
+                     str(tmp_path / "missing.pt")]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {tmp_path / 'missing.pt'} does not exist" in err and "--lung-method" not in err
+    assert not (tmp_path / "o.pt").exists()
+
+
 def test_a_scan_without_lungs_is_refused(data_dir, tmp_path, monkeypatch):
     from SACDiffLib import lungnet
 
