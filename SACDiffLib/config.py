@@ -9,6 +9,8 @@ dataclasses is refused. Presets:
 - ``small``: a 128² network that trains on 2 CPU cores in about an hour; the first reference model.
 - ``small256``: the ``small`` network at 256² (native resolution of 256² CTs), trained on t ≤ 350 only, with a
   held-out validation slab; trains on one CPU core in about two hours.
+- ``small256-context``: ``small256`` in 2.5D — the slices 4 mm above and below are extra, jointly noised image
+  channels (``ModelConfig.context_slices``); warm-started from a ``small256`` checkpoint (``--init``).
 - ``demo``: a small network at 64² that trains on 2 CPU cores in minutes (``sacdiff demo``).
 - ``tiny``: a few channels at 32², for tests only.
 """
@@ -47,10 +49,20 @@ class ModelConfig:
     dropout: float = 0.0
     groups: int = 8  # GroupNorm groups (must divide every width)
     time_embed_dim: int = 0  # 0 = 4 × channels[0]
+    # 2.5D (the paper's future work, issue 20): ``context_slices`` neighbouring slices on each side at multiples of
+    # ``context_mm`` (at least one slice apart) are extra image channels, noised jointly with the slice — each
+    # with its own field — and denoised with it (ε̂ for every channel); 0 = the 2D model of Fig. 2.
+    context_slices: int = 0
+    context_mm: float = 4.0
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of x₀, x_t and ε: the slice, then its neighbours (−d, +d, −2d, +2d, …)."""
+        return 1 + 2 * self.context_slices
 
     @property
     def in_channels(self) -> int:
-        return 2 if self.conditional else 1
+        return self.image_channels + (1 if self.conditional else 0)  # [x_t ⊕ c]: the slice's lung mask
 
     @property
     def size_multiple(self) -> int:
@@ -258,6 +270,9 @@ _PRESETS = {
     "small256": ("small", {"preprocess": {"image_size": 256}, "detect": {"steps": 150, "sampling_steps": 10},
                            "train": {"batch_size": 4, "steps": 4000, "lr": 3e-4, "ema_decay": 0.998, "save_every": 200,
                                      "max_timestep": 350, "holdout_every": 5}}),
+    # small256 in 2.5D: the slices 4 mm above and below as jointly noised channels (warm start from small256)
+    "small256-context": ("small256", {"model": {"context_slices": 1, "context_mm": 4.0},
+                                      "detect": {"steps": 100, "lam": 12.0}}),
     # small enough to train on 2 CPU cores in a couple of minutes (sacdiff demo --train-steps)
     "demo": ("paper", {"model": {"channels": (16, 32, 64, 64), "blocks_per_module": 1, "bottleneck_blocks": 1},
                        "preprocess": {"image_size": 64}, "detect": {"steps": 250, "ensemble": 3},
@@ -312,6 +327,8 @@ def _build(cls, data: dict, where: str):
 
 
 _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → the value that reproduces older files
+    (ModelConfig, "context_slices"): 0,  # 2D
+    (ModelConfig, "context_mm"): 4.0,
     (TrainConfig, "max_timestep"): 0,
     (TrainConfig, "holdout_every"): 0,
     (DetectConfig, "exclude_airways"): True,  # a detection default, not a training fact: the better one for all
@@ -506,6 +523,8 @@ def validate(cfg: SACDiffConfig) -> None:
     _check_range("model.groups", m.groups, 1, None)
     _check_range("model.blocks_per_module", m.blocks_per_module, 1, 16)
     _check_range("model.bottleneck_blocks", m.bottleneck_blocks, 0, 16)
+    _check_range("model.context_slices", m.context_slices, 0, 4)
+    _check_range("model.context_mm", m.context_mm, 0.1, 50.0, " (the distance between a slice and its neighbour)")
     _check_range("model.time_embed_dim", m.time_embed_dim, 0, 8192, " (0 = 4 × channels[0])")
     if any(c < 1 or c > 4096 for c in m.channels):
         raise SACDiffError(f"model.channels {m.channels}: every width must lie in 1..4096")

@@ -116,20 +116,20 @@ class _Forward:
 
 
 class _ChunkedEps:
-    """ε̂ for a part (K, n, 1, h, w) of the state, as K × n images, ``chunk`` slices per forward; a CUDA
+    """ε̂ for a part (K, n, C, h, w) of the state, as K × n images, ``chunk`` slices per forward; a CUDA
     out-of-memory error halves the chunk from then on and redoes the part (at one slice it is raised)."""
 
     def __init__(self, forward: _Forward, k: int, chunk: int, device: torch.device):
         self.forward, self.k, self.chunk, self.device, self.retries = forward, k, chunk, device, 0
 
     def __call__(self, x_t, c, t):
-        k, n, (h, w) = self.k, x_t.shape[1], x_t.shape[-2:]
+        k, n, channels, (h, w) = self.k, x_t.shape[1], x_t.shape[2], x_t.shape[-2:]
         while True:
             chunk = self.chunk
             try:
-                out = [self.forward(x_t[:, a:a + chunk].reshape(-1, 1, h, w),
+                out = [self.forward(x_t[:, a:a + chunk].reshape(-1, channels, h, w),
                                     None if c is None else c[:, a:a + chunk].reshape(-1, 1, h, w),
-                                    t[:1].repeat(k * min(chunk, n - a))).view(k, -1, 1, h, w)
+                                    t[:1].repeat(k * min(chunk, n - a))).view(k, -1, channels, h, w)
                        for a in range(0, n, chunk)]
                 return out[0] if len(out) == 1 else torch.cat(out, 1)
             except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
@@ -142,20 +142,22 @@ class _ChunkedEps:
 
 
 class _NoiseFields:
-    """The simplex fields of one volume (Section 3.2): one generator, one field per (member k, timestep) drawn once
-    on the whole H × W grid and cropped to the box — the same field for every slice of member k; the seconds spent
-    drawing them are counted."""
+    """The simplex fields of one volume (Section 3.2): one generator, one field per (member k, timestep, image
+    channel) drawn once on the whole H × W grid and cropped to the box — the same field for every slice of member k
+    (a 2.5D model's neighbour channels get fields of their own); the seconds spent drawing them are counted."""
 
     def __init__(self, diffusion: Diffusion, k: int, size: tuple[int, int], box: tuple[slice, slice], seed: int,
-                 device: torch.device):
+                 device: torch.device, channels: int = 1):
         self.diffusion, self.k, self.size, self.box, self.device = diffusion, k, size, box, device
+        self.channels = channels
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seconds = 0.0
 
-    def __call__(self, _t: int) -> torch.Tensor:  # (K, 1, 1, hc, wc)
+    def __call__(self, _t: int) -> torch.Tensor:  # (K, 1, C, hc, wc)
         t0 = time.perf_counter()
         rows, cols = self.box
-        z = self.diffusion.sample_noise(self.k, *self.size, self.generator, device=self.device)[:, :, rows, cols]
+        z = self.diffusion.sample_noise(self.k, *self.size, self.generator, device=self.device,
+                                        channels=self.channels)[:, :, rows, cols]
         self.seconds += time.perf_counter() - t0  # (asynchronous on CUDA: a lower bound there)
         return z.unsqueeze(1)
 
@@ -174,8 +176,9 @@ def reconstruct_ensemble(
     compile_model: bool = False,
 ) -> tuple[torch.Tensor, ReconstructionStats]:
     """K = ``det.ensemble`` pseudo-healthy reconstructions of every slice from T_s = ``det.steps`` (Alg. 2, with
-    ``det.sampling_steps``, ``det.seed``, ``det.batch_size``, ``det.harmonise_*``): x (S, 1, H, W) in [−1, 1] →
-    members (K, S, 1, H, W), and how it ran.
+    ``det.sampling_steps``, ``det.seed``, ``det.batch_size``, ``det.harmonise_*``): x (S, C, H, W) in [−1, 1] →
+    members (K, S, 1, H, W), and how it ran. C > 1: a 2.5D model's slice and its neighbours (channel 0 the slice),
+    all noised and denoised together; the members are the slice's channel.
 
     ``box`` (rows, cols) restricts the network to that in-plane window: the noise fields are drawn on the whole
     H × W grid and cropped, so only the UNet's view of the border changes; outside the box the reconstruction is
@@ -184,7 +187,7 @@ def reconstruct_ensemble(
     ``det.batch_size`` 0 picks the chunk from the memory budget (``auto_chunk``). Memory: the state of all slices
     (K × S × box) plus one step's K fields, never all steps' fields.
     """
-    s, _, h, w = x.shape
+    s, channels, h, w = x.shape
     k = det.ensemble
     rows, cols = box if box is not None else (slice(0, h), slice(0, w))
     xc = x[:, :, rows, cols]
@@ -200,27 +203,27 @@ def reconstruct_ensemble(
     fields = k * len(diffusion.sampling_timesteps(det.steps, det.sampling_steps))
     if compile_model or fields * h * w >= COMPILE_NOISE_FROM_PIXELS:
         diffusion.compile_noise()  # seconds to compile once, then ≈ 8× faster fields (SimplexNoise.compile)
-    noise = _NoiseFields(diffusion, k, (h, w), (rows, cols), det.seed, device)
+    noise = _NoiseFields(diffusion, k, (h, w), (rows, cols), det.seed, device, channels)
 
     def on_step(done: float, total: int):
         return keep_going(progress, done / total, f"reverse step {math.ceil(done)}/{total}, {s} slices")
 
-    x0 = xc.unsqueeze(0).expand(k, s, 1, hc, wc)
+    x0 = xc.unsqueeze(0).expand(k, s, channels, hc, wc)
     c0 = None if cc is None else cc.unsqueeze(0).expand(k, s, 1, hc, wc)
     parts = [(slice(None), slice(a, a + chunk)) for a in range(0, s, chunk)]
     harmonise = None
     if det.harmonise_steps > 0:
         if lung is None:
             raise ValueError("the harmonised reverse chain needs the lung mask (lung=)")
-        region = lung[:, :, rows, cols].unsqueeze(0).expand(k, s, 1, hc, wc) > 0.5
+        region = lung[:, :, rows, cols].unsqueeze(0).expand(k, s, channels, hc, wc) > 0.5
 
         def harmonise(x0_hat, part):
             return harmonised_x0(x0_hat, x0[part], region[part], det.harmonise_radius)
 
     recon = diffusion.partial_chain(eps_model, x0, c0, det.steps, noise, on_step, det.sampling_steps, parts,
                                     harmonise, det.harmonise_steps)
-    out = x.unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
-    out[:, :, :, rows, cols] = recon
+    out = x[:, :1].unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
+    out[:, :, :, rows, cols] = recon[:, :, :1]
     return out, ReconstructionStats(chunk_slices=eps_model.chunk, oom_retries=eps_model.retries,
                                     compiled=forward.compiled, noise_s=round(noise.seconds, 3))
 
@@ -362,7 +365,7 @@ class PreparedVolume:
     lung: np.ndarray  # uint8 labels 1 right / 2 left
     lung_origin: str  # where the mask came from (report.json's ``lung_mask``)
     processed: np.ndarray  # z indices of the slices with enough lung (Section 3.1)
-    x: torch.Tensor  # (S, 1, H, W) the processed slices, windowed, on the model grid
+    x: torch.Tensor  # (S, C, H, W) the processed slices (C > 1: and their neighbours), windowed, on the model grid
     c: torch.Tensor  # (S, 1, H, W) their lung mask on the model grid (the condition, Section 2.3)
     box: tuple[slice, slice]  # the body's in-plane bounding box on the model grid (``crop_box``)
 
@@ -386,7 +389,8 @@ def prepare_volume(ct_path, cfg: SACDiffConfig, lung_path, lung_source: LungSour
             f"no slice has ≥ {pre.min_lung_fraction:.1%} lung in the lung mask; check that the mask belongs to "
             "this CT and covers the lungs"
         )
-    x, c = (t.to(device) for t in io.model_inputs(hu[processed], lung[processed], pre))
+    offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
+    x, c = (t.to(device) for t in io.model_inputs(hu, lung, pre, processed, offset, cfg.model.context_slices))
     body_c = io.to_model_grid(torch.from_numpy(body[processed]), pre.image_size, 0.0, mask=True).to(device)
     box = crop_box(torch.maximum(c, body_c), cfg.model.size_multiple)
     return PreparedVolume(ct, hu, body, lung, lung_origin, processed, x, c, box)
@@ -428,7 +432,7 @@ def detect_volume(
     members, stats = reconstruct_ensemble(
         model, diffusion, volume.x, volume.c if cfg.model.conditional else None, det, lung=volume.c,
         box=volume.box if det.crop_to_lung else None, progress=progress, compile_model=compile_model)
-    err, std, mean = error_maps(volume.x, members, det.error, det.shift_tolerance, det.error_radius)
+    err, std, mean = error_maps(volume.x[:, :1], members, det.error, det.shift_tolerance, det.error_radius)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
         raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
                            "nothing was written — check the model with `sacdiff validate` or retrain it")

@@ -66,8 +66,9 @@ class Diffusion(nn.Module):
             self.noise.simplex.compile()
         return self
 
-    def sample_noise(self, n: int, height: int, width: int, generator: torch.Generator, device=None, dtype=None):
-        return self.noise(n, height, width, generator, device=device, dtype=dtype or torch.float32)
+    def sample_noise(self, n: int, height: int, width: int, generator: torch.Generator, device=None, dtype=None,
+                     channels: int = 1):
+        return self.noise(n, height, width, generator, device=device, dtype=dtype or torch.float32, channels=channels)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε (Alg. 1 line 4)."""
@@ -79,10 +80,10 @@ class Diffusion(nn.Module):
     ) -> torch.Tensor:
         """‖ε − ε̂_θ([x_t ⊕ c], t)‖² with t ~ U{1..T} (or U{1..max_timestep}) and ε from the configured family
         (Alg. 1)."""
-        n, _, h, w = x0.shape
+        n, channels, h, w = x0.shape
         top = max_timestep or self.T
         t = torch.randint(1, top + 1, (n,), generator=generator, device=generator.device).to(x0.device)
-        eps = self.sample_noise(n, h, w, generator, device=x0.device, dtype=x0.dtype)
+        eps = self.sample_noise(n, h, w, generator, device=x0.device, dtype=x0.dtype, channels=channels)
         x_t = self.q_sample(x0, t, eps)
         return F.mse_loss(eps_model(x_t, cond, t), eps)
 

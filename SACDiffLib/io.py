@@ -389,14 +389,32 @@ def to_model_grid(slices: "torch.Tensor", size: int, pad_value: float, mask: boo
     return (x > 0.5).float() if mask else x
 
 
-def model_inputs(hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Slices (S, Y, X) in HU and their lung mask → the network's image x₀ and condition c, (S, 1, size, size)
-    each: windowed to [−1, 1] (Section 3.1) and put on the model grid (air −1 / no lung 0 as padding). The one
-    preparation of slices, for training and detection alike."""
+def neighbour_offset(spacing_z: float, distance_mm: float) -> int:
+    """Slices between a slice and its neighbour ``distance_mm`` away (at least one)."""
+    return max(1, int(round(distance_mm / max(float(spacing_z), 1e-6))))
+
+
+def context_indices(z: np.ndarray, offset: int, per_side: int, n_slices: int) -> list[np.ndarray]:
+    """The slice indices of a stack of neighbouring slices: ``z`` itself, then z − d, z + d, z − 2d, z + 2d, …
+    (``per_side`` on each side, d = ``offset``), the end slices repeated beyond the scan's ends."""
+    z = np.asarray(z)
+    steps = [0] + [sign * k * offset for k in range(1, per_side + 1) for sign in (-1, 1)]
+    return [np.clip(z + d, 0, n_slices - 1) for d in steps]
+
+
+def model_inputs(hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig, z: Optional[np.ndarray] = None,
+                 offset: int = 1, context: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Slices z (all when None) of a volume (Z, Y, X) in HU and of its lung mask → the network's image x₀
+    (S, 1 + 2·context, size, size: the slice, then its neighbours at ``context_indices``) and condition c (the
+    slice's lung mask, S, 1, size, size): windowed to [−1, 1] (Section 3.1) and put on the model grid (air −1 / no
+    lung 0 as padding). The one preparation of slices, for training and detection alike."""
     import torch
 
-    x = to_model_grid(torch.from_numpy(window(hu, cfg)), cfg.image_size, pad_value=-1.0)
-    c = to_model_grid(torch.from_numpy(lung > 0), cfg.image_size, 0.0, mask=True)
+    z = np.arange(hu.shape[0]) if z is None else np.asarray(z)
+    planes = [to_model_grid(torch.from_numpy(window(hu[i], cfg)), cfg.image_size, pad_value=-1.0)
+              for i in context_indices(z, offset, context, hu.shape[0])]
+    x = planes[0] if len(planes) == 1 else torch.cat(planes, 1)
+    c = to_model_grid(torch.from_numpy(lung[z] > 0), cfg.image_size, 0.0, mask=True)
     return x, c
 
 

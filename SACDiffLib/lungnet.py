@@ -99,17 +99,11 @@ def window(hu: np.ndarray, cfg: LungNetConfig) -> np.ndarray:
     return ((np.clip(hu, lo, hi) - lo) / (hi - lo) * 2 - 1).astype(np.float32)
 
 
-def neighbour_offset(spacing_z: float, cfg: LungNetConfig) -> int:
-    return max(1, int(round(cfg.context_mm / max(spacing_z, 1e-6))))
-
-
 def slice_stacks(hu: np.ndarray, z: np.ndarray, spacing_z: float, cfg: LungNetConfig) -> torch.Tensor:
-    """(N, 3, S, S) in [−1, 1] on the model grid: slice z and its neighbours at ± ``neighbour_offset`` (the edge
-    slice repeated at the ends of the scan)."""
-    off = neighbour_offset(spacing_z, cfg)
-    last = hu.shape[0] - 1
-    planes = [io.to_model_grid(torch.from_numpy(window(hu[np.clip(z + d, 0, last)], cfg)), cfg.image_size, -1.0)
-              for d in (0, -off, off)]
+    """(N, 3, S, S) in [−1, 1] on the model grid: slice z and its neighbours ``cfg.context_mm`` away
+    (``io.context_indices``: the edge slice repeated at the ends of the scan)."""
+    planes = [io.to_model_grid(torch.from_numpy(window(hu[i], cfg)), cfg.image_size, -1.0)
+              for i in io.context_indices(z, io.neighbour_offset(spacing_z, cfg.context_mm), 1, hu.shape[0])]
     return torch.cat(planes, 1)
 
 

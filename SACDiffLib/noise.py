@@ -179,7 +179,8 @@ class SimplexNoise:
 
 
 class NoiseSampler:
-    """Draws ε for the forward and reverse process from the family in ``NoiseConfig``: (n, 1, H, W) tensors."""
+    """Draws ε for the forward and reverse process from the family in ``NoiseConfig``: (n, channels, H, W) tensors,
+    every channel its own field (a 2.5D model's neighbouring slices are noised jointly but independently)."""
 
     def __init__(self, cfg: NoiseConfig, seed: int = 0):
         self.cfg = cfg
@@ -192,15 +193,16 @@ class NoiseSampler:
             return 1.0
         return raw_octave_std(self.cfg)
 
-    def __call__(self, n, height, width, generator, device=None, dtype=torch.float32) -> torch.Tensor:
+    def __call__(self, n, height, width, generator, device=None, dtype=torch.float32, channels: int = 1):
         device = torch.device(device) if device is not None else generator.device
         if self.simplex is None:
-            return torch.randn((n, 1, height, width), generator=generator, device=generator.device).to(device, dtype)
+            return torch.randn((n, channels, height, width), generator=generator,
+                               device=generator.device).to(device, dtype)
         cfg = self.cfg
         field = self.simplex.octaves(
-            n, height, width, generator, cfg.octaves, cfg.persistence, cfg.base_frequency, device, dtype
+            n * channels, height, width, generator, cfg.octaves, cfg.persistence, cfg.base_frequency, device, dtype
         )
-        return (field / self.scale).unsqueeze(1)
+        return (field / self.scale).view(n, channels, height, width)
 
 
 def raw_octave_std(cfg: NoiseConfig) -> float:

@@ -34,7 +34,9 @@ from .progress import Progress, keep_going
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
 def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
                          normal_cases: Optional[list] = None, split: str = "train"):
-    """(images (N, 1, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)).
+    """(images (N, C, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)); C = 1, or the slice
+    and its neighbours for a 2.5D model (``io.model_inputs``; a neighbour may lie in a held-out slab: it is healthy
+    context, never a training target of its own).
 
     Healthy cases are those with diagnosis exactly ``normal``, or the cases named in ``normal_cases`` (e.g. to add
     one described as "normal-looking lungs"). ``split`` "train" gives the training slices, "holdout" the slabs
@@ -61,7 +63,8 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
         z = holdout_split(z, cfg.train.holdout_every)[0 if split == "train" else 1]
         if z.size == 0:
             continue
-        image, mask = io.model_inputs(hu[z], lung[z], pre)
+        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
+        image, mask = io.model_inputs(hu, lung, pre, z, offset, cfg.model.context_slices)
         images.append(image)
         masks.append(mask)
         used.append((name, [int(i) for i in z]))
@@ -119,7 +122,7 @@ def _initial_networks(cfg: SACDiffConfig, device, resumed: Optional[dict], init:
         source = read_checkpoint(init)
         weights = source.get("ema") or source["model"]
         try:
-            model.load_state_dict({k: v.float() for k, v in weights.items()})
+            model.load_state_dict(inflated(weights, model.state_dict()))
         except RuntimeError:
             raise SACDiffError(f"--init {init}: its network does not have the shape of this preset's network; "
                                "warm-start only from a checkpoint of the same widths and blocks") from None
@@ -127,6 +130,26 @@ def _initial_networks(cfg: SACDiffConfig, device, resumed: Optional[dict], init:
     if resumed and resumed.get("ema"):
         ema.load_state_dict(resumed["ema"])
     return model, ema, diffusion
+
+
+def inflated(weights: dict, target: dict) -> dict:
+    """A 2D network's weights (``weights``) for a 2.5D network of the same widths (``target``'s shapes): the first
+    convolution keeps the slice's and the lung mask's filters and starts the neighbours' at zero (the 2.5D model
+    begins as the 2D one, blind to its neighbours); the last one predicts each neighbour's ε as the slice's. Equal
+    shapes are copied as they are (float32)."""
+    out = {}
+    for name, value in weights.items():
+        value = value.float()
+        want = target.get(name)
+        if want is not None and want.shape != value.shape:
+            if name == "conv_in.weight" and value.shape[1] == 2 and want.shape[1] > 2:
+                grown = torch.zeros(want.shape)
+                grown[:, 0], grown[:, -1] = value[:, 0], value[:, 1]  # [x_t ⊕ c] → [x_t, neighbours…, c]
+                value = grown
+            elif name.startswith("conv_out.") and value.shape[0] == 1:
+                value = value.expand(want.shape).clone()
+        out[name] = value
+    return out
 
 
 def _ranks_in_sync(model) -> bool:

@@ -1,7 +1,8 @@
 """Conditional residual UNet ε̂_θ([x_t ⊕ c], t) (Fig. 2, Section 2.3).
 
 Early fusion: the lung mask c is concatenated channel-wise with x_t at the input (``ModelConfig.conditional``;
-the unconditional ablation takes x_t alone). ``len(channels) − 1`` downsampling modules and as many upsampling
+the unconditional ablation takes x_t alone). A 2.5D model's x_t holds the slice and its neighbours as channels
+(``ModelConfig.context_slices``) and it predicts ε for each of them. ``len(channels) − 1`` downsampling modules and as many upsampling
 modules of ``blocks_per_module`` residual blocks each, joined by a bottleneck of ``bottleneck_blocks`` blocks;
 every residual block receives the sinusoidal timestep embedding. The ``paper`` preset has 7 + 7 modules of 3
 blocks and a 2-block bottleneck, as Fig. 2.
@@ -78,7 +79,7 @@ class UNet(nn.Module):
             blocks = [block(2 * ch[i], ch[i])] + [block(ch[i], ch[i]) for _ in range(cfg.blocks_per_module - 1)]
             self.up_blocks.append(nn.ModuleList(blocks))
         self.norm_out = nn.GroupNorm(cfg.groups, ch[0])
-        self.conv_out = nn.Conv2d(ch[0], 1, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[0], cfg.image_channels, 3, padding=1)  # ε̂ of the slice (and its neighbours)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
