@@ -134,9 +134,10 @@ def _initial_networks(cfg: SACDiffConfig, device, resumed: Optional[dict], init:
 
 def inflated(weights: dict, target: dict) -> dict:
     """A 2D network's weights (``weights``) for a 2.5D network of the same widths (``target``'s shapes): the first
-    convolution keeps the slice's and the lung mask's filters and starts the neighbours' at zero (the 2.5D model
-    begins as the 2D one, blind to its neighbours); the last one predicts each neighbour's ε as the slice's. Equal
-    shapes are copied as they are (float32)."""
+    convolution keeps the slice's and the lung mask's filters and starts the neighbours' at zero, the last one
+    keeps the slice's ε̂ and starts each neighbour's at zero — the 2.5D model begins as the 2D one for the slice,
+    blind to its neighbours (whose fields are independent of the slice's: predicting them as the slice's would cost
+    twice the loss of predicting 0). Equal shapes are copied as they are (float32)."""
     out = {}
     for name, value in weights.items():
         value = value.float()
@@ -147,7 +148,9 @@ def inflated(weights: dict, target: dict) -> dict:
                 grown[:, 0], grown[:, -1] = value[:, 0], value[:, 1]  # [x_t ⊕ c] → [x_t, neighbours…, c]
                 value = grown
             elif name.startswith("conv_out.") and value.shape[0] == 1:
-                value = value.expand(want.shape).clone()
+                grown = torch.zeros(want.shape)
+                grown[0] = value[0]
+                value = grown
         out[name] = value
     return out
 
