@@ -4,7 +4,8 @@ The data are the healthy slices that training kept out (``train.holdout_split``:
 checkpoint's ``train.holdout_every``, or ``--holdout-every`` for a model trained on everything). Every case's
 held-out slices are stacked into one sub-volume (its own spacing and lung mask). Its slabs alternate between clean
 and lesion slabs (a lesion never lies in a clean slice's neighbour, so a model that sees neighbouring slices cannot
-copy it into the clean ones). In a lesion slab, **synthetic lesions** are drawn, known voxel by voxel:
+copy it into the clean ones; a 2.5D model's slabs come with the real slices its neighbours reach, unscored:
+``with_context``). In a lesion slab, **synthetic lesions** are drawn, known voxel by voxel:
 ``synthetic_lesions`` on every second slice (ground-glass patches, consolidations and small nodules blended into
 the real lung), and ``solid_nodules_3d`` through the slab (5–30 mm solid spheres at 0…+60 HU, averaged over each
 slice's thickness, a third of them touching a vessel and a third the pleura — the nodules real scans show, that a
@@ -150,10 +151,30 @@ def _slabs(z: np.ndarray) -> np.ndarray:
     return run * 1000 + (np.arange(z.size) - first) // HOLDOUT_SLAB
 
 
+def with_context(z: np.ndarray, margin: int, n_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """(slice indices, scored flags): each slab of the held-out slices ``z`` with ``margin`` of the scan's own
+    slices above and below it (the end slice repeated beyond the scan's ends, as detection does), which a 2.5D
+    model sees as its neighbours but which are never scored. ``margin`` 0: ``z`` itself, all scored."""
+    if margin <= 0:
+        return z, np.ones(z.size, bool)
+    slab = _slabs(z)
+    stacked, scored = [], []
+    for number in np.unique(slab):  # _slabs numbers increase along z
+        rows = z[slab == number]
+        before = np.clip(np.arange(rows[0] - margin, rows[0]), 0, n_slices - 1)
+        after = np.clip(np.arange(rows[-1] + 1, rows[-1] + 1 + margin), 0, n_slices - 1)
+        stacked += [before, rows, after]
+        scored += [np.zeros(margin, bool), np.ones(rows.size, bool), np.zeros(margin, bool)]
+    return np.concatenate(stacked), np.concatenate(scored)
+
+
 def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0,
-                    min_lung_fraction: float = 0.005):
-    """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags) of the stacked held-out slices;
-    clean and lesion slabs alternate (module docstring)."""
+                    min_lung_fraction: float = 0.005, context: tuple[int, float] = (0, 0.0)):
+    """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags, scored-slice flags) of the stacked
+    held-out slices; clean and lesion slabs alternate (module docstring). ``context`` (slices per side, mm apart; a
+    2.5D model's ``ModelConfig.context_slices`` / ``context_mm``) stacks every slab with the real slices its
+    neighbours reach (``with_context``): unscored, lesion-free, so the scored slices and their lesions are those
+    a 2D model is validated on."""
     rng = np.random.default_rng(seed)
     volumes = []
     for name in healthy_cases(load_cases(data_dir), normal_cases):
@@ -163,13 +184,17 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         z = holdout_split(io.lung_slices(lung, min_lung_fraction), holdout_every)[1]  # as training split them
         if z.size == 0:
             continue
-        sub_hu, sub_lung = hu[z].copy(), lung[z].astype(np.uint8)
+        per_side, distance_mm = context
+        margin = per_side * io.neighbour_offset(ct.GetSpacing()[2], distance_mm) if per_side else 0
+        z_all, scored = with_context(z, margin, hu.shape[0])
+        sub_hu, sub_lung = hu[z_all].copy(), lung[z_all].astype(np.uint8)
         truth = np.zeros(sub_hu.shape, bool)
         kinds = np.zeros(sub_hu.shape, np.uint8)
-        slab = np.unique(_slabs(z), return_inverse=True)[1]
-        clean = slab % 2 == 0
+        slab = np.full(z_all.size, -1)
+        slab[scored] = np.unique(_slabs(z), return_inverse=True)[1]
+        clean = (slab % 2 == 0) | ~scored  # the margins are clean, and unscored
         solids = []
-        for number in np.unique(slab[~clean]):
+        for number in np.unique(slab[scored & ~clean]):
             rows = np.nonzero(slab == number)[0]
             for j, i in enumerate(rows):
                 if j % 2 == 1:
@@ -187,7 +212,7 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         sitk.WriteImage(image, str(ct_path))
         io.write_image(sub_lung, image, lung_path)
         volumes.append({"case": name, "ct": ct_path, "lung": lung_path, "truth": truth, "kinds": kinds, "clean": clean,
-                        "slices": z.tolist(), "solid_nodules": solids})
+                        "scored": scored, "slices": z_all.tolist(), "solid_nodules": solids})
     return volumes
 
 
@@ -205,6 +230,7 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lung = sitk.GetArrayFromImage(sitk.ReadImage(str(vol["lung"])))
     truth, kinds, clean = vol["truth"], vol["kinds"], vol["clean"]
+    scored = vol.get("scored", np.ones(len(clean), bool))
     spacing = list(image.GetSpacing())
     if kind == "noise":
         hu = hu + rng.normal(0.0, VARIANT_NOISE_HU, hu.shape).astype(np.float32)
@@ -219,6 +245,7 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
         truth = np.stack([truth[p].mean(0) >= 0.5 for p in pairs])
         kinds = np.stack([np.where(t, kinds[p].max(0), 0) for p, t in zip(pairs, truth)]).astype(np.uint8)
         clean = np.array([bool(clean[p].all()) for p in pairs])
+        scored = np.array([bool(scored[p].all()) for p in pairs])
         spacing[2] *= 2
     else:
         raise SACDiffError(f"unknown scanner variant {kind!r}; choose from {', '.join(VARIANTS)}")
@@ -229,7 +256,7 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
     sitk.WriteImage(out, str(ct_path))
     io.write_image(lung.astype(np.uint8), out, lung_path)
     return {**vol, "case": f"{vol['case']}@{kind}", "ct": ct_path, "lung": lung_path, "truth": truth, "kinds": kinds,
-            "clean": clean, "variant": kind}
+            "clean": clean, "scored": scored, "variant": kind}
 
 
 def score_setting(results: list, lambdas=LAMBDAS) -> dict:
@@ -241,7 +268,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
     pipeline = {lam: [] for lam in lambdas}
     healthy_error = []
     for i, (result, vol) in enumerate(results):
-        lung = result.lung > 0
+        scored = vol.get("scored", np.ones(len(vol["clean"]), bool))
+        lung = (result.lung > 0) & scored[:, None, None]
         clean_lung = lung & vol["clean"][:, None, None]
         lesion_lung = lung & ~vol["clean"][:, None, None]
         healthy_error.append(result.error[clean_lung])
@@ -356,8 +384,12 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
     ``flagged_percent_at_model_lambda``: % of clean lung flagged at the model's own λ, per case."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
+        context = (cfg.model.context_slices, cfg.model.context_mm)
+        if variants and context[0]:
+            raise SACDiffError("scanner variants (--variants) are not built for a 2.5D model yet (their thick-slice "
+                               "pairs would mix the unscored context slices in); validate it without --variants")
         volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
-                                  cfg.preprocess.min_lung_fraction)
+                                  cfg.preprocess.min_lung_fraction, context)
         if not volumes:
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
         log.info("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))

@@ -1,0 +1,136 @@
+"""The 2.5D model (``ModelConfig.context_slices``, issue 20 item 3): neighbouring slices are jointly noised image
+channels. Checked against hand-computed slice indices, the 2D network it is warm-started from (same ε̂ for the
+slice at step 0), and a volume whose neighbour slice is changed (the slice's reconstruction must change)."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from SACDiffLib import io
+from SACDiffLib.checkpoint import build
+from SACDiffLib.config import derive, preset
+from SACDiffLib.detect import reconstruct_ensemble
+from SACDiffLib.train import inflated
+
+
+def _tiny(context: int):
+    return derive(preset("tiny"), model={"context_slices": context})
+
+
+def test_context_indices_by_hand():
+    z = np.array([0, 1, 5, 9])
+    got = io.context_indices(z, offset=2, per_side=2, n_slices=10)
+    assert [g.tolist() for g in got] == [[0, 1, 5, 9], [0, 0, 3, 7], [2, 3, 7, 9], [0, 0, 1, 5], [4, 5, 9, 9]]
+    assert [g.tolist() for g in io.context_indices(z, 1, 0, 10)] == [[0, 1, 5, 9]]
+    assert io.neighbour_offset(2.0, 4.0) == 2 and io.neighbour_offset(5.0, 4.0) == 1 and io.neighbour_offset(8.0, 1.0) == 1
+
+
+def test_model_inputs_stack_the_neighbours_as_channels():
+    pre = preset("tiny").preprocess
+    hu = np.stack([np.full((20, 20), v, np.float32) for v in (-1000, -800, -600, -400, -200)])
+    lung = np.ones(hu.shape, np.uint8)
+    x, c = io.model_inputs(hu, lung, pre, np.array([2, 4]), offset=2, context=1)
+    assert x.shape == (2, 3, 32, 32) and c.shape == (2, 1, 32, 32)
+    middle = x[:, :, 16, 16]
+    expected = io.window(np.array([[-600, -1000, -200], [-200, -600, -200]], np.float32), pre)  # z, z−2, z+2 (clamped)
+    assert np.allclose(middle.numpy(), expected, atol=1e-6)
+    flat, _ = io.model_inputs(hu, lung, pre, np.array([2, 4]))
+    assert torch.equal(flat, x[:, :1])  # the 2D input is the stack's first channel
+
+
+def test_a_2d_network_inflated_to_25d_predicts_the_same_eps_for_the_slice():
+    torch.manual_seed(0)
+    flat, _ = build(_tiny(0))
+    stacked, _ = build(_tiny(1))
+    for p in flat.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    stacked.load_state_dict(inflated(flat.state_dict(), stacked.state_dict()))
+    assert stacked.conv_in.in_channels == 4 and stacked.conv_out.out_channels == 3
+    x, c, t = torch.randn(2, 3, 32, 32), torch.ones(2, 1, 32, 32), torch.tensor([3, 70])
+    eps = stacked(x, c, t)
+    assert torch.allclose(eps[:, :1], flat(x[:, :1], c, t), atol=1e-6)
+    assert eps[:, 1:].abs().max() == 0  # a neighbour's ε̂ starts at 0 (its field is independent of the slice's)
+
+
+def test_noise_channels_are_independent_fields_drawn_like_more_samples():
+    _, diffusion = build(preset("tiny"))
+    a = diffusion.sample_noise(2, 16, 16, torch.Generator().manual_seed(3), channels=3)
+    b = diffusion.sample_noise(6, 16, 16, torch.Generator().manual_seed(3))
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b.view(2, 3, 16, 16))
+    assert not torch.allclose(a[:, 0], a[:, 1])
+
+
+def test_the_reconstruction_of_a_slice_depends_on_its_neighbours():
+    """Same slice, same seed: change only the slice the context reaches, and the slice's members change; change
+    a slice beyond its reach, and they do not."""
+    torch.manual_seed(1)
+    model, diffusion = build(_tiny(1))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    pre = preset("tiny").preprocess
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-900, -700, (7, 32, 32)).astype(np.float32)
+    lung = np.ones(hu.shape, np.uint8)
+    det = derive(_tiny(1), detect={"steps": 5, "ensemble": 2, "sampling_steps": 3}).detect
+
+    def members(volume):
+        x, c = io.model_inputs(volume, lung, pre, np.array([3]), offset=2, context=1)
+        return reconstruct_ensemble(model, diffusion, x, c, det)[0]
+
+    base = members(hu)
+    assert base.shape == (2, 1, 1, 32, 32) and torch.isfinite(base).all()
+    near, far = hu.copy(), hu.copy()
+    near[5] += 300  # z + 2: the neighbour
+    far[4] += 300  # z + 1: not in the stack
+    assert not torch.allclose(members(near), base)
+    assert torch.equal(members(far), base)
+
+
+def test_validation_margins_keep_the_scored_slices_and_their_lesions(tmp_path):
+    """A 2.5D validation stacks the real neighbours around each held-out slab, unscored; the scored slices, their
+    lesions and truth are those of the 2D validation (same seed)."""
+    from SACDiffLib.experiments.phantom import write_phantom_cases
+    from SACDiffLib.experiments.validate import holdout_volumes, with_context
+
+    z = np.array([8, 9, 10, 11, 20, 21, 22])
+    stacked, scored = with_context(z, 2, 23)
+    assert stacked.tolist() == [6, 7, 8, 9, 10, 11, 12, 13, 18, 19, 20, 21, 22, 22, 22]
+    assert scored.tolist() == [False] * 2 + [True] * 4 + [False] * 4 + [True] * 3 + [False] * 2
+    data = write_phantom_cases(tmp_path / "data", cases=1, kind="covid", size=48, slices=40, seed=2, normals=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    flat = holdout_volumes(data, 2, None, tmp_path / "a", seed=0)
+    deep = holdout_volumes(data, 2, None, tmp_path / "b", seed=0, context=(1, 4.0))
+    for f, d in zip(flat, deep):
+        keep = d["scored"]
+        assert keep.sum() == len(f["slices"]) < keep.size
+        assert np.array_equal(d["truth"][keep], f["truth"]) and np.array_equal(d["clean"][keep], f["clean"])
+        assert not d["truth"][~keep].any() and d["clean"][~keep].all()
+        ct_f = sitk.GetArrayFromImage(sitk.ReadImage(str(f["ct"])))
+        ct_d = sitk.GetArrayFromImage(sitk.ReadImage(str(d["ct"])))
+        assert np.array_equal(ct_d[keep], ct_f)
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_a_checkpoint_round_trips_its_context(tmp_path, context):
+    from SACDiffLib.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = _tiny(context)
+    model, _ = build(cfg)
+    save_checkpoint(tmp_path / "m.pt", cfg, model)
+    loaded_cfg, loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded_cfg.model.context_slices == context and loaded.conv_out.out_channels == 1 + 2 * context
+
+
+def test_checkpoints_written_before_the_context_load_as_2d(tmp_path):
+    from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+
+    cfg = _tiny(0)
+    save_checkpoint(tmp_path / "m.pt", cfg, build(cfg)[0])
+    payload = read_checkpoint(tmp_path / "m.pt")
+    for key in ("context_slices", "context_mm"):
+        del payload["config"]["model"][key]  # as an older SACDiff wrote it
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")[0].model.context_slices == 0
