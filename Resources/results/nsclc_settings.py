@@ -1,8 +1,9 @@
 """Diagnostic only (lesion labels; never used to choose a setting): the nsclc_lung1 tumour under detection settings.
 
-    python Resources/results/nsclc_settings.py ../shared/data '{}' '{"steps": 250, "harmonise_steps": 9}' ...
+    python Resources/results/nsclc_settings.py ../shared/data [--model=M.pt] '{}' '{"steps": 250, "harmonise_steps": 9}' ...
 
-Each argument after the data folder is a JSON dict of detection settings applied to the shipped model's; one JSON
+Each argument after the data folder (and the model, default the shipped one) is a JSON dict of detection settings
+applied to the model's; one JSON
 line per setting: tumour voxel AUROC and oracle Dice inside the lung, Dice of the mask at the model's λ beside the
 whole-lung baseline, % of the lung flagged, α, seconds (map-candidates.md).
 """
@@ -22,7 +23,10 @@ from SACDiffLib.metrics import auroc, oracle_dice, segmentation_metrics
 
 def main(data: str, *settings: str) -> None:
     ct = Path(data) / "ct"
-    cfg0, model, diffusion = load_for_detection(None, "cpu")
+    model_path = None
+    if settings and settings[0].startswith("--model="):
+        model_path, settings = settings[0].split("=", 1)[1], settings[1:]
+    cfg0, model, diffusion = load_for_detection(model_path, "cpu")
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(ct / "nsclc_lung1_lesion.nii.gz"))) > 0
     for text in settings or ("{}",):
         setting = json.loads(text)
