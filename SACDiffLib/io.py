@@ -402,18 +402,27 @@ def context_indices(z: np.ndarray, offset: int, per_side: int, n_slices: int) ->
     return [np.clip(z + d, 0, n_slices - 1) for d in steps]
 
 
+def slice_stack(hu: np.ndarray, z: np.ndarray, offset: int, per_side: int, size: int, windowed) -> "torch.Tensor":
+    """(S, 1 + 2·per_side, size, size): slices z of a volume (Z, Y, X) and their neighbours (``context_indices``),
+    each through ``windowed`` (HU → [−1, 1]) and onto the model grid (air −1 as padding) — the stacks of the 2.5D
+    diffusion model (``model_inputs``) and of the lung network (``lungnet.slice_stacks``)."""
+    import torch
+
+    planes = [to_model_grid(torch.from_numpy(windowed(hu[i])), size, pad_value=-1.0)
+              for i in context_indices(z, offset, per_side, hu.shape[0])]
+    return planes[0] if len(planes) == 1 else torch.cat(planes, 1)
+
+
 def model_inputs(hu: np.ndarray, lung: np.ndarray, cfg: PreprocessConfig, z: Optional[np.ndarray] = None,
                  offset: int = 1, context: int = 0) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Slices z (all when None) of a volume (Z, Y, X) in HU and of its lung mask → the network's image x₀
-    (S, 1 + 2·context, size, size: the slice, then its neighbours at ``context_indices``) and condition c (the
+    (S, 1 + 2·context, size, size: the slice, then its neighbours, ``slice_stack``) and condition c (the
     slice's lung mask, S, 1, size, size): windowed to [−1, 1] (Section 3.1) and put on the model grid (air −1 / no
     lung 0 as padding). The one preparation of slices, for training and detection alike."""
     import torch
 
     z = np.arange(hu.shape[0]) if z is None else np.asarray(z)
-    planes = [to_model_grid(torch.from_numpy(window(hu[i], cfg)), cfg.image_size, pad_value=-1.0)
-              for i in context_indices(z, offset, context, hu.shape[0])]
-    x = planes[0] if len(planes) == 1 else torch.cat(planes, 1)
+    x = slice_stack(hu, z, offset, context, cfg.image_size, lambda v: window(v, cfg))
     c = to_model_grid(torch.from_numpy(lung[z] > 0), cfg.image_size, 0.0, mask=True)
     return x, c
 

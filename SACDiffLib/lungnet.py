@@ -101,10 +101,9 @@ def window(hu: np.ndarray, cfg: LungNetConfig) -> np.ndarray:
 
 def slice_stacks(hu: np.ndarray, z: np.ndarray, spacing_z: float, cfg: LungNetConfig) -> torch.Tensor:
     """(N, 3, S, S) in [−1, 1] on the model grid: slice z and its neighbours ``cfg.context_mm`` away
-    (``io.context_indices``: the edge slice repeated at the ends of the scan)."""
-    planes = [io.to_model_grid(torch.from_numpy(window(hu[i], cfg)), cfg.image_size, -1.0)
-              for i in io.context_indices(z, io.neighbour_offset(spacing_z, cfg.context_mm), 1, hu.shape[0])]
-    return torch.cat(planes, 1)
+    (``io.slice_stack``: the edge slice repeated at the ends of the scan)."""
+    return io.slice_stack(hu, z, io.neighbour_offset(spacing_z, cfg.context_mm), 1, cfg.image_size,
+                          lambda v: window(v, cfg))
 
 
 # ---------------------------------------------------------------------------------------------------- training data

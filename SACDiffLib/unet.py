@@ -2,10 +2,10 @@
 
 Early fusion: the lung mask c is concatenated channel-wise with x_t at the input (``ModelConfig.conditional``;
 the unconditional ablation takes x_t alone). A 2.5D model's x_t holds the slice and its neighbours as channels
-(``ModelConfig.context_slices``) and it predicts ε for each of them. ``len(channels) − 1`` downsampling modules and as many upsampling
-modules of ``blocks_per_module`` residual blocks each, joined by a bottleneck of ``bottleneck_blocks`` blocks;
-every residual block receives the sinusoidal timestep embedding. The ``paper`` preset has 7 + 7 modules of 3
-blocks and a 2-block bottleneck, as Fig. 2.
+(``ModelConfig.context_slices``) and it predicts ε for each of them. ``len(channels) − 1`` downsampling modules
+and as many upsampling modules of ``blocks_per_module`` residual blocks each, joined by a bottleneck of
+``bottleneck_blocks`` blocks; every residual block receives the sinusoidal timestep embedding. The ``paper`` preset
+has 7 + 7 modules of 3 blocks and a 2-block bottleneck, as Fig. 2.
 """
 
 from __future__ import annotations

@@ -383,11 +383,11 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
     scanner variant (``VARIANTS``; the original slabs first, variant None). A variant's row also holds
     ``flagged_percent_at_model_lambda``: % of clean lung flagged at the model's own λ, per case."""
     rows = []
+    context = (cfg.model.context_slices, cfg.model.context_mm)
+    if variants and context[0]:
+        raise SACDiffError("scanner variants (--variants) are not built for a 2.5D model yet (their thick-slice "
+                           "pairs would mix the unscored context slices in); validate it without --variants")
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
-        context = (cfg.model.context_slices, cfg.model.context_mm)
-        if variants and context[0]:
-            raise SACDiffError("scanner variants (--variants) are not built for a 2.5D model yet (their thick-slice "
-                               "pairs would mix the unscored context slices in); validate it without --variants")
         volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
                                   cfg.preprocess.min_lung_fraction, context)
         if not volumes:
