@@ -157,6 +157,33 @@ def test_solid_3d_nodules_have_a_spheres_volume_and_touch_what_they_claim():
     assert out[truth].mean() > -100  # solid: 0..60 HU, less the partial volume at the rim
 
 
+def test_a_mass_is_a_sphere_through_the_block_off_what_it_must_avoid():
+    """A 30-slice block of 1 mm voxels: the mass's voxels (fraction > 0.5) hold 4/3·π·r³ within the voxelisation,
+    reach past a 16-slice slab in the middle (into a 2.5D model's context slices), keep off the pixels it must
+    avoid, touch the pleura when asked, and change nothing outside the lung."""
+    from scipy import ndimage
+
+    from SACDiffLib.experiments.validate import MASS_DIAMETER_MM, solid_mass
+
+    hu = np.full((30, 96, 96), -850, np.int16)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 6:90, 6:90] = True
+    hu[~lung] = 40
+    avoid = np.zeros(hu.shape[1:], bool)
+    avoid[:, :48] = True  # the left half holds other lesions
+    for seed, placement in enumerate(["free", "pleura"]):
+        out, truth, placed = solid_mass(hu, lung, (1.0, 1.0, 1.0), np.random.default_rng(seed), 15, placement, avoid)
+        assert placed["placement"] == placement and MASS_DIAMETER_MM[0] <= placed["diameter_mm"] <= MASS_DIAMETER_MM[1]
+        r = placed["diameter_mm"] / 2
+        assert abs(truth.sum() - 4 / 3 * np.pi * r ** 3) < 0.1 * 4 / 3 * np.pi * r ** 3
+        along_z = np.nonzero(truth.any((1, 2)))[0]
+        assert along_z[0] < 7 and along_z[-1] > 22  # beyond the slab 7..22: the mass continues into the context
+        assert not truth[:, :, :48].any()
+        assert np.array_equal(out[~lung], hu[~lung]) and out[truth].mean() > -100
+        to_edge = ndimage.distance_transform_edt(lung[15])[truth[15]].min()
+        assert (to_edge <= 2.0) == (placement == "pleura")
+
+
 def test_parse_settings_reads_harmonised_and_shift_tolerant_items():
     from SACDiffLib.errors import SACDiffError
     from SACDiffLib.experiments.validate import parse_settings

@@ -9,7 +9,9 @@ copy it into the clean ones; a 2.5D model's slabs come with the real slices its 
 ``synthetic_lesions`` on every second slice (ground-glass patches, consolidations and small nodules blended into
 the real lung), and ``solid_nodules_3d`` through the slab (5–30 mm solid spheres at 0…+60 HU, averaged over each
 slice's thickness, a third of them touching a vessel and a third the pleura — the nodules real scans show, that a
-2D model can reconstruct like a vessel seen end-on). One detection per setting then gives, label-free:
+2D model can reconstruct like a vessel seen end-on; capped by the slab's thickness) and one ``solid_mass`` (15–30 mm,
+drawn on through the unscored context slices of a 2.5D model, so the mass continues into its neighbours as a real
+one does; from its own random stream, so every other lesion is that of earlier validations). One detection per setting then gives, label-free:
 
 - ``healthy_flagged_percent`` at each λ: % of the lung flagged on the slices left clean — the false-positive
   burden that the default λ must keep ≤ 1 %;
@@ -53,10 +55,12 @@ FLAGGED_TARGET_PERCENT = 1.0
 LESION_KINDS = (("ground-glass", -450.0, (8.0, 25.0), 0.75), ("consolidation", 20.0, (8.0, 20.0), 0.95),
                 ("nodule", 30.0, (3.0, 8.0), 1.0))
 SOLID_3D = "solid-3d"  # the kind of ``solid_nodules_3d`` (kinds map value len(LESION_KINDS) + 1)
-KIND_NAMES = tuple(k[0] for k in LESION_KINDS) + (SOLID_3D,)
+MASS = "mass"  # the kind of ``solid_mass`` (kinds map value len(LESION_KINDS) + 2)
+KIND_NAMES = tuple(k[0] for k in LESION_KINDS) + (SOLID_3D, MASS)
 VESSEL_HU = -300.0  # clean-lung voxels above this are vessels, fissures, bronchial walls (the vessel FP figure)
 SOLID_DIAMETER_MM = (5.0, 30.0)
 SOLID_HU = (0.0, 60.0)
+MASS_DIAMETER_MM = (15.0, 30.0)  # masses: beyond a held-out slab's thickness, drawn into its context slices too
 PLACEMENTS = ("free", "vessel", "pleura")
 
 
@@ -92,53 +96,97 @@ def synthetic_lesions(hu: np.ndarray, lung: np.ndarray, spacing_xy, rng: np.rand
     return (out, truth, kinds) if with_kinds else (out, truth)
 
 
+def _placement_distances(hu_mid: np.ndarray, lung_mid: np.ndarray, spacing_yx, avoid=None):
+    """(mm to the lung's edge, mm to the nearest vessel, mm to ``avoid``) on one slice: the maps a placement in
+    PLACEMENTS is chosen from. Vessels: lung pixels above VESSEL_HU; ``avoid``: pixels a new lesion must stay off."""
+    to_pleura = ndimage.distance_transform_edt(lung_mid, sampling=spacing_yx)
+    vessels = lung_mid & (hu_mid > VESSEL_HU)
+    far = np.full(lung_mid.shape, np.inf)
+    to_vessel = ndimage.distance_transform_edt(~vessels, sampling=spacing_yx) if vessels.any() else far
+    to_avoid = ndimage.distance_transform_edt(~avoid, sampling=spacing_yx) if avoid is not None and avoid.any() else far
+    return to_pleura, to_vessel, to_avoid
+
+
+def _sphere_centre(placement: str, r: float, distances, tol: float, rng: np.random.Generator):
+    """(y, x) pixel of a sphere of radius ``r`` mm placed ``free`` (≥ r from pleura and vessels), touching a vessel
+    (centre r from the nearest vessel pixel) or the pleura (r from the lung's edge), off ``avoid``; None when no
+    pixel fits."""
+    to_pleura, to_vessel, to_avoid = distances
+    if placement == "free":
+        ok = (to_pleura > r + tol) & (to_vessel > r + tol)
+    elif placement == "vessel":
+        ok = (np.abs(to_vessel - r) <= tol) & (to_pleura > r + tol)
+    else:
+        ok = (np.abs(to_pleura - r) <= tol) & (to_vessel > r)
+    candidates = np.argwhere(ok & (to_avoid > r + tol))
+    return None if candidates.size == 0 else candidates[rng.integers(len(candidates))]
+
+
+def _sphere_fraction(shape, spacing_xyz, cz_mm: float, centre_yx, r: float) -> np.ndarray:
+    """Per voxel of a (z, y, x) block, the fraction of its slice's thickness that lies inside the sphere of radius
+    ``r`` mm centred ``cz_mm`` along z and on pixel ``centre_yx`` (5 samples along z: the partial volume of a thick
+    slice), blurred in-plane by 0.5 pixel."""
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    cy, cx = centre_yx
+    z_mm = (np.arange(shape[0])[:, None] + (np.arange(5) - 2) / 5.0) * sz
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    dz2 = ((z_mm - cz_mm) ** 2)[:, :, None, None]  # (z, 5, 1, 1)
+    d2 = ((yy - cy) * sy) ** 2 + ((xx - cx) * sx) ** 2
+    return ndimage.gaussian_filter((dz2 + d2[None, None] < r * r).mean(1), (0, 0.5, 0.5))
+
+
 def solid_nodules_3d(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.random.Generator, count: int = 3):
     """(HU slab with nodules, truth mask, placements) for one slab (z, y, x): ``count`` solid spheres of
     SOLID_DIAMETER_MM (capped by the slab's thickness less one slice) at SOLID_HU, centred on the slab's middle
-    slice. Placement cycles through PLACEMENTS: free (≥ r from pleura and vessels), touching a vessel (centre at
-    distance r from the nearest lung voxel above VESSEL_HU of the middle slice) or the pleura (at distance r from
-    the lung's edge). Each slice receives the fraction of its thickness that lies inside the sphere (5 samples
-    along z: the partial volume of a thick slice) and in-plane a 0.5-pixel blur; the lesion is confined to the lung.
-    Truth: lung voxels more than half inside. An empty list of placements when no centre fits."""
+    slice. Placement cycles through PLACEMENTS (``_sphere_centre``) on the middle slice. Each slice receives the
+    fraction of its thickness that lies inside the sphere (``_sphere_fraction``); the lesion is confined to the
+    lung. Truth: lung voxels more than half inside. An empty list of placements when no centre fits."""
     out = hu.astype(np.float32).copy()
     truth = np.zeros(hu.shape, bool)
     sx, sy, sz = (float(v) for v in spacing_xyz)
     mid = hu.shape[0] // 2
-    lung_mid = lung[mid]
-    if lung_mid.sum() < 50:
+    if lung[mid].sum() < 50:
         return hu.copy(), truth, []
-    to_pleura = ndimage.distance_transform_edt(lung_mid, sampling=(sy, sx))
-    vessels = lung_mid & (hu[mid] > VESSEL_HU)
-    to_vessel = (ndimage.distance_transform_edt(~vessels, sampling=(sy, sx)) if vessels.any()
-                 else np.full(lung_mid.shape, np.inf))
-    z_mm = (np.arange(hu.shape[0])[:, None] + (np.arange(5) - 2) / 5.0) * sz  # 5 samples per slice thickness
-    yy, xx = np.mgrid[: hu.shape[1], : hu.shape[2]]
+    distances = _placement_distances(hu[mid], lung[mid], (sy, sx))
     placed = []
     d_hi = min(SOLID_DIAMETER_MM[1], (hu.shape[0] - 1) * sz)
     for i in range(count):
         placement = PLACEMENTS[i % len(PLACEMENTS)]
         r = rng.uniform(SOLID_DIAMETER_MM[0], max(SOLID_DIAMETER_MM[0], d_hi)) / 2
-        tol = max(sx, sy)
-        if placement == "free":
-            ok = (to_pleura > r + tol) & (to_vessel > r + tol)
-        elif placement == "vessel":
-            ok = (np.abs(to_vessel - r) <= tol) & (to_pleura > r + tol)
-        else:
-            ok = (np.abs(to_pleura - r) <= tol) & (to_vessel > r)
-        candidates = np.argwhere(ok)
-        if candidates.size == 0:
+        centre = _sphere_centre(placement, r, distances, max(sx, sy), rng)
+        if centre is None:
             continue
-        cy, cx = candidates[rng.integers(len(candidates))]
         cz = (mid + rng.uniform(-0.5, 0.5)) * sz
-        dz2 = ((z_mm - cz) ** 2)[:, :, None, None]  # (z, 5, 1, 1)
-        d2 = ((yy - cy) * sy) ** 2 + ((xx - cx) * sx) ** 2
-        inside = (dz2 + d2[None, None] < r * r).mean(1)  # fraction of each slice's thickness in the sphere
-        inside = ndimage.gaussian_filter(inside, (0, 0.5, 0.5)) * lung
+        inside = _sphere_fraction(hu.shape, spacing_xyz, cz, centre, r) * lung
         target = rng.uniform(*SOLID_HU)
         out += inside * (target - out)
         truth |= (inside > 0.5) & lung
         placed.append({"placement": placement, "diameter_mm": round(2 * r, 1), "hu": round(target, 1)})
     return np.round(out).astype(hu.dtype), truth, placed
+
+
+def solid_mass(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.random.Generator, mid: int, placement: str,
+               avoid: Optional[np.ndarray] = None):
+    """(HU block with a mass, truth mask, placement or None) for one block (z, y, x): a solid sphere of
+    MASS_DIAMETER_MM at SOLID_HU centred on slice ``mid`` at ``placement`` (``_sphere_centre``), off the pixels
+    ``avoid`` of that slice, rendered through the whole block with the partial volume of ``solid_nodules_3d``.
+    The block may reach past a held-out slab into the slices a 2.5D model sees, so the mass continues there."""
+    out = hu.astype(np.float32).copy()
+    truth = np.zeros(hu.shape, bool)
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    if lung[mid].sum() < 50:
+        return hu.copy(), truth, None
+    r = rng.uniform(*MASS_DIAMETER_MM) / 2
+    centre = _sphere_centre(placement, r, _placement_distances(hu[mid], lung[mid], (sy, sx), avoid), max(sx, sy), rng)
+    if centre is None:
+        return hu.copy(), truth, None
+    cz = (mid + rng.uniform(-0.5, 0.5)) * sz
+    inside = _sphere_fraction(hu.shape, spacing_xyz, cz, centre, r) * lung
+    target = rng.uniform(*SOLID_HU)
+    out += inside * (target - out)
+    truth |= (inside > 0.5) & lung
+    return np.round(out).astype(hu.dtype), truth, {"placement": placement, "diameter_mm": round(2 * r, 1),
+                                                   "hu": round(target, 1)}
 
 
 def _slabs(z: np.ndarray) -> np.ndarray:
@@ -173,9 +221,10 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
     """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags, scored-slice flags) of the stacked
     held-out slices; clean and lesion slabs alternate (module docstring). ``context`` (slices per side, mm apart; a
     2.5D model's ``ModelConfig.context_slices`` / ``context_mm``) stacks every slab with the real slices its
-    neighbours reach (``with_context``): unscored, lesion-free, so the scored slices and their lesions are those
-    a 2D model is validated on."""
+    neighbours reach (``with_context``): unscored and lesion-free but for the masses' continuation, so the scored
+    slices and their lesions are those a 2D model is validated on."""
     rng = np.random.default_rng(seed)
+    mass_rng, mass_count = np.random.default_rng([seed, 1]), 0
     volumes = []
     for name in healthy_cases(load_cases(data_dir), normal_cases):
         ct = io.read_ct(case_path(data_dir, name, "ct"))
@@ -193,7 +242,7 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         slab = np.full(z_all.size, -1)
         slab[scored] = np.unique(_slabs(z), return_inverse=True)[1]
         clean = (slab % 2 == 0) | ~scored  # the margins are clean, and unscored
-        solids = []
+        solids, masses = [], []
         for number in np.unique(slab[scored & ~clean]):
             rows = np.nonzero(slab == number)[0]
             for j, i in enumerate(rows):
@@ -205,6 +254,18 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
             truth[rows] |= drawn
             kinds[rows] = np.where(drawn, len(LESION_KINDS) + 1, kinds[rows])
             solids += placed
+            # one mass per lesion slab, from its own stream (the lesions above stay those of earlier validations),
+            # through the slab and its context slices; truth on the scored slices only
+            around = np.arange(rows[0] - margin, rows[-1] + 1 + margin)
+            mid = margin + rows.size // 2
+            block, drawn, placed = solid_mass(sub_hu[around], sub_lung[around] > 0, ct.GetSpacing(), mass_rng, mid,
+                                              PLACEMENTS[mass_count % len(PLACEMENTS)], truth[around[mid]])
+            mass_count += 1
+            sub_hu[around] = block
+            drawn &= scored[around][:, None, None]
+            truth[around] |= drawn
+            kinds[around] = np.where(drawn, len(LESION_KINDS) + 2, kinds[around])
+            masses += [placed] if placed else []
         image = sitk.GetImageFromArray(sub_hu)
         image.SetSpacing(ct.GetSpacing())
         image.SetDirection(ct.GetDirection())
@@ -212,7 +273,8 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         sitk.WriteImage(image, str(ct_path))
         io.write_image(sub_lung, image, lung_path)
         volumes.append({"case": name, "ct": ct_path, "lung": lung_path, "truth": truth, "kinds": kinds, "clean": clean,
-                        "scored": scored, "slices": z_all.tolist(), "solid_nodules": solids})
+                        "scored": scored, "slices": z_all.tolist(), "solid_nodules": solids,
+                        "masses": masses})
     return volumes
 
 
