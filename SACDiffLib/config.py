@@ -29,7 +29,7 @@ NoiseKind = Literal["simplex", "gaussian"]  # AnoDDPM / SAC-Diff simplex, or the
 Schedule = Literal["linear", "cosine"]
 Sigma = Literal["posterior", "beta"]
 ThresholdMode = Literal["adaptive", "fixed"]
-ErrorMode = Literal["mean-of-errors", "error-of-mean"]
+ErrorMode = Literal["mean-of-errors", "error-of-mean", "min-of-errors"]
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -136,7 +136,8 @@ class DetectConfig:
     lam: float = 1.0  # λ of the background-adaptive threshold (1 for COVID, −0.25 for ILD in the paper)
     threshold: ThresholdMode = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
     fixed_threshold: float = 0.05  # α when threshold == "fixed" (error units of the [−1, 1] image, squared)
-    error: ErrorMode = "mean-of-errors"  # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²
+    # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²; or "min-of-errors": min_k (x − x̂₀ᵏ)²
+    error: ErrorMode = "mean-of-errors"
     crf: bool = True
     crf_iterations: int = 5
     morphology_radius: int = 1  # in-plane radius (pixels) of the erosion-then-dilation

@@ -302,14 +302,17 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
 
     mean-of-errors: E = (1/K) Σ_k (x − x̂₀ᵏ)²  (the issue's reading; = (x − x̄₀)² + σ², so it also counts the
     members' disagreement). error-of-mean: E = (x − x̄₀)² (Section 2.5's "averaged ... stable estimate").
+    min-of-errors: E = min_k (x − x̂₀ᵏ)², what no member explains: a vessel that one member invents or moves and
+    another reconstructs in place scores low, a lesion that every member removes keeps its contrast.
     ``shift_tolerance`` r > 0 replaces x − x̂ by ``tolerant_residual`` (no error for a shift of ≤ r pixels);
     ``error_radius`` r > 0 replaces it by its mean over (2r + 1)² pixels (``local_mean``) before squaring.
     Uncertainty σ = population std over members (Section 2.5); pseudo-healthy x̄₀ = member mean.
     """
     mean = members.mean(0)
     std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
-    if kind == "mean-of-errors":
-        err = local_mean(tolerant_residual(x.unsqueeze(0), members, shift_tolerance), error_radius).pow(2).mean(0)
+    if kind in ("mean-of-errors", "min-of-errors"):
+        per_member = local_mean(tolerant_residual(x.unsqueeze(0), members, shift_tolerance), error_radius).pow(2)
+        err = per_member.mean(0) if kind == "mean-of-errors" else per_member.amin(0)
     else:
         err = local_mean(tolerant_residual(x, mean, shift_tolerance), error_radius).pow(2)
     return err, std, mean

@@ -154,6 +154,19 @@ def test_error_map_readings_and_uncertainty_closed_form():
     assert torch.allclose(std, torch.ones_like(std)) and torch.allclose(mean, torch.full_like(mean, 2.0))
     e2, _, _ = error_maps(x, members, "error-of-mean")
     assert torch.allclose(e2, torch.full_like(e2, 4.0))  # (0 − 2)²; = e − σ²
+    e3, _, _ = error_maps(x, members, "min-of-errors")
+    assert torch.allclose(e3, torch.full_like(e3, 1.0))  # min((0−1)², (0−3)²): what no member explains
+
+
+def test_min_of_errors_forgives_what_one_member_explains():
+    """Three members: one reconstructs a bright query pixel in place (a vessel), two paint it out; a second pixel
+    (a lesion) every member paints out. The mean of errors scores both, the minimum only the lesion."""
+    x = torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 1, 3)
+    members = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]).view(3, 1, 1, 1, 3)
+    mean, _, _ = error_maps(x, members, "mean-of-errors")
+    low, _, _ = error_maps(x, members, "min-of-errors")
+    assert mean.flatten().tolist() == pytest.approx([2 / 3, 1.0, 0.0])
+    assert low.flatten().tolist() == [0.0, 1.0, 0.0]
 
 
 def test_shift_tolerant_residual_by_hand():
