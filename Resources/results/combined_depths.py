@@ -1,0 +1,70 @@
+"""Experiment (map-candidates.md, round 8): a shallow and a deep map combined, scored by the label-free validation.
+
+    python Resources/results/combined_depths.py ../shared/data OUT.json [--model=M.pt] SHALLOW DEEP
+
+SHALLOW and DEEP are ``sacdiff validate --settings`` items (e.g. 100x10x3 and 250x10x3e2). Each held-out volume of
+``sacdiff validate`` (same slabs, lesions and seed) is detected at both settings; each map is put in units of its
+own background (E − loc) / scale, with loc and scale the robust statistics of E over the body outside the lung
+that the background-adaptive threshold uses (``postprocess.background_threshold``), and the combined map is their
+voxel-wise maximum: the shallow map's diffuse disease and the deep map's solid lesions, each above its own
+background. The combined map is then thresholded, CRF-refined and scored exactly as a setting of ``sacdiff
+validate`` (``score_setting``). It costs both settings' network evaluations. No lesion label of a real case is read.
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from SACDiffLib.checkpoint import load_for_detection
+from SACDiffLib.config import derive
+from SACDiffLib.detect import detect_volume
+from SACDiffLib.experiments.validate import holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
+from SACDiffLib.postprocess import _body, background_threshold, rethreshold
+
+
+def in_background_units(result) -> np.ndarray:
+    t = background_threshold(result.error, result.lung, result.processed, 0.0, _body(result), result.box)
+    return (result.error - t.background_location) / max(t.background_scale, 1e-12)
+
+
+def main(data: str, out: str, *args: str) -> None:
+    model_path = None
+    if args and args[0].startswith("--model="):
+        model_path, args = args[0].split("=", 1)[1], args[1:]
+    shallow, deep = (parse_settings(a)[0] for a in args)
+    cfg, model, diffusion = load_for_detection(model_path, "cpu")
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="sacdiff-combined-") as tmp:
+        volumes = holdout_volumes(data, cfg.train.holdout_every, ["ctmd_normal001", "ctmd_normal002", "rt4dct"],
+                                  Path(tmp), 0, cfg.preprocess.min_lung_fraction,
+                                  (cfg.model.context_slices, cfg.model.context_mm))
+        pairs = []
+        for vol in volumes:
+            a = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=shallow), vol["lung"], "cpu")
+            b = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=deep), vol["lung"], "cpu")
+            pairs.append((a, b, vol))
+        for name, pick in (("shallow", 0), ("deep", 1), ("combined", 2)):
+            results = []
+            for a, b, vol in pairs:
+                r = (a, b)[pick] if pick < 2 else a
+                if pick == 2:
+                    r.error = np.maximum(in_background_units(a), in_background_units(b)).astype(np.float32)
+                r.threshold = None
+                rethreshold(r, 0.0)
+                results.append((r, vol))
+            rows[name] = score_setting(results)
+            row = rows[name]
+            print(json.dumps({"map": name, "healthy_error": row["healthy_error"], "auroc": row["synthetic_voxel_auroc"],
+                              "recommended_lambda": row["recommended_lambda"],
+                              "worst_kind": worst_kind_oracle_dice(row),
+                              "per_kind": {k: round(v["oracle_dice"], 3) for k, v in row["per_kind"].items()}}),
+                  flush=True)
+    Path(out).write_text(json.dumps({"model": str(model_path), "shallow": shallow, "deep": deep, "rows": rows},
+                                    indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
