@@ -9,9 +9,10 @@ copy it into the clean ones; a 2.5D model's slabs come with the real slices its 
 ``synthetic_lesions`` on every second slice (ground-glass patches, consolidations and small nodules blended into
 the real lung), and ``solid_nodules_3d`` through the slab (5–30 mm solid spheres at 0…+60 HU, averaged over each
 slice's thickness, a third of them touching a vessel and a third the pleura — the nodules real scans show, that a
-2D model can reconstruct like a vessel seen end-on; capped by the slab's thickness) and one ``solid_mass`` (15–30 mm,
-drawn on through the unscored context slices of a 2.5D model, so the mass continues into its neighbours as a real
-one does; from its own random stream, so every other lesion is that of earlier validations). One detection per setting then gives, label-free:
+2D model can reconstruct like a vessel seen end-on; capped by the slab's thickness) and one ``solid_mass``
+(15–30 mm, drawn on through the unscored context slices of a 2.5D model, so the mass continues into its neighbours
+as a real one does; from its own random stream, so every other lesion is that of earlier validations). One
+detection per setting then gives, label-free:
 
 - ``healthy_flagged_percent`` at each λ: % of the lung flagged on the slices left clean — the false-positive
   burden that the default λ must keep ≤ 1 %;
@@ -135,6 +136,19 @@ def _sphere_fraction(shape, spacing_xyz, cz_mm: float, centre_yx, r: float) -> n
     return ndimage.gaussian_filter((dz2 + d2[None, None] < r * r).mean(1), (0, 0.5, 0.5))
 
 
+def _draw_sphere(out: np.ndarray, truth: np.ndarray, lung: np.ndarray, spacing_xyz, mid: int, centre_yx, r: float,
+                 rng: np.random.Generator, placement: str) -> dict:
+    """Blend one solid sphere (radius ``r`` mm, centred on pixel ``centre_yx`` within half a slice of slice ``mid``,
+    at a SOLID_HU drawn from ``rng``) into the float block ``out`` and its ``truth`` (lung voxels more than half
+    inside), in place, confined to the lung; returns the placement record."""
+    cz = (mid + rng.uniform(-0.5, 0.5)) * float(spacing_xyz[2])
+    inside = _sphere_fraction(out.shape, spacing_xyz, cz, centre_yx, r) * lung
+    target = rng.uniform(*SOLID_HU)
+    out += inside * (target - out)
+    truth |= (inside > 0.5) & lung
+    return {"placement": placement, "diameter_mm": round(2 * r, 1), "hu": round(target, 1)}
+
+
 def solid_nodules_3d(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.random.Generator, count: int = 3):
     """(HU slab with nodules, truth mask, placements) for one slab (z, y, x): ``count`` solid spheres of
     SOLID_DIAMETER_MM (capped by the slab's thickness less one slice) at SOLID_HU, centred on the slab's middle
@@ -154,14 +168,8 @@ def solid_nodules_3d(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.rand
         placement = PLACEMENTS[i % len(PLACEMENTS)]
         r = rng.uniform(SOLID_DIAMETER_MM[0], max(SOLID_DIAMETER_MM[0], d_hi)) / 2
         centre = _sphere_centre(placement, r, distances, max(sx, sy), rng)
-        if centre is None:
-            continue
-        cz = (mid + rng.uniform(-0.5, 0.5)) * sz
-        inside = _sphere_fraction(hu.shape, spacing_xyz, cz, centre, r) * lung
-        target = rng.uniform(*SOLID_HU)
-        out += inside * (target - out)
-        truth |= (inside > 0.5) & lung
-        placed.append({"placement": placement, "diameter_mm": round(2 * r, 1), "hu": round(target, 1)})
+        if centre is not None:
+            placed.append(_draw_sphere(out, truth, lung, spacing_xyz, mid, centre, r, rng, placement))
     return np.round(out).astype(hu.dtype), truth, placed
 
 
@@ -173,20 +181,15 @@ def solid_mass(hu: np.ndarray, lung: np.ndarray, spacing_xyz, rng: np.random.Gen
     The block may reach past a held-out slab into the slices a 2.5D model sees, so the mass continues there."""
     out = hu.astype(np.float32).copy()
     truth = np.zeros(hu.shape, bool)
-    sx, sy, sz = (float(v) for v in spacing_xyz)
+    sx, sy = (float(v) for v in spacing_xyz[:2])
     if lung[mid].sum() < 50:
         return hu.copy(), truth, None
     r = rng.uniform(*MASS_DIAMETER_MM) / 2
     centre = _sphere_centre(placement, r, _placement_distances(hu[mid], lung[mid], (sy, sx), avoid), max(sx, sy), rng)
     if centre is None:
         return hu.copy(), truth, None
-    cz = (mid + rng.uniform(-0.5, 0.5)) * sz
-    inside = _sphere_fraction(hu.shape, spacing_xyz, cz, centre, r) * lung
-    target = rng.uniform(*SOLID_HU)
-    out += inside * (target - out)
-    truth |= (inside > 0.5) & lung
-    return np.round(out).astype(hu.dtype), truth, {"placement": placement, "diameter_mm": round(2 * r, 1),
-                                                   "hu": round(target, 1)}
+    placed = _draw_sphere(out, truth, lung, spacing_xyz, mid, centre, r, rng, placement)
+    return np.round(out).astype(hu.dtype), truth, placed
 
 
 def _slabs(z: np.ndarray) -> np.ndarray:
