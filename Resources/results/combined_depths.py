@@ -21,8 +21,8 @@ import numpy as np
 from SACDiffLib.checkpoint import load_for_detection
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
-from SACDiffLib.experiments.validate import holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
-from SACDiffLib.postprocess import _body, background_threshold, rethreshold
+from SACDiffLib.experiments.validate import model_holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
+from SACDiffLib.postprocess import _body, background_threshold
 
 
 def in_background_units(result) -> np.ndarray:
@@ -38,9 +38,8 @@ def main(data: str, out: str, *args: str) -> None:
     cfg, model, diffusion = load_for_detection(model_path, "cpu")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-combined-") as tmp:
-        volumes = holdout_volumes(data, cfg.train.holdout_every, ["ctmd_normal001", "ctmd_normal002", "rt4dct"],
-                                  Path(tmp), 0, cfg.preprocess.min_lung_fraction,
-                                  (cfg.model.context_slices, cfg.model.context_mm))
+        volumes = model_holdout_volumes(data, cfg, Path(tmp),
+                                        normal_cases=["ctmd_normal001", "ctmd_normal002", "rt4dct"])
         pairs = []
         for vol in volumes:
             a = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=shallow), vol["lung"], "cpu")
@@ -52,8 +51,7 @@ def main(data: str, out: str, *args: str) -> None:
                 r = (a, b)[pick] if pick < 2 else a
                 if pick == 2:
                     r.error = np.maximum(in_background_units(a), in_background_units(b)).astype(np.float32)
-                r.threshold = None
-                rethreshold(r, 0.0)
+                    r.threshold = None  # score_setting then takes the background statistics of the new map
                 results.append((r, vol))
             rows[name] = score_setting(results)
             row = rows[name]

@@ -18,8 +18,8 @@ from pathlib import Path
 from SACDiffLib.checkpoint import load_for_detection
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
-from SACDiffLib.experiments.validate import holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
-from SACDiffLib.postprocess import robust_location_scale, rethreshold
+from SACDiffLib.experiments.validate import model_holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
+from SACDiffLib.postprocess import robust_location_scale
 
 
 def lung_referenced(result) -> None:
@@ -37,15 +37,13 @@ def main(data: str, out: str, *args: str) -> None:
     cfg, model, diffusion = load_for_detection(model_path, "cpu")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-lung-threshold-") as tmp:
-        volumes = holdout_volumes(data, cfg.train.holdout_every, ["ctmd_normal001", "ctmd_normal002", "rt4dct"],
-                                  Path(tmp), 0, cfg.preprocess.min_lung_fraction,
-                                  (cfg.model.context_slices, cfg.model.context_mm))
+        volumes = model_holdout_volumes(data, cfg, Path(tmp),
+                                        normal_cases=["ctmd_normal001", "ctmd_normal002", "rt4dct"])
         results = [(detect_volume(v["ct"], model, diffusion, derive(cfg, detect=setting), v["lung"], "cpu"), v)
                    for v in volumes]
         rows["body"] = score_setting(results)
         for r, _ in results:
-            rethreshold(r, 1.0)
-            lung_referenced(r)
+            lung_referenced(r)  # score_setting left each threshold in place; only its statistics change
         rows["lung"] = score_setting(results)
     for name, row in rows.items():
         rec = row["recommended_lambda"]

@@ -281,6 +281,15 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
     return volumes
 
 
+def model_holdout_volumes(data_dir, cfg, work: Path, holdout_every: Optional[int] = None,
+                          normal_cases: Optional[list] = None, seed: int = 0):
+    """``holdout_volumes`` as a model is validated on them: its hold-out period (``holdout_every`` when given),
+    its minimum lung fraction and its context slices (``ModelConfig.context_slices`` / ``context_mm``)."""
+    every = cfg.train.holdout_every if holdout_every is None else holdout_every
+    return holdout_volumes(data_dir, every, normal_cases, work, seed, cfg.preprocess.min_lung_fraction,
+                           (cfg.model.context_slices, cfg.model.context_mm))
+
+
 VARIANTS = ("noise", "sharp", "thick")  # other scanners, made from the same held-out slabs (``scanner_variant``)
 VARIANT_NOISE_HU = 25.0  # added white noise (a lower dose)
 VARIANT_SHARPEN = 0.8  # unsharp-mask gain over a 1-pixel Gaussian (a sharper reconstruction kernel)
@@ -455,8 +464,7 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
         raise SACDiffError("scanner variants (--variants) are not built for a 2.5D model yet (their thick-slice "
                            "pairs would mix the unscored context slices in); validate it without --variants")
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
-        volumes = holdout_volumes(data_dir, holdout_every, normal_cases, Path(tmp), seed,
-                                  cfg.preprocess.min_lung_fraction, context)
+        volumes = model_holdout_volumes(data_dir, cfg, Path(tmp), holdout_every, normal_cases, seed)
         if not volumes:
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
         log.info("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))
