@@ -141,7 +141,7 @@ def test_checkpoints_written_before_the_context_load_as_2d(tmp_path):
 def test_train_and_validate_a_25d_model_end_to_end(tmp_path, capsys):
     """`sacdiff train --preset ... --init` of a 2.5D network from a 2D file, then `sacdiff validate` on it: the
     rows exist and the same held-out slices are scored as for the 2D model (their synthetic lesion fraction
-    matches); scanner variants are refused for it with one line."""
+    matches); the noise variant scores it, the thick-slice variant is refused for it with one line."""
     from SACDiffLib.cli import main
     from SACDiffLib.experiments.phantom import write_phantom_cases
     from SACDiffLib.train import train
@@ -158,7 +158,12 @@ def test_train_and_validate_a_25d_model_end_to_end(tmp_path, capsys):
         rows[name] = json.loads((out / "validation.json").read_text())["rows"][0]
     assert rows["deep"]["synthetic_lesion_fraction_of_lung"] == rows["flat"]["synthetic_lesion_fraction_of_lung"]
     assert np.isfinite(rows["deep"]["synthetic_voxel_auroc"])
+    assert main(["validate", "--data", str(data), "--model", str(tmp_path / "deep.pt"), "--out",
+                 str(tmp_path / "val-noise"), "--settings", "5x0x2", "--device", "cpu", "--variants", "noise"]) == 0
+    noisy = json.loads((tmp_path / "val-noise" / "validation.json").read_text())["rows"]
+    assert [r["variant"] for r in noisy] == [None, "noise"]
+    assert noisy[1]["synthetic_lesion_fraction_of_lung"] == rows["deep"]["synthetic_lesion_fraction_of_lung"]
     capsys.readouterr()
     assert main(["validate", "--data", str(data), "--model", str(tmp_path / "deep.pt"), "--out",
                  str(tmp_path / "val-x"), "--settings", "5x0x2", "--device", "cpu", "--variants", "thick"]) == 2
-    assert "not built for a 2.5D model" in capsys.readouterr().err
+    assert "thick-slice variant is not built for a 2.5D model" in capsys.readouterr().err

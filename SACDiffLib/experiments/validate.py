@@ -22,7 +22,9 @@ detection per setting then gives, label-free:
 - on the slices with synthetic lesions: voxel AUROC of E, oracle Dice (best single threshold) and the Dice of the
   full pipeline at each λ.
 
-The recommended λ is the smallest of the grid that flags ≤ 1 % of clean lung. Between settings (``best_setting``),
+The recommended λ is the smallest of the grid that flags ≤ 1 % of clean lung **on every case** (round 10 of
+``Resources/results/map-candidates.md``; the shipped λ 12 was chosen that way, and a pooled figure let one scan
+flag 1.7 %). Between settings (``best_setting``),
 the one whose map separates its **worst** lesion kind best (the lowest per-kind oracle Dice, highest) wins, ties
 (within 0.01) broken by the full pipeline's synthetic Dice at the recommended λ: a setting must find nodules as well
 as ground glass (pooled figures are dominated by the large ground-glass patches, and a shallow T_s that reconstructs
@@ -390,7 +392,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
             out["per_kind"][name] = {"voxel_auroc": auroc(error[keep], positives[keep]),
                                      "oracle_dice": oracle_dice(error[keep], positives[keep])[0],
                                      "voxels": int(positives.sum())}
-    ok = [lam for lam in lambdas if out["healthy_flagged_percent"][str(lam)] <= FLAGGED_TARGET_PERCENT]
+    ok = [lam for lam in lambdas if max(case["flagged_percent"][str(lam)] for case in per_case.values())
+          <= FLAGGED_TARGET_PERCENT]  # every case, not only the pooled lung
     out["recommended_lambda"] = min(ok) if ok else None
     if ok:
         out["synthetic_dice_at_recommended"] = out["synthetic_dice"][str(min(ok))]
@@ -460,9 +463,9 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
     ``flagged_percent_at_model_lambda``: % of clean lung flagged at the model's own λ, per case."""
     rows = []
     context = (cfg.model.context_slices, cfg.model.context_mm)
-    if variants and context[0]:
-        raise SACDiffError("scanner variants (--variants) are not built for a 2.5D model yet (their thick-slice "
-                           "pairs would mix the unscored context slices in); validate it without --variants")
+    if "thick" in variants and context[0]:
+        raise SACDiffError("the thick-slice variant is not built for a 2.5D model yet (its slice pairs would mix "
+                           "the unscored context slices in); validate it with --variants noise,sharp")
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
         volumes = model_holdout_volumes(data_dir, cfg, Path(tmp), holdout_every, normal_cases, seed)
         if not volumes:
@@ -493,7 +496,7 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
 def markdown(rows: list[dict], model_name: str) -> str:
     lines = [f"# Label-free validation of {model_name} on held-out healthy slices", "",
              "| setting | mean E in healthy lung | % healthy lung flagged at λ = " + ", ".join(map(str, LAMBDAS))
-             + " | synthetic voxel AUROC | synthetic oracle Dice | recommended λ (≤ 1 % flagged) | synthetic Dice "
+             + " | synthetic voxel AUROC | synthetic oracle Dice | recommended λ (≤ 1 % flagged, every case) | synthetic Dice "
              f"at it | % clean vessels (> {VESSEL_HU:.0f} HU) flagged at it | oracle Dice per kind | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
