@@ -467,15 +467,25 @@ def lung_probability(hu: np.ndarray, image: sitk.Image, net: UNet, cfg: LungNetC
     return out
 
 
+EDGE_MM = 3.0  # the network's edge is trusted to about one pixel of its grid; the threshold decides within this
+
+
 def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: bool = False,
-                  progress: Optional[Progress] = None) -> np.ndarray:
+                  progress: Optional[Progress] = None, inward_mm: float = EDGE_MM) -> np.ndarray:
     """Pathology-inclusive lung labels (1 right, 2 left) of a CT (z, y, x) in HU, without the trachea and main
     bronchi unless ``airways``. Refuses a scan in which it finds no pair of lungs."""
     if hu.ndim != 3:
         raise SACDiffError("lung segmentation needs a 3D CT")
     cfg, net, _ = load_lungnet(model_path)
-    learned = lung_probability(hu, image, net, cfg, progress=progress) > 0.5
-    mask = refine_edges(hu, learned, image)
+    return lungs_from_probability(hu, lung_probability(hu, image, net, cfg, progress=progress), image, airways,
+                                  inward_mm)
+
+
+def lungs_from_probability(hu: np.ndarray, probability: np.ndarray, image: sitk.Image, airways: bool = False,
+                           inward_mm: float = EDGE_MM) -> np.ndarray:
+    """``learned_lungs`` after the network: P(lung) > 0.5, edges refined (``refine_edges``), the two largest
+    components, holes filled per slice, the airways removed, right/left labels."""
+    mask = refine_edges(hu, probability > 0.5, image, inward_mm)
     labels, n = ndimage.label(mask)
     if n:
         sizes = ndimage.sum_labels(mask, labels, index=np.arange(1, n + 1))
@@ -501,21 +511,19 @@ def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: b
     return split_left_right(mask, image)
 
 
-EDGE_MM = 3.0  # the network's edge is trusted to about one pixel of its grid; the threshold decides within this
-
-
-def refine_edges(hu: np.ndarray, learned: np.ndarray, image: sitk.Image) -> np.ndarray:
-    """The network's mask with its edges placed on the CT grid: aerated voxels (< −320 HU) within EDGE_MM of the
-    network's mask, plus the network's mask shrunk by EDGE_MM (where the network says lung well inside, density
-    does not matter: consolidation stays). In-plane only, slice by slice."""
+def refine_edges(hu: np.ndarray, learned: np.ndarray, image: sitk.Image, inward_mm: float = EDGE_MM) -> np.ndarray:
+    """The network's mask with its edges placed on the CT grid: aerated voxels (< −320 HU) within EDGE_MM outside
+    the network's mask, plus the network's mask shrunk by ``inward_mm`` (where the network says lung well inside,
+    density does not matter: consolidation stays; within ``inward_mm`` of its edge the threshold decides, so a
+    dense rim against the pleura is cut there — 0 keeps all of the network's mask). In-plane only, slice by slice."""
     from .lung import AIR_HU
 
     sx, sy = image.GetSpacing()[:2]
-    reach = max(1, int(round(EDGE_MM / min(sx, sy))))
     plane = ndimage.generate_binary_structure(3, 1)
     plane[0] = plane[2] = False
-    grown = ndimage.binary_dilation(learned, structure=plane, iterations=reach)
-    core = ndimage.binary_erosion(learned, structure=plane, iterations=reach, border_value=1)
+    grown = ndimage.binary_dilation(learned, structure=plane, iterations=max(1, int(round(EDGE_MM / min(sx, sy)))))
+    inward = int(round(inward_mm / min(sx, sy)))
+    core = ndimage.binary_erosion(learned, structure=plane, iterations=inward, border_value=1) if inward else learned
     return core | (grown & (hu < AIR_HU))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from .. import io
 from ..data import case_path, holdout_split, load_cases
 from ..lung import airway_tree, segment_lungs
-from ..lungnet import learned_lungs, read_lungnet
+from ..lungnet import EDGE_MM, learned_lungs, read_lungnet
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +75,7 @@ def nsclc_figures(data_dir: Path, model) -> dict:
     return out
 
 
-def medseg_figures(folder: Path, model) -> dict:
+def medseg_figures(folder: Path, model, inward_mm: float = EDGE_MM) -> dict:
     import SimpleITK as sitk
 
     from .medseg import SPACING_MM, list_slices, read_slice
@@ -86,7 +86,7 @@ def medseg_figures(folder: Path, model) -> dict:
         image = sitk.GetImageFromArray(hu)
         image.SetSpacing(SPACING_MM)
         row = {"slice": image_path.stem, "truth_pixels": int(truth.sum())}
-        for label, make in (("learned", lambda: learned_lungs(hu, image, model)),
+        for label, make in (("learned", lambda: learned_lungs(hu, image, model, inward_mm=inward_mm)),
                             ("classical", lambda: segment_lungs(hu, image, cropped=True))):
             try:
                 mask = make() > 0
@@ -142,6 +142,134 @@ def synthetic_inclusion(data_dir: Path, model, cases: list[str], holdout_every: 
     return out
 
 
+def _held_out_severe_volumes(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int):
+    """Yield (variant, 3-slice HU volume, its image, lesion on the middle slice): ``synthetic_inclusion``'s lesions
+    (same generator, seed and slices) carried from the network's grid onto each held-out slice's CT grid — the
+    slice and its two neighbours (``cfg.context_mm`` away, or the slice itself three times for "single slice"),
+    stacked as a volume whose slice spacing makes them neighbours — so the whole of ``learned_lungs`` can run."""
+    import SimpleITK as sitk
+    import torch
+
+    from ..lungnet import HU_CHANGED, load_lungnet, synthetic_pathology, training_slices
+
+    cfg, _, _ = load_lungnet(model)
+    stacks, labels, pixel, used = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")
+    units_to_hu = (cfg.hu_window[1] - cfg.hu_window[0]) / 2
+    index = 0
+    for name, z_list in used:
+        ct = io.read_ct(case_path(data_dir, name, "ct"))
+        hu = io.ct_array(ct).astype(np.float32)
+        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.context_mm)
+        for z in z_list:
+            i, index = index, index + 1
+            lung = labels[i, 0].numpy() > 0
+            if lung.sum() < 200:
+                continue
+            for variant in ("with neighbours", "single slice"):
+                x = stacks[i].float().numpy()
+                rows = [z, max(z - offset, 0), min(z + offset, hu.shape[0] - 1)]  # the stack's channel order
+                if variant == "single slice":
+                    x[1:] = x[:1]
+                    rows = [z, z, z]
+                sick = synthetic_pathology(x, lung, np.random.default_rng([seed, i]), cfg, float(pixel[i]),
+                                           SEVERE_KINDS)
+                delta = io.from_model_grid(torch.from_numpy((sick - x) * units_to_hu)[:, None], hu.shape[1:]).numpy()
+                volume = hu[rows] + delta  # channels (z, z − d, z + d) → slices (z − d, z, z + d) below
+                volume = volume[[1, 0, 2]]
+                lesion = np.abs(delta[0]) > HU_CHANGED
+                image = sitk.GetImageFromArray(volume)
+                sx, sy, sz = ct.GetSpacing()
+                image.SetSpacing((sx, sy, sz * max(offset, 1)))
+                yield variant, volume, image, lesion
+
+
+def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: int = 4, seed: int = 12345,
+                    medseg: bool = False) -> dict:
+    """The learned mask with each inward edge distance of ``refine_edges`` (one network pass per volume): healthy
+    held-out Dice and dense tissue outside the reference per case, nsclc_lung1's tumour and airways, and — label-free
+    — the share of severe synthetic pathology inside the *finished* mask on the CT grid (``synthetic_inclusion``
+    scores the network's raw output on its own grid, before the edge refinement that can cut a dense rim)."""
+    from ..lungnet import load_lungnet, lung_probability, lungs_from_probability
+
+    data_dir = Path(data_dir)
+    cfg, net, _ = load_lungnet(model)
+    payload = read_lungnet(model)
+    settings = (payload["train_state"] or {}).get("settings") or payload["extra"].get("settings", {})
+    cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
+                                            if "normal" in str(d.get("diagnosis", "")))
+    out = {"model": str(model), "inward_mm": list(inward_mm), "healthy": [], "synthetic_severe": {}}
+    for name in cases:
+        ct = io.read_ct(case_path(data_dir, name, "ct"))
+        hu = io.ct_array(ct)
+        reference = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0
+        reference &= ~airway_tree(hu, reference, ct)
+        held = holdout_split(np.arange(hu.shape[0]), holdout_every)[1]
+        probability = lung_probability(hu, ct, net, cfg)
+        row = {"case": name}
+        for mm in inward_mm:
+            mask = lungs_from_probability(hu, probability, ct, inward_mm=mm) > 0
+            row[str(mm)] = {"dice_held_out": dice(mask[held], reference[held]),
+                            "dense_outside_percent": 100 * float((mask & ~reference & (hu > -320)).sum())
+                            / max(int(mask.sum()), 1)}
+        out["healthy"].append(row)
+    counts = {}
+    for variant, volume, image, lesion in _held_out_severe_volumes(data_dir, model, cases, holdout_every, seed):
+        probability = lung_probability(volume, image, net, cfg)
+        for mm in ("raw",) + tuple(inward_mm):
+            mask = (probability[1] > 0.5 if mm == "raw"
+                    else lungs_from_probability(volume, probability, image, inward_mm=mm)[1] > 0)
+            counts.setdefault(variant, {}).setdefault(str(mm), []).append((int((mask & lesion).sum()),
+                                                                           int(lesion.sum())))
+    for variant, by_mm in counts.items():
+        out["synthetic_severe"][variant] = {}
+        for mm, pairs in by_mm.items():
+            kept, total = np.array([p for p in pairs if p[1]]).T
+            per_slice = 100 * kept / total
+            out["synthetic_severe"][variant][mm] = {
+                "slices": int(per_slice.size), "pooled_inside_percent": 100 * float(kept.sum() / total.sum()),
+                "worst_slice_percent": float(per_slice.min()), "slices_below_80_percent": int((per_slice < 80).sum())}
+    if case_path(data_dir, "nsclc_lung1", "lesion").exists():
+        ct = io.read_ct(case_path(data_dir, "nsclc_lung1", "ct"))
+        hu = io.ct_array(ct)
+        tumour = io.read_mask(case_path(data_dir, "nsclc_lung1", "lesion"), ct) > 0
+        airway = airway_tree(hu, io.read_mask(case_path(data_dir, "nsclc_lung1", "lung"), ct) > 0, ct)
+        probability = lung_probability(hu, ct, net, cfg)
+        out["nsclc_lung1"] = {}
+        for mm in inward_mm:
+            mask = lungs_from_probability(hu, probability, ct, inward_mm=mm) > 0
+            out["nsclc_lung1"][str(mm)] = {
+                "tumour_inside_percent": 100 * float((tumour & mask).sum()) / max(int(tumour.sum()), 1),
+                "slices_with_airway_inside": int(sum((airway[z] & mask[z]).sum() > 0.1 * airway[z].sum()
+                                                     for z in range(hu.shape[0]) if airway[z].any()))}
+    if medseg and (data_dir / "slices" / "medseg_covid").is_dir():
+        out["medseg"] = {str(mm): medseg_figures(data_dir / "slices" / "medseg_covid", model, mm)["summary"]["learned"]
+                         for mm in inward_mm}
+    return out
+
+
+def edge_markdown(r: dict) -> str:
+    """One row per inward edge distance of ``edge_candidates``."""
+    lines = ["| inward edge, mm | healthy Dice held-out (per case) | dense outside, % of mask (per case) | synthetic "
+             "severe inside, % pooled / worst slice / slices < 80 % (with neighbours; single slice) | nsclc tumour "
+             "inside, % | nsclc slices with airway inside | MedSeg inside, % pooled / worst / slices < 80 % |",
+             "|---|---|---|---|---|---|---|"]
+    for mm in ["raw"] + [str(m) for m in r["inward_mm"]]:
+        syn = "; ".join(f"{v[mm]['pooled_inside_percent']:.1f} / {v[mm]['worst_slice_percent']:.0f} / "
+                        f"{v[mm]['slices_below_80_percent']}" for v in r["synthetic_severe"].values())
+        if mm == "raw":
+            lines.append(f"| network alone (P > 0.5, CT grid) | | | {syn} | | | |")
+            continue
+        healthy = " / ".join(f"{row[mm]['dice_held_out']:.3f}" for row in r["healthy"])
+        dense = " / ".join(f"{row[mm]['dense_outside_percent']:.2f}" for row in r["healthy"])
+        n = r.get("nsclc_lung1", {}).get(mm, {})
+        m = r.get("medseg", {}).get(mm)
+        lines.append(f"| {mm} | {healthy} | {dense} | {syn} | {n.get('tumour_inside_percent', float('nan')):.1f} | "
+                     f"{n.get('slices_with_airway_inside', '')} | " + (
+                         f"{m['pooled_inside_percent']:.1f} / {m['worst_slice_percent']:.0f} / "
+                         f"{m['slices_below_80_percent']}" if m else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
     data_dir = Path(data_dir)
     payload = read_lungnet(model)
@@ -193,13 +321,20 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="JSON file (a .md beside it)")
+    p.add_argument("--edges", help="compare inward edge distances of refine_edges instead, mm, e.g. 3,1.5,0")
+    p.add_argument("--medseg", action="store_true", help="with --edges: also the MedSeg infection inside each mask")
     args = p.parse_args(argv)
     from ..allocator import keep_freed_memory
 
     keep_freed_memory()
-    r = evaluate_lung_masks(args.data, args.model)
+    if args.edges:
+        r = edge_candidates(args.data, args.model, tuple(float(v) for v in args.edges.split(",")),
+                            medseg=args.medseg)
+        text = edge_markdown(r)
+    else:
+        r = evaluate_lung_masks(args.data, args.model)
+        text = markdown(r)
     Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
-    text = markdown(r)
     Path(args.out).with_suffix(".md").write_text(text, encoding="utf-8")
     print(text)
     return 0
