@@ -189,7 +189,9 @@ def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: i
     held-out Dice and dense tissue outside the reference per case, nsclc_lung1's tumour and airways, and — label-free
     — the share of severe synthetic pathology inside the *finished* mask on the CT grid (``synthetic_inclusion``
     scores the network's raw output on its own grid, before the edge refinement that can cut a dense rim)."""
-    from ..lungnet import load_lungnet, lung_probability, lungs_from_probability
+    from scipy import ndimage
+
+    from ..lungnet import load_lungnet, lung_probability, lungs_from_probability, refine_edges
 
     data_dir = Path(data_dir)
     cfg, net, _ = load_lungnet(model)
@@ -215,11 +217,16 @@ def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: i
     counts = {}
     for variant, volume, image, lesion in _held_out_severe_volumes(data_dir, model, cases, holdout_every, seed):
         probability = lung_probability(volume, image, net, cfg)
-        for mm in ("raw",) + tuple(inward_mm):
-            mask = (probability[1] > 0.5 if mm == "raw"
-                    else lungs_from_probability(volume, probability, image, inward_mm=mm)[1] > 0)
-            counts.setdefault(variant, {}).setdefault(str(mm), []).append((int((mask & lesion).sum()),
-                                                                           int(lesion.sum())))
+        masks = {"raw": probability[1] > 0.5}
+        for mm in inward_mm:
+            # the per-slice steps alone (edges, holes), then the whole pipeline; its 3D steps (the two largest
+            # components, airway tracking) see a 3-slice volume here, not a scan, and can drop a small apical or
+            # basal lung piece that a whole scan would connect
+            masks[f"{mm} slice steps"] = ndimage.binary_fill_holes(refine_edges(volume, probability > 0.5, image,
+                                                                                mm)[1])
+            masks[str(mm)] = lungs_from_probability(volume, probability, image, inward_mm=mm)[1] > 0
+        for key, mask in masks.items():
+            counts.setdefault(variant, {}).setdefault(key, []).append((int((mask & lesion).sum()), int(lesion.sum())))
     for variant, by_mm in counts.items():
         out["synthetic_severe"][variant] = {}
         for mm, pairs in by_mm.items():
@@ -259,6 +266,10 @@ def edge_markdown(r: dict) -> str:
         if mm == "raw":
             lines.append(f"| network alone (P > 0.5, CT grid) | | | {syn} | | | |")
             continue
+        steps = "; ".join(f"{v[mm + ' slice steps']['pooled_inside_percent']:.1f} / "
+                          f"{v[mm + ' slice steps']['worst_slice_percent']:.0f} / "
+                          f"{v[mm + ' slice steps']['slices_below_80_percent']}" for v in r["synthetic_severe"].values())
+        syn += f" (per-slice steps alone: {steps})"
         healthy = " / ".join(f"{row[mm]['dice_held_out']:.3f}" for row in r["healthy"])
         dense = " / ".join(f"{row[mm]['dense_outside_percent']:.2f}" for row in r["healthy"])
         n = r.get("nsclc_lung1", {}).get(mm, {})
