@@ -467,11 +467,14 @@ def lung_probability(hu: np.ndarray, image: sitk.Image, net: UNet, cfg: LungNetC
     return out
 
 
-EDGE_MM = 3.0  # the network's edge is trusted to about one pixel of its grid; the threshold decides within this
+EDGE_MM = 3.0  # the network's edge is trusted to about one pixel of its grid: aerated voxels this far outside join
+# Inward, the network's mask is kept whole (round four, Resources/results/lungmask.md): handing the 3 mm inside its
+# edge to the threshold cut dense disease against the pleura (severe synthetic pathology inside 89.9 % → 94.2 %).
+INWARD_EDGE_MM = 0.0
 
 
 def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: bool = False,
-                  progress: Optional[Progress] = None, inward_mm: float = EDGE_MM) -> np.ndarray:
+                  progress: Optional[Progress] = None, inward_mm: float = INWARD_EDGE_MM) -> np.ndarray:
     """Pathology-inclusive lung labels (1 right, 2 left) of a CT (z, y, x) in HU, without the trachea and main
     bronchi unless ``airways``. Refuses a scan in which it finds no pair of lungs."""
     if hu.ndim != 3:
@@ -482,7 +485,7 @@ def learned_lungs(hu: np.ndarray, image: sitk.Image, model_path=None, airways: b
 
 
 def lungs_from_probability(hu: np.ndarray, probability: np.ndarray, image: sitk.Image, airways: bool = False,
-                           inward_mm: float = EDGE_MM) -> np.ndarray:
+                           inward_mm: float = INWARD_EDGE_MM) -> np.ndarray:
     """``learned_lungs`` after the network: P(lung) > 0.5, edges refined (``refine_edges``), the two largest
     components, holes filled per slice, the airways removed, right/left labels."""
     mask = refine_edges(hu, probability > 0.5, image, inward_mm)
@@ -511,7 +514,8 @@ def lungs_from_probability(hu: np.ndarray, probability: np.ndarray, image: sitk.
     return split_left_right(mask, image)
 
 
-def refine_edges(hu: np.ndarray, learned: np.ndarray, image: sitk.Image, inward_mm: float = EDGE_MM) -> np.ndarray:
+def refine_edges(hu: np.ndarray, learned: np.ndarray, image: sitk.Image,
+                 inward_mm: float = INWARD_EDGE_MM) -> np.ndarray:
     """The network's mask with its edges placed on the CT grid: aerated voxels (< −320 HU) within EDGE_MM outside
     the network's mask, plus the network's mask shrunk by ``inward_mm`` (where the network says lung well inside,
     density does not matter: consolidation stays; within ``inward_mm`` of its edge the threshold decides, so a

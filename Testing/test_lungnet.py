@@ -75,24 +75,25 @@ def test_refine_edges_takes_air_at_the_edge_and_keeps_dense_lung_inside():
     hu[0][consolidation] = 30.0
     learned = _disc((64, 64), 32, 32, 22)[None]  # the network's edge 2 px too far out
     image = to_image(hu, spacing=(1.0, 1.0, 2.0))
-    out = refine_edges(hu, learned, image)[0]
+    out = refine_edges(hu, learned, image, inward_mm=3.0)[0]
     assert out[consolidation].all()  # dense but inside: kept
     assert not out[~air_lung].any()  # the overshoot into the soft tissue is gone
     assert out[air_lung].all()
+    assert np.array_equal(refine_edges(hu, learned, image)[0], learned[0])  # the default keeps the network's mask
 
 
 def test_refine_edges_inward_distance_decides_a_dense_rim_at_the_pleura():
-    """A 2 mm band of consolidation along the network's own edge (1 mm pixels): the default (3 mm inward) hands it
-    to the threshold, which cuts it; inward 0 keeps every voxel of the network's mask; inward 1 mm keeps the band's
-    inner half (hand-counted rings of a disc's erosion)."""
+    """A 2 mm band of consolidation along the network's own edge (1 mm pixels): 3 mm inward (round three) hands it
+    to the threshold, which cuts it; inward 0 (the default) keeps every voxel of the network's mask; inward 1 mm
+    keeps the band's inner half (hand-counted rings of a disc's erosion)."""
     hu = np.full((1, 64, 64), 40.0, np.float32)
     lung = _disc((64, 64), 32, 32, 20)
     hu[0][lung] = -850.0
     rim = lung & ~_disc((64, 64), 32, 32, 18)
     hu[0][rim] = 30.0
     image = to_image(hu, spacing=(1.0, 1.0, 2.0))
-    cut = refine_edges(hu, lung[None], image)[0]
-    kept = refine_edges(hu, lung[None], image, inward_mm=0.0)[0]
+    cut = refine_edges(hu, lung[None], image, inward_mm=3.0)[0]
+    kept = refine_edges(hu, lung[None], image)[0]
     half = refine_edges(hu, lung[None], image, inward_mm=1.0)[0]
     assert not cut[rim].any() and cut[lung & ~rim].all()
     assert np.array_equal(kept, lung)

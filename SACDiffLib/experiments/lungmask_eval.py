@@ -29,7 +29,7 @@ import numpy as np
 from .. import io
 from ..data import case_path, holdout_split, load_cases
 from ..lung import airway_tree, segment_lungs
-from ..lungnet import EDGE_MM, learned_lungs, read_lungnet
+from ..lungnet import INWARD_EDGE_MM, learned_lungs, read_lungnet
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,7 +75,7 @@ def nsclc_figures(data_dir: Path, model) -> dict:
     return out
 
 
-def medseg_figures(folder: Path, model, inward_mm: float = EDGE_MM) -> dict:
+def medseg_figures(folder: Path, model, inward_mm: float = INWARD_EDGE_MM) -> dict:
     import SimpleITK as sitk
 
     from .medseg import SPACING_MM, list_slices, read_slice
@@ -159,6 +159,8 @@ def _held_out_severe_volumes(data_dir: Path, model, cases: list[str], holdout_ev
     for name, z_list in used:
         ct = io.read_ct(case_path(data_dir, name, "ct"))
         hu = io.ct_array(ct).astype(np.float32)
+        lung_ct = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0  # the label, as in training
+        lung_ct &= ~airway_tree(hu, lung_ct, ct)
         offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.context_mm)
         for z in z_list:
             i, index = index, index + 1
@@ -176,7 +178,7 @@ def _held_out_severe_volumes(data_dir: Path, model, cases: list[str], holdout_ev
                 delta = io.from_model_grid(torch.from_numpy((sick - x) * units_to_hu)[:, None], hu.shape[1:]).numpy()
                 volume = hu[rows] + delta  # channels (z, z − d, z + d) → slices (z − d, z, z + d) below
                 volume = volume[[1, 0, 2]]
-                lesion = np.abs(delta[0]) > HU_CHANGED
+                lesion = (np.abs(delta[0]) > HU_CHANGED) & lung_ct[z]  # a soft edge reaches one pixel past the lung
                 image = sitk.GetImageFromArray(volume)
                 sx, sy, sz = ct.GetSpacing()
                 image.SetSpacing((sx, sy, sz * max(offset, 1)))
