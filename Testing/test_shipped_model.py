@@ -1,5 +1,6 @@
-"""The shipped reference model: loads through the checkpoint checks, is small, drives the demo; on real data (when
-../shared/data is present) it separates infected from uninfected slices of ctmd_P001."""
+"""The shipped reference models — the 2.5D default and the 2D model beside it: load through the checkpoint checks, are
+small, drive the demo; on real data (when ../shared/data is present) the default separates infected from uninfected
+slices of ctmd_P001."""
 
 import json
 
@@ -9,18 +10,23 @@ from SACDiffLib.checkpoint import load_checkpoint, read_checkpoint, shipped_mode
 from SACDiffLib.config import derive
 from SACDiffLib.cli import main
 
-MODEL = ROOT / "Resources" / "models" / "sacdiff-small256.pt"
+MODEL = ROOT / "Resources" / "models" / "sacdiff-small256-context.pt"
+MODEL_2D = ROOT / "Resources" / "models" / "sacdiff-small256.pt"
 
 
 def test_shipped_model_is_found_loads_and_is_small():
     assert shipped_model_path() == MODEL
-    assert MODEL.stat().st_size <= 25 * 2**20
-    cfg, model, diffusion, payload = load_checkpoint(MODEL)
-    assert cfg.preprocess.image_size == 256 and cfg.model.conditional and cfg.diffusion.noise.kind == "simplex"
-    assert cfg.train.max_timestep >= cfg.detect.steps and cfg.train.holdout_every == 5  # chosen on the hold-out
-    assert payload["extra"]["stored_dtype"] == "float16"
+    for path, context, lam in ((MODEL, 1, 24.0), (MODEL_2D, 0, 12.0)):
+        assert path.stat().st_size <= 25 * 2**20
+        cfg, model, diffusion, payload = load_checkpoint(path)
+        assert cfg.preprocess.image_size == 256 and cfg.model.conditional and cfg.diffusion.noise.kind == "simplex"
+        assert cfg.train.max_timestep >= cfg.detect.steps and cfg.train.holdout_every == 5  # chosen on the hold-out
+        # the settings `sacdiff validate` chose (MODEL_CARD.md): T_s 100, 10 steps, K 3 and the model's own λ
+        assert (cfg.detect.steps, cfg.detect.sampling_steps, cfg.detect.ensemble, cfg.detect.lam) == (100, 10, 3, lam)
+        assert cfg.model.context_slices == context
+        assert payload["extra"]["stored_dtype"] == "float16"
+        assert read_checkpoint(path)["ema"] is None  # slim form: no optimizer state, no second copy
     assert (ROOT / "Resources" / "models" / "MODEL_CARD.md").is_file()
-    assert read_checkpoint(MODEL)["ema"] is None  # slim form: no optimizer state, no second copy
 
 
 def test_demo_with_the_shipped_model_short_form(tmp_path, capsys):

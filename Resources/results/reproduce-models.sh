@@ -56,3 +56,23 @@ python Resources/results/nsclc_settings.py "$DATA" '{}' '{"steps": 250, "harmoni
 # Logic into a real MRML scene and drawn by Slicer's own slice views.
 python Resources/results/render_slicer_views.py "$DATA/ct/ctmd_P001_ct.nii.gz" "$DATA/ct/ctmd_P001_lung.nii.gz" 0:148 \
   Resources/Screenshots "$WORK/eval-new/runs/ctmd_P001"
+
+# Round 10 (map-candidates.md): the default became the 2.5D sacdiff-small256-context.pt. Its validation beside the 2D
+# model's (seed 1, λ per case), one detection of ctmd_P001 each for the time, and its table on the labelled cases.
+CONTEXT="${CONTEXT:-Resources/models/training/small256-context-state.pt}"
+sacdiff validate --data "$DATA" --out "$WORK/val-r10-2d" --overwrite --normal-cases "$HEALTHY" --settings 100x10x3 \
+  --variants noise,sharp,thick --seed 1 --device cpu
+sacdiff validate --data "$DATA" --model "$CONTEXT" --out "$WORK/val-r10-context" --overwrite --normal-cases "$HEALTHY" \
+  --settings 100x10x3 --variants noise,sharp --seed 1 --device cpu
+for M in "$NEW" Resources/models/sacdiff-small256-context.pt; do
+  sacdiff detect "$DATA/ct/ctmd_P001_ct.nii.gz" --lung "$DATA/ct/ctmd_P001_lung.nii.gz" --model "$M" \
+    --out "$WORK/time-$(basename "$M" .pt)" --overwrite --device cpu
+done
+sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
+  --out "$WORK/eval-context" --overwrite --device cpu
+cp "$WORK/val-r10-2d/validation.md" Resources/results/validation-round10-2d.md
+cp "$WORK/val-r10-2d/validation.json" Resources/results/validation-round10-2d.json
+cp "$WORK/val-r10-context/validation.md" Resources/results/validation-round10-context.md
+cp "$WORK/val-r10-context/validation.json" Resources/results/validation-round10-context.json
+cp "$WORK/eval-context/summary.md" Resources/results/eval-context-model.md
+cp "$WORK/eval-context/summary.json" Resources/results/eval-context-model.json
