@@ -267,3 +267,22 @@ def test_scanner_variants_keep_the_lesions_and_change_the_scanner(tmp_path):
     assert image.GetSize()[2] == 4 and image.GetSpacing()[2] == 4.0
     assert thick["truth"].shape == (4, 32, 32) and thick["truth"][1].any() and not thick["truth"][3].any()
     assert thick["clean"].tolist() == [True, True, False, False]
+    eight = scanner_variant(vol, "8bit", tmp_path, rng)
+    assert sitk.ReadImage(str(eight["ct"])).GetSize() == image.GetSize()[:2] + (8,)
+
+
+def test_eight_bit_slice_is_read_back_like_a_medseg_picture():
+    """Lung (−850 HU) and soft tissue (+40 HU) are the two anchors of MedSeg's per-image fit, so a flat region of each
+    comes back within one grey level (1300 HU / 255 = 5.1 HU) plus JPEG error; bone above the window's top (+150 HU)
+    is clipped; a ground-glass patch keeps its contrast; at most 256 grey levels survive."""
+    from SACDiffLib.experiments.validate import VARIANT_8BIT_WINDOW_HU, eight_bit_slice
+
+    hu = np.full((64, 64), -850.0, np.float32)
+    hu[:, :20] = 40.0  # soft tissue (the larger soft-tissue peak)
+    hu[4:12, 4:12] = 700.0  # bone
+    hu[30:46, 36:52] = -450.0  # ground glass
+    out = eight_bit_slice(hu)
+    assert abs(np.median(out[20:28, 26:34]) + 850) <= 6 and abs(np.median(out[30:60, 2:16]) - 40) <= 6
+    assert out[6:10, 6:10].max() <= VARIANT_8BIT_WINDOW_HU[1] + 10
+    assert abs(np.median(out[34:42, 40:48]) + 450) <= 10
+    assert len(np.unique(out)) <= 256

@@ -292,16 +292,37 @@ def model_holdout_volumes(data_dir, cfg, work: Path, holdout_every: Optional[int
                            (cfg.model.context_slices, cfg.model.context_mm))
 
 
-VARIANTS = ("noise", "sharp", "thick")  # other scanners, made from the same held-out slabs (``scanner_variant``)
+VARIANTS = ("noise", "sharp", "thick", "8bit")  # other scanners and formats, made from the same held-out slabs
 VARIANT_NOISE_HU = 25.0  # added white noise (a lower dose)
 VARIANT_SHARPEN = 0.8  # unsharp-mask gain over a 1-pixel Gaussian (a sharper reconstruction kernel)
+# 8-bit pictures like the MedSeg slices: a 1300 HU lung window (their median fitted width), JPEG at quality 75 (their
+# quantisation tables), read back to HU by the same per-image fit as MedSeg (``medseg.grey_to_hu``)
+VARIANT_8BIT_WINDOW_HU = (-1150.0, 150.0)
+VARIANT_JPEG_QUALITY = 75
+
+
+def eight_bit_slice(hu: np.ndarray) -> np.ndarray:
+    """One slice (Y, X) in HU as an 8-bit lung-window JPEG would give it back (see VARIANT_8BIT_WINDOW_HU)."""
+    import io as bytes_io
+
+    from PIL import Image
+
+    from .medseg import grey_to_hu
+
+    lo, hi = VARIANT_8BIT_WINDOW_HU
+    grey = np.round(np.clip((hu - lo) / (hi - lo), 0.0, 1.0) * 255).astype(np.uint8)
+    buffer = bytes_io.BytesIO()
+    Image.fromarray(grey).save(buffer, "JPEG", quality=VARIANT_JPEG_QUALITY)
+    buffer.seek(0)
+    return grey_to_hu(np.asarray(Image.open(buffer).convert("L")))[0].astype(np.float32)
 
 
 def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) -> dict:
     """The held-out volume ``vol`` as another scanner would give it: ``noise`` adds VARIANT_NOISE_HU of white noise,
     ``sharp`` applies an in-plane unsharp mask (a sharper kernel), ``thick`` averages consecutive pairs of slices of
     each slab (twice the slice thickness, partial volume; lesion truth where the pair's mean ≥ 0.5, a pair is clean
-    when both slices are). Lesions and lung masks are those of ``vol``; a new CT/lung file pair in ``work``."""
+    when both slices are), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``).
+    Lesions and lung masks are those of ``vol``; a new CT/lung file pair in ``work``."""
     image = sitk.ReadImage(str(vol["ct"]))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lung = sitk.GetArrayFromImage(sitk.ReadImage(str(vol["lung"])))
@@ -312,6 +333,8 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
         hu = hu + rng.normal(0.0, VARIANT_NOISE_HU, hu.shape).astype(np.float32)
     elif kind == "sharp":
         hu = hu + VARIANT_SHARPEN * (hu - ndimage.gaussian_filter(hu, (0, 1.0, 1.0)))
+    elif kind == "8bit":
+        hu = np.stack([eight_bit_slice(plane) for plane in hu])
     elif kind == "thick":
         slab = np.unique(_slabs(np.asarray(vol["slices"])), return_inverse=True)[1]
         pairs = [rows[i:i + 2] for number in np.unique(slab) for rows in [np.nonzero(slab == number)[0]]
