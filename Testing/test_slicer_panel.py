@@ -300,8 +300,11 @@ def test_the_panel_shows_the_models_lambda_and_where_it_came_from(release, tmp_p
     a child process — no torch in Slicer's)."""
     from SACDiffLib.cli import main
 
+    from SACDiffLib.checkpoint import read_checkpoint, shipped_model_path
+
+    shipped = f"Model λ = {read_checkpoint(shipped_model_path())['config']['detect']['lam']:g}:"  # 24, the 2.5D default
     panel = Panel(release)
-    assert panel.ui.modelLambdaLabel.text.startswith("Model λ = 12:") and "validate" in panel.ui.modelLambdaLabel.text
+    assert panel.ui.modelLambdaLabel.text.startswith(shipped) and "validate" in panel.ui.modelLambdaLabel.text
     scans = tmp_path / "site"
     scans.mkdir()
     for kind in ("ct", "lung"):
