@@ -207,7 +207,8 @@ def _validate_args(p):
     p.add_argument("--normal-cases", help="comma-separated healthy cases (default: diagnosis exactly 'normal')")
     p.add_argument("--variants", help="also score the held-out slabs as other scanners would give them: comma-"
                    "separated noise (25 HU white noise), sharp (sharper kernel), thick (twice the slice thickness), "
-                   "8bit (8-bit lung-window JPEG slices, like MedSeg)")
+                   "8bit (8-bit lung-window JPEG slices, like MedSeg), crop (cut to the lungs' bounding box, like "
+                   "MedSeg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)

@@ -269,6 +269,14 @@ def test_scanner_variants_keep_the_lesions_and_change_the_scanner(tmp_path):
     assert thick["clean"].tolist() == [True, True, False, False]
     eight = scanner_variant(vol, "8bit", tmp_path, rng)
     assert sitk.ReadImage(str(eight["ct"])).GetSize() == image.GetSize()[:2] + (8,)
+    # crop: lung rows 4–27, columns 8–27, 5 mm (5 px) of margin, clipped at the image's edge → rows 0–31 (32),
+    # columns 3–31 (29); every lesion voxel and the lung kept
+    crop = scanner_variant(vol, "crop", tmp_path, rng)
+    cropped = sitk.GetArrayFromImage(sitk.ReadImage(str(crop["ct"])))
+    assert cropped.shape == (8, 32, 29) and crop["truth"].shape == cropped.shape
+    assert crop["truth"].sum() == truth.sum() and crop["kinds"].shape == cropped.shape
+    assert np.array_equal(cropped, hu[:, :, 3:])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(crop["lung"]))).sum() == lung.sum()
 
 
 def test_eight_bit_slice_is_read_back_like_a_medseg_picture():

@@ -292,7 +292,8 @@ def model_holdout_volumes(data_dir, cfg, work: Path, holdout_every: Optional[int
                            (cfg.model.context_slices, cfg.model.context_mm))
 
 
-VARIANTS = ("noise", "sharp", "thick", "8bit")  # other scanners and formats, made from the same held-out slabs
+VARIANTS = ("noise", "sharp", "thick", "8bit", "crop")  # other scanners and formats, from the same held-out slabs
+VARIANT_CROP_MARGIN_MM = 5.0  # ``crop``: the image cut to the lungs' bounding box and this margin, like MedSeg's
 VARIANT_NOISE_HU = 25.0  # added white noise (a lower dose)
 VARIANT_SHARPEN = 0.8  # unsharp-mask gain over a 1-pixel Gaussian (a sharper reconstruction kernel)
 # 8-bit pictures like the MedSeg slices: a 1300 HU lung window (their median fitted width), JPEG at quality 75 (their
@@ -321,7 +322,9 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
     """The held-out volume ``vol`` as another scanner would give it: ``noise`` adds VARIANT_NOISE_HU of white noise,
     ``sharp`` applies an in-plane unsharp mask (a sharper kernel), ``thick`` averages consecutive pairs of slices of
     each slab (twice the slice thickness, partial volume; lesion truth where the pair's mean ≥ 0.5, a pair is clean
-    when both slices are), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``).
+    when both slices are), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``),
+    ``crop`` cuts the image in-plane to the lungs' bounding box plus VARIANT_CROP_MARGIN_MM (as the MedSeg pictures
+    are: little body outside the lung to take α from, and the lungs fill the model's grid — a zoom).
     Lesions and lung masks are those of ``vol``; a new CT/lung file pair in ``work``."""
     image = sitk.ReadImage(str(vol["ct"]))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
@@ -335,6 +338,11 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
         hu = hu + VARIANT_SHARPEN * (hu - ndimage.gaussian_filter(hu, (0, 1.0, 1.0)))
     elif kind == "8bit":
         hu = np.stack([eight_bit_slice(plane) for plane in hu])
+    elif kind == "crop":
+        margin = [int(round(VARIANT_CROP_MARGIN_MM / step)) for step in (spacing[1], spacing[0])]  # (y, x) pixels
+        box = tuple(slice(max(int(ix.min()) - m, 0), int(ix.max()) + m + 1)
+                    for ix, m in zip(np.nonzero(lung.any(0))[:2], margin))
+        hu, lung, truth, kinds = (a[(slice(None),) + box] for a in (hu, lung, truth, kinds))
     elif kind == "thick":
         slab = np.unique(_slabs(np.asarray(vol["slices"])), return_inverse=True)[1]
         pairs = [rows[i:i + 2] for number in np.unique(slab) for rows in [np.nonzero(slab == number)[0]]
