@@ -302,7 +302,8 @@ def test_the_panel_shows_the_models_lambda_and_where_it_came_from(release, tmp_p
 
     from SACDiffLib.checkpoint import read_checkpoint, shipped_model_path
 
-    shipped = f"Model λ = {read_checkpoint(shipped_model_path())['config']['detect']['lam']:g}:"  # 24, the 2.5D default
+    # the shipped model's own λ (24 for the 2.5D default)
+    shipped = f"Model λ = {read_checkpoint(shipped_model_path())['config']['detect']['lam']:g}:"
     panel = Panel(release)
     assert panel.ui.modelLambdaLabel.text.startswith(shipped) and "validate" in panel.ui.modelLambdaLabel.text
     scans = tmp_path / "site"

@@ -11,6 +11,10 @@
   P > 0.5; with neighbours, and alone as a single 2D image). Drawn by the training generator, so it shows a network
   that got worse, not one that generalises.
 
+With ``--edges 3,1.5,0`` (``edge_candidates``): the learned mask with each inward edge distance of
+``lungnet.refine_edges`` side by side, and the same severe synthetic pathology scored inside the *finished* mask on
+the CT grid (round four of Resources/results/lungmask.md).
+
 No lesion label chooses anything here: the labels only score the two finished methods.
 
     python -m SACDiffLib.experiments.lungmask_eval --data ../shared/data --model M.pt --out results.json

@@ -23,13 +23,12 @@ detection per setting then gives, label-free:
   full pipeline at each λ.
 
 The recommended λ is the smallest of the grid that flags ≤ 1 % of clean lung **on every case** (round 10 of
-``Resources/results/map-candidates.md``; the shipped λ 12 was chosen that way, and a pooled figure let one scan
-flag 1.7 %). Between settings (``best_setting``),
-the one whose map separates its **worst** lesion kind best (the lowest per-kind oracle Dice, highest) wins, ties
-(within 0.01) broken by the full pipeline's synthetic Dice at the recommended λ: a setting must find nodules as well
-as ground glass (pooled figures are dominated by the large ground-glass patches, and a shallow T_s that reconstructs
-solid nodules away still wins them). Per case, the % of clean lung flagged and α at the recommended λ show how
-stable the threshold is from scan to scan. Real lesion masks are never read.
+``Resources/results/map-candidates.md``; a pooled figure let one scan flag 1.7 %). Between settings
+(``best_setting``), the one whose map separates its **worst** lesion kind best (the lowest per-kind oracle Dice,
+highest) wins, ties (within 0.01) broken by the full pipeline's synthetic Dice at the recommended λ: a setting must
+find nodules as well as ground glass (pooled figures are dominated by the large ground-glass patches, and a shallow
+T_s that reconstructs solid nodules away still wins them). Per case, the % of clean lung flagged and α at the
+recommended λ show how stable the threshold is from scan to scan. Real lesion masks are never read.
 """
 
 from __future__ import annotations
@@ -496,7 +495,8 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
     context = (cfg.model.context_slices, cfg.model.context_mm)
     if "thick" in variants and context[0]:
         raise SACDiffError("the thick-slice variant is not built for a 2.5D model yet (its slice pairs would mix "
-                           "the unscored context slices in); validate it with --variants noise,sharp")
+                           "the unscored context slices in); leave thick out of --variants (noise, sharp, 8bit and "
+                           "crop work)")
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
         volumes = model_holdout_volumes(data_dir, cfg, Path(tmp), holdout_every, normal_cases, seed)
         if not volumes:
@@ -527,8 +527,8 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
 def markdown(rows: list[dict], model_name: str) -> str:
     lines = [f"# Label-free validation of {model_name} on held-out healthy slices", "",
              "| setting | mean E in healthy lung | % healthy lung flagged at λ = " + ", ".join(map(str, LAMBDAS))
-             + " | synthetic voxel AUROC | synthetic oracle Dice | recommended λ (≤ 1 % flagged, every case) | synthetic Dice "
-             f"at it | % clean vessels (> {VESSEL_HU:.0f} HU) flagged at it | oracle Dice per kind | s |",
+             + " | synthetic voxel AUROC | synthetic oracle Dice | recommended λ (≤ 1 % flagged, every case) | "
+             f"synthetic Dice at it | % clean vessels (> {VESSEL_HU:.0f} HU) flagged at it | oracle Dice per kind | s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         flagged = " / ".join(f"{r['healthy_flagged_percent'][str(lam)]:.2f}" for lam in LAMBDAS)
