@@ -151,7 +151,8 @@ def slim_checkpoint(src, dst, half: bool = True, detect: Optional[dict] = None, 
     return _save_atomically(slim, dst)
 
 
-SHIPPED_MODEL = "sacdiff-small256-context.pt"  # 2.5D (round 10 of map-candidates.md); the 2D sacdiff-small256.pt ships beside it
+# The default: 2.5D (round 10 of Resources/results/map-candidates.md); the 2D sacdiff-small256.pt ships beside it
+SHIPPED_MODEL = "sacdiff-small256-context.pt"
 
 
 def shipped_model_path() -> Path:

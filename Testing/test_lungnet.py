@@ -211,3 +211,13 @@ def test_slim_gives_a_half_precision_lung_network_without_optimiser_state(data_d
     _, b, _ = load_lungnet(slim)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(q, p.half().float(), msg=name)
+
+
+@pytest.mark.parametrize("argv", [["--medseg"], ["--edges", "3,x"], ["--edges", "3,-1"], ["--edges", "nan"]])
+def test_lungmask_eval_refuses_a_bad_edge_comparison_with_one_line(argv, capsys):
+    from SACDiffLib.experiments.lungmask_eval import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", "nowhere", "--model", "none.pt", "--out", "never.json"] + argv)
+    assert exit_info.value.code == 2
+    assert "--edges" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -42,13 +42,28 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2 * int((a & b).sum()) / total if total else 1.0
 
 
+def _reference_lungs(data_dir: Path, name: str):
+    """(CT image, HU array, the case's lung mask without the trachea and main bronchi — the label the network was
+    trained on and the reference the healthy figures score against)."""
+    ct = io.read_ct(case_path(data_dir, name, "ct"))
+    hu = io.ct_array(ct)
+    reference = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0
+    reference &= ~airway_tree(hu, reference, ct)
+    return ct, hu, reference
+
+
+def _healthy_scores(mask: np.ndarray, reference: np.ndarray, held: np.ndarray, hu: np.ndarray) -> dict:
+    """Dice on the held-out slices, and the share of the mask that is dense tissue (> −320 HU) outside the reference
+    (heart, mediastinum, chest wall, abdomen)."""
+    dense_outside = mask & ~reference & (hu > -320)
+    return {"dice_held_out": dice(mask[held], reference[held]),
+            "dense_outside_percent": 100 * float(dense_outside.sum()) / max(int(mask.sum()), 1)}
+
+
 def healthy_figures(data_dir: Path, model, cases: list[str], holdout_every: int) -> list[dict]:
     rows = []
     for name in cases:
-        ct = io.read_ct(case_path(data_dir, name, "ct"))
-        hu = io.ct_array(ct)
-        reference = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0
-        reference &= ~airway_tree(hu, reference, ct)
+        ct, hu, reference = _reference_lungs(data_dir, name)
         t0 = time.perf_counter()
         learned = learned_lungs(hu, ct, model) > 0
         seconds = time.perf_counter() - t0
@@ -56,26 +71,33 @@ def healthy_figures(data_dir: Path, model, cases: list[str], holdout_every: int)
         held = holdout_split(np.arange(hu.shape[0]), holdout_every)[1]
         row = {"case": name, "slices": int(hu.shape[0]), "held_out_slices": int(held.size), "seconds": seconds}
         for label, mask in (("learned", learned), ("classical", classical)):
-            dense_outside = mask & ~reference & (hu > -320)
-            row[label] = {"dice_held_out": dice(mask[held], reference[held]), "dice_all": dice(mask, reference),
-                          "dense_outside_percent": 100 * float(dense_outside.sum()) / max(int(mask.sum()), 1)}
+            row[label] = {**_healthy_scores(mask, reference, held, hu), "dice_all": dice(mask, reference)}
         rows.append(row)
     return rows
 
 
-def nsclc_figures(data_dir: Path, model) -> dict:
+def _nsclc_case(data_dir: Path):
+    """(CT image, HU array, radiologist's tumour, trachea and main bronchi found on the case's own lung mask)."""
     ct = io.read_ct(case_path(data_dir, "nsclc_lung1", "ct"))
     hu = io.ct_array(ct)
     tumour = io.read_mask(case_path(data_dir, "nsclc_lung1", "lesion"), ct) > 0
-    own = io.read_mask(case_path(data_dir, "nsclc_lung1", "lung"), ct) > 0
-    airway = airway_tree(hu, own, ct)
+    airway = airway_tree(hu, io.read_mask(case_path(data_dir, "nsclc_lung1", "lung"), ct) > 0, ct)
+    return ct, hu, tumour, airway
+
+
+def _nsclc_scores(mask: np.ndarray, tumour: np.ndarray, airway: np.ndarray) -> dict:
+    airway_slices = [z for z in range(mask.shape[0]) if airway[z].any()]
+    return {"tumour_inside_percent": 100 * float((tumour & mask).sum()) / max(int(tumour.sum()), 1),
+            "airway_inside_percent": 100 * float((airway & mask).sum()) / max(int(airway.sum()), 1),
+            "slices_with_airway_inside": int(sum((airway[z] & mask[z]).sum() > 0.1 * airway[z].sum()
+                                                 for z in airway_slices))}
+
+
+def nsclc_figures(data_dir: Path, model) -> dict:
+    ct, hu, tumour, airway = _nsclc_case(data_dir)
     out = {"tumour_voxels": int(tumour.sum()), "airway_voxels": int(airway.sum())}
     for label, mask in (("learned", learned_lungs(hu, ct, model) > 0), ("classical", segment_lungs(hu, ct) > 0)):
-        airway_slices = [z for z in range(hu.shape[0]) if airway[z].any()]
-        out[label] = {"tumour_inside_percent": 100 * float((tumour & mask).sum()) / max(int(tumour.sum()), 1),
-                      "airway_inside_percent": 100 * float((airway & mask).sum()) / max(int(airway.sum()), 1),
-                      "slices_with_airway_inside": int(sum((airway[z] & mask[z]).sum() > 0.1 * airway[z].sum()
-                                                           for z in airway_slices))}
+        out[label] = _nsclc_scores(mask, tumour, airway)
     return out
 
 
@@ -113,80 +135,82 @@ def medseg_figures(folder: Path, model, inward_mm: float = INWARD_EDGE_MM) -> di
 SEVERE_KINDS = ("whole", "lobar", "dependent")
 
 
-def synthetic_inclusion(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int = 12345) -> dict:
-    import torch
+def _inside_figures(pairs: list) -> dict:
+    """Pooled % of lesion pixels inside a mask, the worst slice and the slices below 80 %, from (kept, lesion pixels)
+    per slice (slices without lesion pixels left out)."""
+    kept, total = np.array([p for p in pairs if p[1]], np.int64).reshape(-1, 2).T
+    per_slice = 100 * kept / np.maximum(total, 1)
+    return {"slices": int(per_slice.size), "pooled_inside_percent": 100 * float(kept.sum()) / max(int(total.sum()), 1),
+            "worst_slice_percent": float(per_slice.min()) if per_slice.size else 0.0,
+            "slices_below_80_percent": int((per_slice < 80).sum())}
 
-    from ..lungnet import HU_CHANGED, load_lungnet, logits, synthetic_pathology, training_slices
 
-    cfg, net, _ = load_lungnet(model)
-    stacks, labels, pixel, _ = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")
-    changed_units = HU_CHANGED * 2 / (cfg.hu_window[1] - cfg.hu_window[0])
-    out = {}
-    for variant in ("with neighbours", "single slice"):
-        kept = total = 0
-        per_slice = []
-        for i in range(stacks.shape[0]):
-            lung = labels[i, 0].numpy() > 0
-            if lung.sum() < 200:
-                continue
+def _severe_samples(data_dir: Path, cfg, cases: list[str], holdout_every: int, seed: int):
+    """Yield (case, slice z, variant, stack, stack with severe synthetic pathology, lung on the network's grid) for
+    each held-out slice with lung, with its neighbours and as a single slice: the lesions of one slice are drawn
+    from ``default_rng([seed, i])`` (i its index among the held-out slices), the same for both variants."""
+    from ..lungnet import synthetic_pathology, training_slices
+
+    stacks, labels, pixel, used = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")
+    slices = [(name, z) for name, z_list in used for z in z_list]
+    for i, (name, z) in enumerate(slices):
+        lung = labels[i, 0].numpy() > 0
+        if lung.sum() < 200:
+            continue
+        for variant in ("with neighbours", "single slice"):
             x = stacks[i].float().numpy()
             if variant == "single slice":
                 x[1:] = x[:1]
             sick = synthetic_pathology(x, lung, np.random.default_rng([seed, i]), cfg, float(pixel[i]), SEVERE_KINDS)
-            lesion = lung & (np.abs(sick[0] - x[0]) > changed_units)
-            if not lesion.any():
-                continue
-            with torch.inference_mode():
-                inside = (torch.sigmoid(logits(net, torch.from_numpy(sick)[None]))[0, 0].numpy() > 0.5)[lesion]
-            kept, total = kept + int(inside.sum()), total + int(lesion.sum())
-            per_slice.append(100 * float(inside.mean()))
-        out[variant] = {"slices": len(per_slice), "pooled_inside_percent": 100 * kept / max(total, 1),
-                        "worst_slice_percent": float(min(per_slice, default=0.0)),
-                        "slices_below_80_percent": int(sum(v < 80 for v in per_slice))}
-    return out
+            yield name, z, variant, x, sick, lung
+
+
+def synthetic_inclusion(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int = 12345) -> dict:
+    import torch
+
+    from ..lungnet import HU_CHANGED, load_lungnet, logits
+
+    cfg, net, _ = load_lungnet(model)
+    changed_units = HU_CHANGED * 2 / (cfg.hu_window[1] - cfg.hu_window[0])
+    pairs = {"with neighbours": [], "single slice": []}
+    for _, _, variant, x, sick, lung in _severe_samples(data_dir, cfg, cases, holdout_every, seed):
+        lesion = lung & (np.abs(sick[0] - x[0]) > changed_units)
+        if not lesion.any():
+            continue
+        with torch.inference_mode():
+            inside = (torch.sigmoid(logits(net, torch.from_numpy(sick)[None]))[0, 0].numpy() > 0.5)[lesion]
+        pairs[variant].append((int(inside.sum()), int(lesion.sum())))
+    return {variant: _inside_figures(p) for variant, p in pairs.items()}
 
 
 def _held_out_severe_volumes(data_dir: Path, model, cases: list[str], holdout_every: int, seed: int):
     """Yield (variant, 3-slice HU volume, its image, lesion on the middle slice): ``synthetic_inclusion``'s lesions
-    (same generator, seed and slices) carried from the network's grid onto each held-out slice's CT grid — the
-    slice and its two neighbours (``cfg.context_mm`` away, or the slice itself three times for "single slice"),
-    stacked as a volume whose slice spacing makes them neighbours — so the whole of ``learned_lungs`` can run."""
+    (``_severe_samples``) carried from the network's grid onto each held-out slice's CT grid — the slice and its two
+    neighbours (``cfg.context_mm`` away, or the slice itself three times for "single slice"), stacked as a volume
+    whose slice spacing makes them neighbours — so the whole of ``learned_lungs`` can run."""
     import SimpleITK as sitk
     import torch
 
-    from ..lungnet import HU_CHANGED, load_lungnet, synthetic_pathology, training_slices
+    from ..lungnet import HU_CHANGED, load_lungnet
 
     cfg, _, _ = load_lungnet(model)
-    stacks, labels, pixel, used = training_slices(data_dir, cfg, cases, holdout_every, split="held-out")
     units_to_hu = (cfg.hu_window[1] - cfg.hu_window[0]) / 2
-    index = 0
-    for name, z_list in used:
-        ct = io.read_ct(case_path(data_dir, name, "ct"))
-        hu = io.ct_array(ct).astype(np.float32)
-        lung_ct = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0  # the label, as in training
-        lung_ct &= ~airway_tree(hu, lung_ct, ct)
-        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.context_mm)
-        for z in z_list:
-            i, index = index, index + 1
-            lung = labels[i, 0].numpy() > 0
-            if lung.sum() < 200:
-                continue
-            for variant in ("with neighbours", "single slice"):
-                x = stacks[i].float().numpy()
-                rows = [z, max(z - offset, 0), min(z + offset, hu.shape[0] - 1)]  # the stack's channel order
-                if variant == "single slice":
-                    x[1:] = x[:1]
-                    rows = [z, z, z]
-                sick = synthetic_pathology(x, lung, np.random.default_rng([seed, i]), cfg, float(pixel[i]),
-                                           SEVERE_KINDS)
-                delta = io.from_model_grid(torch.from_numpy((sick - x) * units_to_hu)[:, None], hu.shape[1:]).numpy()
-                volume = hu[rows] + delta  # channels (z, z − d, z + d) → slices (z − d, z, z + d) below
-                volume = volume[[1, 0, 2]]
-                lesion = (np.abs(delta[0]) > HU_CHANGED) & lung_ct[z]  # a soft edge reaches one pixel past the lung
-                image = sitk.GetImageFromArray(volume)
-                sx, sy, sz = ct.GetSpacing()
-                image.SetSpacing((sx, sy, sz * max(offset, 1)))
-                yield variant, volume, image, lesion
+    loaded = None
+    for name, z, variant, x, sick, _ in _severe_samples(data_dir, cfg, cases, holdout_every, seed):
+        if loaded is None or loaded[0] != name:
+            ct, hu, lung_ct = _reference_lungs(data_dir, name)  # the label, as in training
+            loaded = (name, ct, hu.astype(np.float32), lung_ct,
+                      io.neighbour_offset(ct.GetSpacing()[2], cfg.context_mm))
+        _, ct, hu, lung_ct, offset = loaded
+        # the stack's channel order (z, z − d, z + d)
+        rows = [z, z, z] if variant == "single slice" else [z, max(z - offset, 0), min(z + offset, hu.shape[0] - 1)]
+        delta = io.from_model_grid(torch.from_numpy((sick - x) * units_to_hu)[:, None], hu.shape[1:]).numpy()
+        volume = (hu[rows] + delta)[[1, 0, 2]]  # as slices (z − d, z, z + d)
+        lesion = (np.abs(delta[0]) > HU_CHANGED) & lung_ct[z]  # a soft edge reaches one pixel past the lung
+        image = sitk.GetImageFromArray(volume)
+        sx, sy, sz = ct.GetSpacing()
+        image.SetSpacing((sx, sy, sz * max(offset, 1)))
+        yield variant, volume, image, lesion
 
 
 def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: int = 4, seed: int = 12345,
@@ -201,24 +225,16 @@ def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: i
 
     data_dir = Path(data_dir)
     cfg, net, _ = load_lungnet(model)
-    payload = read_lungnet(model)
-    settings = (payload["train_state"] or {}).get("settings") or payload["extra"].get("settings", {})
-    cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
-                                            if "normal" in str(d.get("diagnosis", "")))
+    cases = _training_cases(data_dir, model)
     out = {"model": str(model), "inward_mm": list(inward_mm), "healthy": [], "synthetic_severe": {}}
     for name in cases:
-        ct = io.read_ct(case_path(data_dir, name, "ct"))
-        hu = io.ct_array(ct)
-        reference = io.read_mask(case_path(data_dir, name, "lung"), ct) > 0
-        reference &= ~airway_tree(hu, reference, ct)
+        ct, hu, reference = _reference_lungs(data_dir, name)
         held = holdout_split(np.arange(hu.shape[0]), holdout_every)[1]
         probability = lung_probability(hu, ct, net, cfg)
         row = {"case": name}
         for mm in inward_mm:
             mask = lungs_from_probability(hu, probability, ct, inward_mm=mm) > 0
-            row[str(mm)] = {"dice_held_out": dice(mask[held], reference[held]),
-                            "dense_outside_percent": 100 * float((mask & ~reference & (hu > -320)).sum())
-                            / max(int(mask.sum()), 1)}
+            row[str(mm)] = _healthy_scores(mask, reference, held, hu)
         out["healthy"].append(row)
     counts = {}
     for variant, volume, image, lesion in _held_out_severe_volumes(data_dir, model, cases, holdout_every, seed):
@@ -233,27 +249,13 @@ def edge_candidates(data_dir, model, inward_mm=(3.0, 1.5, 0.0), holdout_every: i
             masks[str(mm)] = lungs_from_probability(volume, probability, image, inward_mm=mm)[1] > 0
         for key, mask in masks.items():
             counts.setdefault(variant, {}).setdefault(key, []).append((int((mask & lesion).sum()), int(lesion.sum())))
-    for variant, by_mm in counts.items():
-        out["synthetic_severe"][variant] = {}
-        for mm, pairs in by_mm.items():
-            kept, total = np.array([p for p in pairs if p[1]]).T
-            per_slice = 100 * kept / total
-            out["synthetic_severe"][variant][mm] = {
-                "slices": int(per_slice.size), "pooled_inside_percent": 100 * float(kept.sum() / total.sum()),
-                "worst_slice_percent": float(per_slice.min()), "slices_below_80_percent": int((per_slice < 80).sum())}
+    out["synthetic_severe"] = {variant: {mm: _inside_figures(pairs) for mm, pairs in by_mm.items()}
+                               for variant, by_mm in counts.items()}
     if case_path(data_dir, "nsclc_lung1", "lesion").exists():
-        ct = io.read_ct(case_path(data_dir, "nsclc_lung1", "ct"))
-        hu = io.ct_array(ct)
-        tumour = io.read_mask(case_path(data_dir, "nsclc_lung1", "lesion"), ct) > 0
-        airway = airway_tree(hu, io.read_mask(case_path(data_dir, "nsclc_lung1", "lung"), ct) > 0, ct)
+        ct, hu, tumour, airway = _nsclc_case(data_dir)
         probability = lung_probability(hu, ct, net, cfg)
-        out["nsclc_lung1"] = {}
-        for mm in inward_mm:
-            mask = lungs_from_probability(hu, probability, ct, inward_mm=mm) > 0
-            out["nsclc_lung1"][str(mm)] = {
-                "tumour_inside_percent": 100 * float((tumour & mask).sum()) / max(int(tumour.sum()), 1),
-                "slices_with_airway_inside": int(sum((airway[z] & mask[z]).sum() > 0.1 * airway[z].sum()
-                                                     for z in range(hu.shape[0]) if airway[z].any()))}
+        out["nsclc_lung1"] = {str(mm): _nsclc_scores(lungs_from_probability(hu, probability, ct, inward_mm=mm) > 0,
+                                                     tumour, airway) for mm in inward_mm}
     if medseg and (data_dir / "slices" / "medseg_covid").is_dir():
         out["medseg"] = {str(mm): medseg_figures(data_dir / "slices" / "medseg_covid", model, mm)["summary"]["learned"]
                          for mm in inward_mm}
@@ -272,9 +274,9 @@ def edge_markdown(r: dict) -> str:
         if mm == "raw":
             lines.append(f"| network alone (P > 0.5, CT grid) | | | {syn} | | | |")
             continue
-        steps = "; ".join(f"{v[mm + ' slice steps']['pooled_inside_percent']:.1f} / "
-                          f"{v[mm + ' slice steps']['worst_slice_percent']:.0f} / "
-                          f"{v[mm + ' slice steps']['slices_below_80_percent']}" for v in r["synthetic_severe"].values())
+        steps = "; ".join(f"{f['pooled_inside_percent']:.1f} / {f['worst_slice_percent']:.0f} / "
+                          f"{f['slices_below_80_percent']}"
+                          for f in (v[mm + " slice steps"] for v in r["synthetic_severe"].values()))
         syn += f" (per-slice steps alone: {steps})"
         healthy = " / ".join(f"{row[mm]['dice_held_out']:.3f}" for row in r["healthy"])
         dense = " / ".join(f"{row[mm]['dense_outside_percent']:.2f}" for row in r["healthy"])
@@ -287,12 +289,17 @@ def edge_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
-    data_dir = Path(data_dir)
+def _training_cases(data_dir: Path, model) -> list[str]:
+    """The healthy cases the network was trained on (its recorded settings), else those whose diagnosis says normal."""
     payload = read_lungnet(model)
     settings = (payload["train_state"] or {}).get("settings") or payload["extra"].get("settings", {})
-    cases = settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
-                                            if "normal" in str(d.get("diagnosis", "")))
+    return settings.get("cases") or sorted(n for n, d in load_cases(data_dir).items()
+                                           if "normal" in str(d.get("diagnosis", "")))
+
+
+def evaluate_lung_masks(data_dir, model, holdout_every: int = 4) -> dict:
+    data_dir = Path(data_dir)
+    cases = _training_cases(data_dir, model)
     out = {"model": str(model), "healthy": healthy_figures(data_dir, model, cases, holdout_every),
            "synthetic_severe": synthetic_inclusion(data_dir, model, cases, holdout_every)}
     if case_path(data_dir, "nsclc_lung1", "lesion").exists():
@@ -341,12 +348,20 @@ def main(argv=None) -> int:
     p.add_argument("--edges", help="compare inward edge distances of refine_edges instead, mm, e.g. 3,1.5,0")
     p.add_argument("--medseg", action="store_true", help="with --edges: also the MedSeg infection inside each mask")
     args = p.parse_args(argv)
+    if args.medseg and not args.edges:
+        p.error("--medseg goes with --edges (the default run scores MedSeg already)")
+    if args.edges:
+        try:
+            inward = tuple(float(v) for v in args.edges.split(","))
+        except ValueError:
+            p.error(f"--edges {args.edges!r}: give distances in mm separated by commas, e.g. 3,1.5,0")
+        if not all(0 <= v <= 20 for v in inward):
+            p.error(f"--edges {args.edges!r}: each distance must lie in 0…20 mm")
     from ..allocator import keep_freed_memory
 
     keep_freed_memory()
     if args.edges:
-        r = edge_candidates(args.data, args.model, tuple(float(v) for v in args.edges.split(",")),
-                            medseg=args.medseg)
+        r = edge_candidates(args.data, args.model, inward, medseg=args.medseg)
         text = edge_markdown(r)
     else:
         r = evaluate_lung_masks(args.data, args.model)
