@@ -3,6 +3,8 @@ hand-made masks, resumable training, refusal of scans without lungs; the shipped
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,33 @@ def test_lungmask_eval_refuses_a_bad_edge_comparison_with_one_line(argv, capsys)
         main(["--data", "nowhere", "--model", "none.pt", "--out", "never.json"] + argv)
     assert exit_info.value.code == 2
     assert "--edges" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_lungmask_eval_writes_its_pair_whole_and_replaces_only_its_own(tmp_path, monkeypatch, capsys):
+    from SACDiffLib.experiments import lungmask_eval
+
+    monkeypatch.setattr(lungmask_eval, "evaluate_lung_masks", lambda data, model: {"figure": 1.0})
+    monkeypatch.setattr(lungmask_eval, "markdown", lambda r: f"figure {r['figure']}\n")
+    args = ["--data", str(tmp_path / "data"), "--model", str(tmp_path / "m.pt")]
+    out = tmp_path / "figures.json"
+    assert lungmask_eval.main(args + ["--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == {"written_by": "SACDiff", "figure": 1.0}
+    assert out.with_suffix(".md").read_text() == "figure 1.0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.json", "figures.md"]  # no temporary left
+    with pytest.raises(SystemExit) as exit_info:  # an existing output needs --overwrite
+        lungmask_eval.main(args + ["--out", str(out)])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert lungmask_eval.main(args + ["--out", str(out), "--overwrite"]) == 0  # its own pair: replaced
+
+    theirs = tmp_path / "theirs.json"
+    theirs.write_text('{"mine": true}')
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    for target in (theirs, tmp_path / "notes.json", tmp_path / "figures.txt"):
+        with pytest.raises(SystemExit) as exit_info:
+            lungmask_eval.main(args + ["--out", str(target), "--overwrite"])
+        assert exit_info.value.code == 2
+        assert str(target.with_suffix(".md") if target.name == "notes.json" else target.name) in \
+            capsys.readouterr().err.strip().splitlines()[-1]
+    assert theirs.read_text() == '{"mine": true}' and notes.read_text() == "my notes"  # never touched
+    assert not (tmp_path / "notes.json").exists() and not (tmp_path / "figures.txt").exists()

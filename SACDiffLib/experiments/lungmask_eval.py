@@ -18,6 +18,9 @@ the CT grid (round four of Resources/results/lungmask.md).
 No lesion label chooses anything here: the labels only score the two finished methods.
 
     python -m SACDiffLib.experiments.lungmask_eval --data ../shared/data --model M.pt --out results.json
+
+``--out`` names a new JSON file (its ``.md`` is written beside it); ``--overwrite`` replaces only a pair this module
+wrote (the JSON carries ``"written_by": "SACDiff"``). Both files are put in place whole, after the work.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..atomic import JSON_NOTE, Output, replaced_file, written_by_sacdiff
 from ..data import case_path, holdout_split, load_cases
+from ..errors import SACDiffError
 from ..lung import airway_tree, segment_lungs
 from ..lungnet import INWARD_EDGE_MM, learned_lungs, read_lungnet
 
@@ -340,11 +345,28 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _outputs(out: str, overwrite: bool, inputs: list) -> tuple[Output, Path]:
+    """The JSON output (checked now, written whole later) and the .md beside it, which may be replaced only where
+    the JSON is this module's own (the pair was written together)."""
+    target = Path(out)
+    if target.suffix != ".json":
+        raise SACDiffError(f"--out {out}: name a .json file (its .md is written beside it)")
+    output = Output(target, "json", overwrite, inputs=inputs)
+    markdown_file = target.with_suffix(".md")
+    if (markdown_file.exists() or markdown_file.is_symlink()) and not (
+            overwrite and written_by_sacdiff(target, "json") and markdown_file.is_file()
+            and not markdown_file.is_symlink()):
+        raise SACDiffError(f"{markdown_file} already exists and is not the pair of a JSON this module wrote; "
+                           "choose another --out")
+    return output, markdown_file
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True, help="JSON file (a .md beside it)")
+    p.add_argument("--out", required=True, help="a new JSON file (its .md is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a JSON/.md pair this module wrote earlier")
     p.add_argument("--edges", help="compare inward edge distances of refine_edges instead, mm, e.g. 3,1.5,0")
     p.add_argument("--medseg", action="store_true", help="with --edges: also the MedSeg infection inside each mask")
     args = p.parse_args(argv)
@@ -357,6 +379,10 @@ def main(argv=None) -> int:
             p.error(f"--edges {args.edges!r}: give distances in mm separated by commas, e.g. 3,1.5,0")
         if not all(0 <= v <= 20 for v in inward):
             p.error(f"--edges {args.edges!r}: each distance must lie in 0…20 mm")
+    try:
+        output, markdown_file = _outputs(args.out, args.overwrite, [args.data, args.model])
+    except SACDiffError as exc:
+        p.error(str(exc))
     from ..allocator import keep_freed_memory
 
     keep_freed_memory()
@@ -366,8 +392,9 @@ def main(argv=None) -> int:
     else:
         r = evaluate_lung_masks(args.data, args.model)
         text = markdown(r)
-    Path(args.out).write_text(json.dumps(r, indent=1), encoding="utf-8")
-    Path(args.out).with_suffix(".md").write_text(text, encoding="utf-8")
+    with replaced_file(markdown_file) as markdown_tmp, output as tmp:  # the JSON commits first; a failure keeps both
+        tmp.write_text(json.dumps({"written_by": JSON_NOTE, **r}, indent=1), encoding="utf-8")
+        markdown_tmp.write_text(text, encoding="utf-8")
     print(text)
     return 0
 
