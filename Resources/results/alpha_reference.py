@@ -1,9 +1,10 @@
 """Experiment (map-candidates.md, round 14): from which region α is taken, on as-scanned and cropped images.
 
-    python Resources/results/alpha_reference.py ../shared/data OUT.json [--model=M.pt] SETTING [VARIANT,...]
+    python Resources/results/alpha_reference.py ../shared/data OUT.json SETTING [--model M.pt] [--variants crop,8bit]
+                                                [--seed 1]
 
-SETTING is a ``sacdiff validate --settings`` item; VARIANTs are ``sacdiff validate --variants`` items (default
-``crop,8bit``). The held-out volumes of ``sacdiff validate`` (same slabs, lesions and seed 1) and their variants are
+SETTING is a ``sacdiff validate --settings`` item; the variants are ``sacdiff validate --variants`` items. The
+held-out volumes of ``sacdiff validate`` (same slabs, lesions and seed) and their variants are
 detected once each; every detection's map is then scored as a validation setting (``score_setting``) with α =
 median + λ·1.4826·MAD of E over each candidate reference region, on the processed slices:
 
@@ -11,11 +12,12 @@ median + λ·1.4826·MAD of E over each candidate reference region, on the proce
 - ``shell5``:  the body outside the lung within 5 mm (in-plane) of it — the chest wall, pleura and mediastinum next
                to the lung, which every chest image holds: a crop to the lungs' bounding box plus ≥ 5 mm keeps all
                of it, so this region is the same on as-scanned and cropped images;
-- ``lung``:    the lung itself (round 9's row).
+- ``lung``:    the lung itself (round 9's experiment: ``--seed 0 --variants ''`` reproduces its two rows).
 
 No lesion label of a real case is read.
 """
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from SACDiffLib.atomic import JSON_NOTE, Output
 from SACDiffLib.checkpoint import load_checkpoint, shipped_model_path
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
@@ -33,6 +36,7 @@ from SACDiffLib.experiments.validate import (model_holdout_volumes, parse_settin
 from SACDiffLib.postprocess import _body, robust_location_scale
 
 SHELL_MM = 5.0
+REGIONS = ("body", "shell5", "lung")
 NORMAL_CASES = ["ctmd_normal001", "ctmd_normal002", "rt4dct"]
 
 
@@ -67,31 +71,41 @@ def summary(row: dict) -> dict:
             "dice_at_recommended": row.get("synthetic_dice_at_recommended")}
 
 
-def main(data: str, out: str, *args: str) -> None:
-    model_path = None
-    if args and args[0].startswith("--model="):
-        model_path, args = args[0].split("=", 1)[1], args[1:]
-    setting = parse_settings(args[0])[0]
-    variants = (args[1] if len(args) > 1 else "crop,8bit").split(",")
-    cfg, model, diffusion, _ = load_checkpoint(model_path or shipped_model_path(), "cpu", noise_seed=1)  # as validate --seed 1
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("out", help="a new JSON file")
+    p.add_argument("setting", help="one `sacdiff validate --settings` item, e.g. 100x10x3")
+    p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
+    p.add_argument("--variants", default="crop,8bit", help="`sacdiff validate --variants` items; '' for none")
+    p.add_argument("--seed", type=int, default=1, help="as `sacdiff validate --seed` (lesions and noise fields)")
+    p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
+    args = p.parse_args(argv)
+    setting = parse_settings(args.setting)[0]
+    variants = [v for v in args.variants.split(",") if v]
+    output = Output(args.out, "json", args.overwrite, inputs=[args.data, args.model])  # checked before the work
+    model_path = args.model or shipped_model_path()
+    cfg, model, diffusion, _ = load_checkpoint(model_path, "cpu", noise_seed=args.seed)  # as validate --seed
     run_cfg = derive(cfg, detect=setting)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-alpha-reference-") as tmp:
-        volumes = model_holdout_volumes(data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=1)
-        rng = np.random.default_rng(2)  # as ``validate_settings`` with seed 1
+        volumes = model_holdout_volumes(args.data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=args.seed)
+        rng = np.random.default_rng(args.seed + 1)  # as ``validate_settings``
         for kind in [None] + variants:
             group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng) for v in volumes]
             results = [(detect_volume(v["ct"], model, diffusion, run_cfg, v["lung"], "cpu"), v) for v in group]
-            for region in ("body", "shell5", "lung"):
+            for region in REGIONS:
                 for r, _ in results:
-                    r.threshold = dataclasses.replace(r.threshold, mode="adaptive")
                     referenced(r, region)  # score_setting re-thresholds from these statistics for every λ
                 row = score_setting(results)
                 rows[f"{kind or 'as scanned'} / {region}"] = row
                 print(json.dumps({"variant": kind or "as scanned", "alpha_from": region, **summary(row)}), flush=True)
-    Path(out).write_text(json.dumps({"model": str(model_path), "setting": setting, "rows": rows}, indent=1,
-                                    allow_nan=False), encoding="utf-8")
+    with output as tmp_json:
+        tmp_json.write_text(json.dumps({"written_by": JSON_NOTE, "model": str(model_path), "setting": setting,
+                                        "seed": args.seed, "rows": rows}, indent=1, allow_nan=False),
+                            encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    sys.exit(main())

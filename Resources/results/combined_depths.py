@@ -1,6 +1,6 @@
 """Experiment (map-candidates.md, round 8): a shallow and a deep map combined, scored by the label-free validation.
 
-    python Resources/results/combined_depths.py ../shared/data OUT.json [--model=M.pt] SHALLOW DEEP
+    python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt]
 
 SHALLOW and DEEP are ``sacdiff validate --settings`` items (e.g. 100x10x3 and 250x10x3e2). Each held-out volume of
 ``sacdiff validate`` (same slabs, lesions and seed) is detected at both settings; each map is put in units of its
@@ -11,6 +11,7 @@ background. The combined map is then thresholded, CRF-refined and scored exactly
 validate`` (``score_setting``). It costs both settings' network evaluations. No lesion label of a real case is read.
 """
 
+import argparse
 import json
 import sys
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from SACDiffLib.atomic import JSON_NOTE, Output
 from SACDiffLib.checkpoint import load_for_detection
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
@@ -30,11 +32,18 @@ def in_background_units(result) -> np.ndarray:
     return (result.error - t.background_location) / max(t.background_scale, 1e-12)
 
 
-def main(data: str, out: str, *args: str) -> None:
-    model_path = None
-    if args and args[0].startswith("--model="):
-        model_path, args = args[0].split("=", 1)[1], args[1:]
-    shallow, deep = (parse_settings(a)[0] for a in args)
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("out", help="a new JSON file")
+    p.add_argument("shallow", help="a `sacdiff validate --settings` item, e.g. 100x10x3")
+    p.add_argument("deep", help="a `sacdiff validate --settings` item, e.g. 250x10x3e2")
+    p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
+    args = p.parse_args(argv)
+    data, model_path = args.data, args.model
+    shallow, deep = (parse_settings(a)[0] for a in (args.shallow, args.deep))
+    output = Output(args.out, "json", args.overwrite, inputs=[data, model_path])  # checked before the work
     cfg, model, diffusion = load_for_detection(model_path, "cpu")
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-combined-") as tmp:
@@ -60,9 +69,11 @@ def main(data: str, out: str, *args: str) -> None:
                               "worst_kind": worst_kind_oracle_dice(row),
                               "per_kind": {k: round(v["oracle_dice"], 3) for k, v in row["per_kind"].items()}}),
                   flush=True)
-    Path(out).write_text(json.dumps({"model": str(model_path), "shallow": shallow, "deep": deep, "rows": rows},
-                                    indent=1), encoding="utf-8")
+    with output as tmp_json:
+        tmp_json.write_text(json.dumps({"written_by": JSON_NOTE, "model": str(model_path), "shallow": shallow,
+                                        "deep": deep, "rows": rows}, indent=1), encoding="utf-8")
+    return 0
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    sys.exit(main())

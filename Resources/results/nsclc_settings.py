@@ -1,6 +1,6 @@
 """Diagnostic only (lesion labels; never used to choose a setting): the nsclc_lung1 tumour under detection settings.
 
-    python Resources/results/nsclc_settings.py ../shared/data [--model=M.pt] '{}' '{"steps": 250, "harmonise_steps": 9}' ...
+    python Resources/results/nsclc_settings.py ../shared/data [--model M.pt] '{}' '{"steps": 250, "harmonise_steps": 9}' ...
 
 Each argument after the data folder (and the model, default the shipped one) is a JSON dict of detection settings
 applied to the model's; one JSON
@@ -8,6 +8,7 @@ line per setting: tumour voxel AUROC and oracle Dice inside the lung, Dice of th
 whole-lung baseline, % of the lung flagged, α, seconds (map-candidates.md).
 """
 
+import argparse
 import json
 import sys
 import time
@@ -21,14 +22,16 @@ from SACDiffLib.detect import detect_volume
 from SACDiffLib.metrics import auroc, oracle_dice, segmentation_metrics
 
 
-def main(data: str, *settings: str) -> None:
-    ct = Path(data) / "ct"
-    model_path = None
-    if settings and settings[0].startswith("--model="):
-        model_path, settings = settings[0].split("=", 1)[1], settings[1:]
-    cfg0, model, diffusion = load_for_detection(model_path, "cpu")
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data")
+    p.add_argument("settings", nargs="*", default=["{}"], help="JSON dicts of detection settings")
+    p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
+    args = p.parse_intermixed_args(argv)  # the documented commands give --model before the settings
+    ct = Path(args.data) / "ct"
+    cfg0, model, diffusion = load_for_detection(args.model, "cpu")
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(ct / "nsclc_lung1_lesion.nii.gz"))) > 0
-    for text in settings or ("{}",):
+    for text in args.settings:
         setting = json.loads(text)
         t0 = time.time()
         r = detect_volume(ct / "nsclc_lung1_ct.nii.gz", model, diffusion, derive(cfg0, detect=setting),
@@ -42,5 +45,8 @@ def main(data: str, *settings: str) -> None:
                           "alpha": r.threshold.alpha, "s": round(time.time() - t0, 1)}), flush=True)
 
 
+    return 0
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    sys.exit(main())
