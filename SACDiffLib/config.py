@@ -30,6 +30,7 @@ Schedule = Literal["linear", "cosine"]
 Sigma = Literal["posterior", "beta"]
 ThresholdMode = Literal["adaptive", "fixed"]
 ErrorMode = Literal["mean-of-errors", "error-of-mean", "min-of-errors"]
+BackgroundRegion = Literal["body", "lung-shell"]  # where α's background statistics come from (postprocess)
 
 
 def choices(kind) -> tuple[str, ...]:
@@ -136,6 +137,9 @@ class DetectConfig:
     lam: float = 1.0  # λ of the background-adaptive threshold (1 for COVID, −0.25 for ILD in the paper)
     threshold: ThresholdMode = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
     fixed_threshold: float = 0.05  # α when threshold == "fixed" (error units of the [−1, 1] image, squared)
+    # The background E[c < 1] of α (Section 2.4): "body" = the body outside the lung (the paper's), "lung-shell" =
+    # the body outside the lung within postprocess.SHELL_MM of it, which every chest image holds, cropped or not
+    background: BackgroundRegion = "body"
     # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²; or "min-of-errors": min_k (x − x̂₀ᵏ)²
     error: ErrorMode = "mean-of-errors"
     crf: bool = True
@@ -192,6 +196,10 @@ DETECT_OPTIONS = (
     DetectOption("threshold", "--threshold", "adaptive (Section 2.4) or fixed α"),
     DetectOption("fixed_threshold", "--fixed-threshold", "α for --threshold fixed", 0.0, 4.0,
                  " (E is a squared error of images in [−1, 1])"),
+    DetectOption("background", "--background",
+                 "where α's background statistics come from: body (the body outside the lung, Section 2.4) or "
+                 "lung-shell (the body outside the lung within 5 mm of it: the same on images cut to the lungs; "
+                 "default: the model's)"),
     DetectOption("error", "--error", "how members form E"),
     DetectOption("crf", "--crf", "dense CRF refinement (default on)"),
     DetectOption("seed", "--seed", "noise seed (default 0); same seed, same result", 0, 2**63 - 1),
@@ -337,6 +345,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "harmonise_radius"): 1,
     (DetectConfig, "shift_tolerance"): 0,
     (DetectConfig, "error_radius"): 0,
+    (DetectConfig, "background"): "body",  # Section 2.4's region
 }
 
 _SECTIONS = {
@@ -472,7 +481,8 @@ def _validate_detect(det: DetectConfig) -> None:
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
-    _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode)))
+    _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode),
+                    ("detect.background", det.background, BackgroundRegion)))
 
 
 def validate(cfg: SACDiffConfig) -> None:

@@ -1,9 +1,11 @@
 """From the error map to the anomaly mask (Section 2.4), and its quantification.
 
     α_a = loc(E[c < 1]) + λ · scale(E[c < 1])      (background-adaptive threshold, over the processed slices,
-                                                   on the body's voxels: not the air around the patient;
-                                                   loc = median, scale = 1.4826·MAD: the paper's mean and std,
-                                                   estimated robustly — see ``background_threshold``)
+                                                   on the body's voxels: not the air around the patient —
+                                                   all of them, or those within SHELL_MM of the lung
+                                                   (``DetectConfig.background``); loc = median, scale =
+                                                   1.4826·MAD: the paper's mean and std, estimated robustly —
+                                                   see ``background_threshold``)
     → dense CRF (unary from E, Gaussian pairwise; Krähenbühl & Koltun 2012) slice by slice
     → erosion then dilation (in-plane) → restricted to the lung.
 """
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+from scipy import ndimage
 
 from .errors import SACDiffError
 from .lung import LEFT, RIGHT, body_mask
@@ -22,6 +25,10 @@ from .result import DetectionResult
 
 
 ROBUST = "median + 1.4826·MAD"
+# "lung-shell" background: the body outside the lung within this in-plane distance of it (chest wall, pleura,
+# mediastinum). A picture cut to the lungs' bounding box plus ≥ SHELL_MM keeps all of it (round 14 of
+# Resources/results/map-candidates.md: the whole body's α rose 2× on such pictures).
+SHELL_MM = 5.0
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Threshold:
     lam: float
     mode: str  # "adaptive" or "fixed"
     statistic: str = ROBUST
+    region: str = "body"  # the background's region (``DetectConfig.background``); reports before it: the body
 
     @classmethod
     def from_report(cls, values: dict) -> "Threshold":
@@ -44,12 +52,15 @@ class Threshold:
         return cls(**values)
 
 
-def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body=None, box=None) -> np.ndarray:
+def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body=None, box=None,
+                region: str = "body", spacing_yx=None) -> np.ndarray:
     """E outside the lung (c < 1) on the processed slices, inside the patient's ``body`` (``lung.body_mask``): the
     air around the patient and the table are reconstructed trivially, and how much of them a field of view holds
     would otherwise move α several-fold between scans. Without a body mask (a run folder with no CT), within the
-    in-plane analysis ``box`` (y0, y1, x0, x1)."""
-    outside = lung[processed] == 0
+    in-plane analysis ``box`` (y0, y1, x0, x1). ``region`` "lung-shell": only within SHELL_MM (in-plane, the
+    pixel size ``spacing_yx`` in mm) of the lung."""
+    lung_slices = lung[processed] > 0
+    outside = ~lung_slices
     if body is not None:
         outside &= body[processed]
     elif box is not None:
@@ -57,6 +68,13 @@ def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body
         inside_box = np.zeros(outside.shape[1:], bool)
         inside_box[y0:y1, x0:x1] = True
         outside &= inside_box
+    if region == "lung-shell":
+        if spacing_yx is None:
+            raise SACDiffError("the lung-shell background needs the pixel size; this run holds no CT geometry")
+        outside &= np.stack([ndimage.distance_transform_edt(~plane, sampling=spacing_yx) <= SHELL_MM
+                             if plane.any() else np.zeros_like(plane) for plane in lung_slices])
+    elif region != "body":
+        raise SACDiffError(f"unknown background region {region!r}; choose body or lung-shell")
     return error[processed][outside]
 
 
@@ -67,7 +85,7 @@ def robust_location_scale(values: np.ndarray) -> tuple[float, float]:
 
 
 def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, lam: float, body=None,
-                         box=None) -> Threshold:
+                         box=None, region: str = "body", spacing_yx=None) -> Threshold:
     """α_a = mean + λ·std of E outside the lung (c < 1) on the processed slices (Section 2.4), over the body's
     voxels (``_background``), with the mean and std estimated robustly (median, 1.4826·MAD).
 
@@ -76,18 +94,18 @@ def background_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndar
     the shared cases: the tail's 1 % of voxels made the plain std 4–13× the MAD scale and moved α 8× between two
     scans (0.045 on ctmd_P001, 0.37 on nsclc_lung1, whose spine touches the image edge), while median and MAD
     differed by < 1.8×."""
-    background = _background(error, lung, processed, body, box)
+    background = _background(error, lung, processed, body, box, region, spacing_yx)
     if background.size == 0:
         raise SACDiffError("no voxels outside the lung on the processed slices; the lung mask covers whole slices")
     location, scale = robust_location_scale(background)
-    return Threshold(location + lam * scale, location, scale, float(lam), "adaptive")
+    return Threshold(location + lam * scale, location, scale, float(lam), "adaptive", region=region)
 
 
 def fixed_threshold(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, alpha: float, body=None,
-                    box=None) -> Threshold:
-    background = _background(error, lung, processed, body, box)
+                    box=None, region: str = "body", spacing_yx=None) -> Threshold:
+    background = _background(error, lung, processed, body, box, region, spacing_yx)
     location, scale = robust_location_scale(background) if background.size else (0.0, 0.0)
-    return Threshold(float(alpha), location, scale, float("nan"), "fixed")
+    return Threshold(float(alpha), location, scale, float("nan"), "fixed", region=region)
 
 
 CRF_SXY, CRF_COMPAT = 3.0, 3.0  # Gaussian pairwise kernel: spatial std (pixels) and Potts weight
@@ -236,16 +254,18 @@ def rethreshold(result: DetectionResult, lam: float, crf: Optional[bool] = None)
         raise SACDiffError(f"λ = {lam} is not a finite number; give e.g. --lambda 1")
     det = dataclasses.replace(result.detect, lam=float(lam), crf=result.detect.crf if crf is None else crf)
     previous = result.threshold
-    if det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive":
+    spacing_yx = tuple(result.reference.GetSpacing()[1::-1])
+    if (det.threshold == "adaptive" and previous is not None and previous.mode == "adaptive"
+            and previous.region == det.background):
         # the background's statistics do not depend on λ: α = location + λ·scale from the cached ones
         threshold = dataclasses.replace(previous, alpha=previous.background_location + det.lam * previous.background_scale,
                                         lam=det.lam)
     elif det.threshold == "adaptive":
         threshold = background_threshold(result.error, result.lung, result.processed, det.lam, _body(result),
-                                         result.box)
+                                         result.box, det.background, spacing_yx)
     else:
         threshold = fixed_threshold(result.error, result.lung, result.processed, det.fixed_threshold, _body(result),
-                                    result.box)
+                                    result.box, det.background, spacing_yx)
     result.mask = binarise(
         result.error, result.lung, result.processed, threshold, det.crf, det.crf_iterations, det.morphology_radius
     )

@@ -3,9 +3,9 @@
 ``report.json`` (``REPORT_VERSION``), keys in the order written:
 
 - the binarisation, composed anew after every λ (``postprocess.rethreshold``): ``lambda``, ``threshold`` (α,
-  the background's location and scale, λ, mode, statistic; Section 2.4), ``crf``, ``processed_slices`` (z indices
-  run through the model), ``analysis_box`` ((y0, y1, x0, x1) of the network's in-plane crop on the CT grid, or
-  null), ``quantification`` (``postprocess.quantify``: ml and % per lung, ml per slice);
+  the background's location and scale, λ, mode, statistic, region; Section 2.4), ``crf``, ``processed_slices``
+  (z indices run through the model), ``analysis_box`` ((y0, y1, x0, x1) of the network's in-plane crop on the CT
+  grid, or null), ``quantification`` (``postprocess.quantify``: ml and % per lung, ml per slice);
 - the detection's facts (``detection_facts``): ``ct`` (absolute path), ``ct_fingerprint`` (``io.fingerprint``),
   ``lung_mask`` (where the mask came from), ``device``, ``timings`` (seconds per stage), ``network_evaluations``,
   ``processed_voxel_fraction``, ``chunk`` (slices per forward, out-of-memory retries, compiled, noise seconds),

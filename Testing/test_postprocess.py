@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from SACDiffLib.errors import SACDiffError
 from SACDiffLib.postprocess import background_threshold, binarise, crf_refine, fixed_threshold, quantify
 
 
@@ -204,3 +205,56 @@ def test_runs_written_with_mean_and_std_still_load():
     old = {"alpha": 0.2, "background_mean": 0.05, "background_std": 0.15, "lam": 1.0, "mode": "adaptive"}
     th = Threshold.from_report(old)
     assert (th.background_location, th.background_scale, th.statistic) == (0.05, 0.15, "mean + std")
+
+
+def _lung_and_spacing():
+    lung = np.zeros((2, 60, 50), np.uint8)
+    lung[:, 20:40, 15:30] = 1
+    lung[1, 25:30, 30:33] = 1  # a bump on one slice
+    return lung, (1.0, 2.0)  # (y, x) mm: anisotropic pixels
+
+
+def test_lung_shell_background_is_the_body_within_5_mm_of_the_lung_by_brute_force():
+    """Shell pixels found by measuring every pixel's distance in mm to every lung pixel of its slice (no distance
+    transform): the lung-shell background is exactly their errors, and α follows from them."""
+    from SACDiffLib.postprocess import SHELL_MM, _background
+
+    lung, spacing_yx = _lung_and_spacing()
+    rng = np.random.default_rng(4)
+    error = rng.uniform(0, 1, lung.shape).astype(np.float32)
+    yy, xx = np.mgrid[:60, :50]
+    shell = np.zeros(lung.shape, bool)
+    for z in range(2):
+        ly, lx = np.nonzero(lung[z])
+        d = np.hypot((yy[..., None] - ly) * spacing_yx[0], (xx[..., None] - lx) * spacing_yx[1]).min(-1)
+        shell[z] = (d <= SHELL_MM) & (lung[z] == 0)
+    processed = np.arange(2)
+    got = _background(error, lung, processed, region="lung-shell", spacing_yx=spacing_yx)
+    assert np.array_equal(np.sort(got), np.sort(error[shell]))
+    th = background_threshold(error, lung, processed, 3.0, region="lung-shell", spacing_yx=spacing_yx)
+    location = np.median(error[shell])
+    scale = 1.4826 * np.median(np.abs(error[shell] - location))
+    assert th.region == "lung-shell" and th.alpha == pytest.approx(location + 3.0 * scale, rel=1e-6)
+    with pytest.raises(SACDiffError, match="pixel size"):
+        background_threshold(error, lung, processed, 3.0, region="lung-shell")
+
+
+def test_lung_shell_alpha_is_the_same_on_an_image_cut_to_the_lungs_and_the_body_alpha_is_not():
+    """The property the region was chosen for (map-candidates.md round 14): cutting the image to the lungs' bounding
+    box plus 5 mm leaves α from the shell unchanged, while α from the whole body moves."""
+    lung, spacing_yx = _lung_and_spacing()
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:60, :50]
+    far = np.hypot(yy - 30, xx - 22) / 10.0  # the error grows away from the lungs, as the outer body's does
+    error = (rng.uniform(0, 0.1, lung.shape) + far).astype(np.float32)
+    body = np.ones(lung.shape, bool)
+    zs, ys, xs = np.nonzero(lung)
+    my, mx = int(np.ceil(5.0 / spacing_yx[0])), int(np.ceil(5.0 / spacing_yx[1]))
+    cut = (slice(None), slice(ys.min() - my, ys.max() + my + 1), slice(xs.min() - mx, xs.max() + mx + 1))
+    processed = np.arange(2)
+    alphas = {}
+    for name, (e, m, b) in {"whole": (error, lung, body), "cut": (error[cut], lung[cut], body[cut])}.items():
+        alphas[name] = {region: background_threshold(e, m, processed, 12.0, b, region=region,
+                                                     spacing_yx=spacing_yx).alpha for region in ("body", "lung-shell")}
+    assert alphas["cut"]["lung-shell"] == alphas["whole"]["lung-shell"]
+    assert abs(alphas["cut"]["body"] - alphas["whole"]["body"]) > 0.1 * alphas["whole"]["body"]

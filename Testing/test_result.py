@@ -78,3 +78,24 @@ def test_a_damaged_report_gets_one_line(tmp_path, content, says):
     with pytest.raises(SACDiffError, match=says) as err:
         read_report(path, "; run it again")
     assert str(err.value).endswith("; run it again") and "\n" not in str(err.value)
+
+
+def test_rethresholding_with_another_background_region_recomputes_it_and_the_report_names_it():
+    """The cached background statistics belong to one region: switching ``detect.background`` recomputes them (the
+    shell's own median and MAD, measured here by hand), and report.json's threshold says which region made α."""
+    import dataclasses
+
+    from SACDiffLib.postprocess import Threshold, _background
+
+    result = _result()
+    body = result.threshold
+    result.detect = dataclasses.replace(result.detect, background="lung-shell")
+    rethreshold(result, 2.0)
+    shell = _background(result.error, result.lung, result.processed, None, result.box, "lung-shell", (1.5, 1.5))
+    location = float(np.median(shell))
+    assert result.threshold.region == "lung-shell" and result.threshold.background_location == pytest.approx(location)
+    assert result.threshold.background_scale == pytest.approx(1.4826 * float(np.median(np.abs(shell - location))))
+    assert (body.region, body.background_location) != ("lung-shell", location)
+    assert report_document(result, {})["threshold"]["region"] == "lung-shell"
+    older = {"alpha": 0.1, "background_location": 0.05, "background_scale": 0.02, "lam": 2.0, "mode": "adaptive"}
+    assert Threshold.from_report(older).region == "body"  # a report from before the region: Section 2.4's body

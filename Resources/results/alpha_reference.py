@@ -9,9 +9,10 @@ detected once each; every detection's map is then scored as a validation setting
 median + λ·1.4826·MAD of E over each candidate reference region, on the processed slices:
 
 - ``body``:    the body outside the lung (Section 2.4, today's default; this row must reproduce the validation's);
-- ``shell5``:  the body outside the lung within 5 mm (in-plane) of it — the chest wall, pleura and mediastinum next
-               to the lung, which every chest image holds: a crop to the lungs' bounding box plus ≥ 5 mm keeps all
-               of it, so this region is the same on as-scanned and cropped images;
+- ``shell5``:  the body outside the lung within 5 mm (in-plane) of it (``DetectConfig.background`` "lung-shell"):
+               the chest wall, pleura and mediastinum next to the lung, which every chest image holds; a crop to the
+               lungs' bounding box plus ≥ 5 mm keeps all of it, so this region is the same on as-scanned and cropped
+               images;
 - ``lung``:    the lung itself (round 9's experiment: ``--seed 0 --variants ''`` reproduces its two rows).
 
 No lesion label of a real case is read.
@@ -25,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from SACDiffLib.atomic import JSON_NOTE, Output
 from SACDiffLib.checkpoint import load_checkpoint, shipped_model_path
@@ -33,25 +33,18 @@ from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
 from SACDiffLib.experiments.validate import (model_holdout_volumes, parse_settings, scanner_variant, score_setting,
                                              worst_kind_oracle_dice)
-from SACDiffLib.postprocess import _body, robust_location_scale
+from SACDiffLib.postprocess import _background, _body, robust_location_scale
 
-SHELL_MM = 5.0
 REGIONS = ("body", "shell5", "lung")
 NORMAL_CASES = ["ctmd_normal001", "ctmd_normal002", "rt4dct"]
 
 
 def reference_voxels(result, region: str) -> np.ndarray:
     """E over the candidate reference region on the processed slices (see the module docstring)."""
-    lung = result.lung[result.processed] > 0
-    error = result.error[result.processed]
     if region == "lung":
-        return error[lung]
-    outside = ~lung & _body(result)[result.processed]
-    if region == "body":
-        return error[outside]
-    sx, sy = result.reference.GetSpacing()[:2]
-    near = np.stack([ndimage.distance_transform_edt(~plane, sampling=(sy, sx)) <= SHELL_MM for plane in lung])
-    return error[outside & near]
+        return result.error[result.processed][result.lung[result.processed] > 0]
+    return _background(result.error, result.lung, result.processed, _body(result), result.box,
+                       {"body": "body", "shell5": "lung-shell"}[region], tuple(result.reference.GetSpacing()[1::-1]))
 
 
 def referenced(result, region: str) -> None:
