@@ -60,15 +60,16 @@ python Resources/results/render_slicer_views.py "$DATA/ct/ctmd_P001_ct.nii.gz" "
 # Round 10 (map-candidates.md): the default became the 2.5D sacdiff-small256-context.pt. Its validation beside the 2D
 # model's (seed 1, λ per case), one detection of ctmd_P001 each for the time, and its table on the labelled cases.
 CONTEXT="${CONTEXT:-Resources/models/training/small256-context-state.pt}"
+sacdiff slim "$CONTEXT" --out "$WORK/context-r10.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3 --lambda 24
 sacdiff validate --data "$DATA" --out "$WORK/val-r10-2d" --overwrite --normal-cases "$HEALTHY" --settings 100x10x3 \
   --variants noise,sharp,thick --seed 1 --device cpu
 sacdiff validate --data "$DATA" --model "$CONTEXT" --out "$WORK/val-r10-context" --overwrite --normal-cases "$HEALTHY" \
   --settings 100x10x3 --variants noise,sharp --seed 1 --device cpu
-for M in "$NEW" Resources/models/sacdiff-small256-context.pt; do
+for M in "$NEW" "$WORK/context-r10.pt"; do
   sacdiff detect "$DATA/ct/ctmd_P001_ct.nii.gz" --lung "$DATA/ct/ctmd_P001_lung.nii.gz" --model "$M" \
     --out "$WORK/time-$(basename "$M" .pt)" --overwrite --device cpu
 done
-sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
+sacdiff evaluate --cases "$WORK/labelled" --model "$WORK/context-r10.pt" \
   --out "$WORK/eval-context" --overwrite --device cpu
 cp "$WORK/val-r10-2d/validation.md" Resources/results/validation-round10-2d.md
 cp "$WORK/val-r10-2d/validation.json" Resources/results/validation-round10-2d.json
@@ -76,3 +77,19 @@ cp "$WORK/val-r10-context/validation.md" Resources/results/validation-round10-co
 cp "$WORK/val-r10-context/validation.json" Resources/results/validation-round10-context.json
 cp "$WORK/eval-context/summary.md" Resources/results/eval-context-model.md
 cp "$WORK/eval-context/summary.json" Resources/results/eval-context-model.json
+
+# Rounds 14–15 (map-candidates.md): where α's background comes from, on as-scanned, cropped and 8-bit held-out slabs
+# (seed 1: the rule that failed every region; seed 2: one λ for every variant, won by the 5 mm shell at λ 12), then
+# the shipped default slimmed with it and its table on the labelled cases (round 10's table stays beside it).
+for SEED in 1 2; do
+  python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-seed$SEED.json" 100x10x3 \
+    --model "$WORK/context-r10.pt" --variants crop,8bit --seed "$SEED" --overwrite
+done
+sacdiff slim "$CONTEXT" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
+  --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell
+sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
+  --out "$WORK/eval-shell" --overwrite --device cpu
+cp "$WORK/alpha-reference-seed1.json" Resources/results/alpha-reference-round14.json
+cp "$WORK/alpha-reference-seed2.json" Resources/results/alpha-reference-round15.json
+cp "$WORK/eval-shell/summary.md" Resources/results/eval-context-shell.md
+cp "$WORK/eval-shell/summary.json" Resources/results/eval-context-shell.json
