@@ -37,6 +37,13 @@ JSON_NOTE = "SACDiff"  # "written_by" of every stand-alone JSON file SACDiff wri
 _TMP = ".tmp-"
 
 
+def write_json(path: Path, document: dict, allow_nan: bool = False) -> None:
+    """The file of an ``Output`` of kind "json": ``document`` marked ``"written_by": JSON_NOTE`` (what lets
+    ``--overwrite`` replace it later), indented."""
+    path.write_text(json.dumps({"written_by": JSON_NOTE, **document}, indent=1, allow_nan=allow_nan),
+                    encoding="utf-8")
+
+
 def temp_name(target: Path, suffix: str = "") -> Path:
     """A unique temporary name beside ``target`` (``.NAME.tmp-PID-RANDOM``), the form ``clean_stale`` recognises."""
     return target.with_name(f".{target.name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}{suffix}")
@@ -215,7 +222,7 @@ class Output:
 
     ``with Output(path, "run", overwrite, inputs=[ct, lung]) as tmp: ...write into tmp...`` — a folder for kinds
     "run" and "results", a file path for "checkpoint", "lung-model", "image" and "json" (a JSON object holding
-    ``"written_by": JSON_NOTE``)."""
+    ``"written_by": JSON_NOTE``: ``write_json``)."""
 
     FOLDER_KINDS = ("run", "results")
 

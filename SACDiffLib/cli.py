@@ -692,14 +692,14 @@ def cmd_info(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .atomic import JSON_NOTE, Output
+    from .atomic import Output, write_json
     from .experiments.benchmark import run_benchmark
 
     output = Output(args.json, "json", args.overwrite) if args.json else None  # before the work
     results = run_benchmark(args.device, args.quick)
     if output is not None:
         with output as tmp:
-            tmp.write_text(json.dumps({"written_by": JSON_NOTE, **results}, indent=1, allow_nan=False), encoding="utf-8")
+            write_json(tmp, results)
     return 0
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SACDiffLib.atomic import JSON_NOTE, Output
+from SACDiffLib.atomic import Output, write_json
 from SACDiffLib.checkpoint import load_checkpoint, shipped_model_path
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
@@ -94,9 +94,7 @@ def main(argv=None) -> int:
                 rows[f"{kind or 'as scanned'} / {region}"] = row
                 print(json.dumps({"variant": kind or "as scanned", "alpha_from": region, **summary(row)}), flush=True)
     with output as tmp_json:
-        tmp_json.write_text(json.dumps({"written_by": JSON_NOTE, "model": str(model_path), "setting": setting,
-                                        "seed": args.seed, "rows": rows}, indent=1, allow_nan=False),
-                            encoding="utf-8")
+        write_json(tmp_json, {"model": str(model_path), "setting": setting, "seed": args.seed, "rows": rows})
     return 0
 
 

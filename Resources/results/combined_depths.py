@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from SACDiffLib.atomic import JSON_NOTE, Output
+from SACDiffLib.atomic import Output, write_json
 from SACDiffLib.checkpoint import load_for_detection
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
@@ -70,8 +70,8 @@ def main(argv=None) -> int:
                               "per_kind": {k: round(v["oracle_dice"], 3) for k, v in row["per_kind"].items()}}),
                   flush=True)
     with output as tmp_json:
-        tmp_json.write_text(json.dumps({"written_by": JSON_NOTE, "model": str(model_path), "shallow": shallow,
-                                        "deep": deep, "rows": rows}, indent=1), encoding="utf-8")
+        write_json(tmp_json, {"model": str(model_path), "shallow": shallow, "deep": deep, "rows": rows},
+                   allow_nan=True)
     return 0
 
 

@@ -26,7 +26,6 @@ wrote (the JSON carries ``"written_by": "SACDiff"``). Both files are put in plac
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from ..atomic import JSON_NOTE, Output, replaced_file, written_by_sacdiff
+from ..atomic import Output, replaced_file, write_json, written_by_sacdiff
 from ..data import case_path, holdout_split, load_cases
 from ..errors import SACDiffError
 from ..lung import airway_tree, segment_lungs
@@ -393,7 +392,7 @@ def main(argv=None) -> int:
         r = evaluate_lung_masks(args.data, args.model)
         text = markdown(r)
     with replaced_file(markdown_file) as markdown_tmp, output as tmp:  # the JSON commits first; a failure keeps both
-        tmp.write_text(json.dumps({"written_by": JSON_NOTE, **r}, indent=1), encoding="utf-8")
+        write_json(tmp, r, allow_nan=True)
         markdown_tmp.write_text(text, encoding="utf-8")
     print(text)
     return 0
