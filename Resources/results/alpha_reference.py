@@ -31,8 +31,9 @@ from SACDiffLib.atomic import Output, write_json
 from SACDiffLib.checkpoint import load_checkpoint, shipped_model_path
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
-from SACDiffLib.experiments.validate import (model_holdout_volumes, parse_settings, scanner_variant, score_setting,
-                                             worst_kind_oracle_dice)
+from SACDiffLib.errors import SACDiffError
+from SACDiffLib.experiments.validate import (VARIANTS, model_holdout_volumes, parse_settings, scanner_variant,
+                                             score_setting, worst_kind_oracle_dice)
 from SACDiffLib.postprocess import _background, _body, robust_location_scale
 
 REGIONS = ("body", "shell5", "lung")
@@ -74,9 +75,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="as `sacdiff validate --seed` (lesions and noise fields)")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
-    setting = parse_settings(args.setting)[0]
     variants = [v for v in args.variants.split(",") if v]
-    output = Output(args.out, "json", args.overwrite, inputs=[args.data, args.model])  # checked before the work
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
+    try:  # every refusal before the work, one line each
+        setting = parse_settings(args.setting)[0]
+        output = Output(args.out, "json", args.overwrite, inputs=[args.data, args.model])
+    except SACDiffError as exc:
+        p.error(str(exc))
     model_path = args.model or shipped_model_path()
     cfg, model, diffusion, _ = load_checkpoint(model_path, "cpu", noise_seed=args.seed)  # as validate --seed
     run_cfg = derive(cfg, detect=setting)
