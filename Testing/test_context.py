@@ -141,7 +141,7 @@ def test_checkpoints_written_before_the_context_load_as_2d(tmp_path):
 def test_train_and_validate_a_25d_model_end_to_end(tmp_path, capsys):
     """`sacdiff train --preset ... --init` of a 2.5D network from a 2D file, then `sacdiff validate` on it: the
     rows exist and the same held-out slices are scored as for the 2D model (their synthetic lesion fraction
-    matches); the noise variant scores it, the thick-slice variant is refused for it with one line."""
+    matches); the noise and thick-slice variants score it."""
     from SACDiffLib.cli import main
     from SACDiffLib.experiments.phantom import write_phantom_cases
     from SACDiffLib.train import train
@@ -159,11 +159,28 @@ def test_train_and_validate_a_25d_model_end_to_end(tmp_path, capsys):
     assert rows["deep"]["synthetic_lesion_fraction_of_lung"] == rows["flat"]["synthetic_lesion_fraction_of_lung"]
     assert np.isfinite(rows["deep"]["synthetic_voxel_auroc"])
     assert main(["validate", "--data", str(data), "--model", str(tmp_path / "deep.pt"), "--out",
-                 str(tmp_path / "val-noise"), "--settings", "5x0x2", "--device", "cpu", "--variants", "noise"]) == 0
-    noisy = json.loads((tmp_path / "val-noise" / "validation.json").read_text())["rows"]
-    assert [r["variant"] for r in noisy] == [None, "noise"]
-    assert noisy[1]["synthetic_lesion_fraction_of_lung"] == rows["deep"]["synthetic_lesion_fraction_of_lung"]
-    capsys.readouterr()
-    assert main(["validate", "--data", str(data), "--model", str(tmp_path / "deep.pt"), "--out",
-                 str(tmp_path / "val-x"), "--settings", "5x0x2", "--device", "cpu", "--variants", "thick"]) == 2
-    assert "thick-slice variant is not built for a 2.5D model" in capsys.readouterr().err
+                 str(tmp_path / "val-noise"), "--settings", "5x0x2", "--device", "cpu", "--variants",
+                 "noise,thick"]) == 0
+    varied = json.loads((tmp_path / "val-noise" / "validation.json").read_text())["rows"]
+    assert [r["variant"] for r in varied] == [None, "noise", "thick"]
+    assert varied[1]["synthetic_lesion_fraction_of_lung"] == rows["deep"]["synthetic_lesion_fraction_of_lung"]
+    assert np.isfinite(varied[2]["synthetic_voxel_auroc"])
+    assert all(case.endswith("@thick") for case in varied[2]["per_case"])
+
+
+def test_thick_pairs_keep_scored_pairs_apart_from_the_context():
+    """Hand-made stack: block 0 = 2 context, 5 scored, 2 context slices; block 1 = 2 context, 4 scored, 2 context.
+    Pairs start at each block's first scored slice: (2,3), (4,5) scored; (6,7) mixes the odd scored slice with a
+    context slice (context); (0,1) and the after-margins are context; block 0's last slice is left over."""
+    from SACDiffLib.experiments.validate import context_margin, thick_pairs
+
+    blocks = np.array([0] * 9 + [1] * 8)
+    scored = np.array([0, 0, 1, 1, 1, 1, 1, 0, 0] + [0, 0, 1, 1, 1, 1, 0, 0], bool)
+    pairs = thick_pairs(blocks, scored)
+    assert pairs.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7], [9, 10], [11, 12], [13, 14], [15, 16]]
+    assert [bool(scored[p].all()) for p in pairs] == [False, True, True, False, False, True, True, False]
+    # margins: 4 mm neighbours on 2 mm slices reach 2 slices, on the 4 mm thick variant 1 pair (2 slices);
+    # on 1.5 mm slices 3 slices, but the thick variant's 3 mm pairs reach round(4/3) = 1 pair = 2 slices … and on
+    # 1.33 mm slices 3 slices, the thick 2.67 mm pairs round(1.5) = 2 pairs = 4 slices: the larger is stacked
+    assert context_margin(2.0, 1, 4.0) == 2 and context_margin(1.5, 1, 4.0) == 3
+    assert context_margin(4 / 3, 1, 4.0) == 4 and context_margin(2.0, 0, 4.0) == 0

@@ -90,9 +90,10 @@ def main(argv=None) -> int:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-alpha-reference-") as tmp:
         volumes = model_holdout_volumes(args.data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=args.seed)
+        context = (cfg.model.context_slices, cfg.model.context_mm)
         rng = np.random.default_rng(args.seed + 1)  # as ``validate_settings``
         for kind in [None] + variants:
-            group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng) for v in volumes]
+            group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng, context) for v in volumes]
             results = [(detect_volume(v["ct"], model, diffusion, run_cfg, v["lung"], "cpu"), v) for v in group]
             for region in REGIONS:
                 for r, _ in results:

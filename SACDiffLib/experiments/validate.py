@@ -220,6 +220,28 @@ def with_context(z: np.ndarray, margin: int, n_slices: int) -> tuple[np.ndarray,
     return np.concatenate(stacked), np.concatenate(scored)
 
 
+def context_margin(spacing_z: float, per_side: int, distance_mm: float) -> int:
+    """Slices stacked on each side of a held-out slab for a 2.5D model (``per_side`` neighbours ``distance_mm``
+    apart): as many as its neighbours reach, on the scan and on the thick-slice variant (pairs averaged, twice the
+    spacing, ``thick_pairs``), so that every scored slice sees real neighbours in both. 0 for a 2D model."""
+    if per_side <= 0:
+        return 0
+    return per_side * max(io.neighbour_offset(spacing_z, distance_mm),
+                          2 * io.neighbour_offset(2 * spacing_z, distance_mm))
+
+
+def thick_pairs(blocks: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """(P, 2) rows of consecutive slices averaged into one by the thick-slice variant: within each block (a held-out
+    slab and its context margins), aligned so that the block's first scored slice starts a pair — a pair of two
+    scored slices is scored, a pair that takes in a context slice is context; a block's odd slice out is dropped."""
+    pairs = []
+    for number in np.unique(blocks):  # block numbers increase along the stack
+        rows = np.nonzero(blocks == number)[0]
+        first = rows[scored[rows]][0] if scored[rows].any() else rows[0]
+        pairs += [(i, i + 1) for i in range(rows[0] + (first - rows[0]) % 2, rows[-1], 2)]
+    return np.array(pairs, dtype=int).reshape(-1, 2)
+
+
 def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], work: Path, seed: int = 0,
                     min_lung_fraction: float = 0.005, context: tuple[int, float] = (0, 0.0)):
     """Per case: (CT path, lung path, truth mask (z, y, x), clean-slice flags, scored-slice flags) of the stacked
@@ -237,9 +259,10 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         z = holdout_split(io.lung_slices(lung, min_lung_fraction), holdout_every)[1]  # as training split them
         if z.size == 0:
             continue
-        per_side, distance_mm = context
-        margin = per_side * io.neighbour_offset(ct.GetSpacing()[2], distance_mm) if per_side else 0
+        margin = context_margin(ct.GetSpacing()[2], *context)
         z_all, scored = with_context(z, margin, hu.shape[0])
+        slab_sizes = np.unique(_slabs(z), return_counts=True)[1]
+        blocks = np.repeat(np.arange(slab_sizes.size), slab_sizes + 2 * margin)  # a slab and its margins
         sub_hu, sub_lung = hu[z_all].copy(), lung[z_all].astype(np.uint8)
         truth = np.zeros(sub_hu.shape, bool)
         kinds = np.zeros(sub_hu.shape, np.uint8)
@@ -277,7 +300,7 @@ def holdout_volumes(data_dir, holdout_every: int, normal_cases: Optional[list], 
         sitk.WriteImage(image, str(ct_path))
         io.write_image(sub_lung, image, lung_path)
         volumes.append({"case": name, "ct": ct_path, "lung": lung_path, "truth": truth, "kinds": kinds, "clean": clean,
-                        "scored": scored, "slices": z_all.tolist(), "solid_nodules": solids,
+                        "scored": scored, "slices": z_all.tolist(), "blocks": blocks, "solid_nodules": solids,
                         "masses": masses})
     return volumes
 
@@ -317,11 +340,13 @@ def eight_bit_slice(hu: np.ndarray) -> np.ndarray:
     return grey_to_hu(np.asarray(Image.open(buffer).convert("L")))[0].astype(np.float32)
 
 
-def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) -> dict:
+def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator,
+                    context: tuple[int, float] = (0, 0.0)) -> dict:
     """The held-out volume ``vol`` as another scanner would give it: ``noise`` adds VARIANT_NOISE_HU of white noise,
     ``sharp`` applies an in-plane unsharp mask (a sharper kernel), ``thick`` averages consecutive pairs of slices of
-    each slab (twice the slice thickness, partial volume; lesion truth where the pair's mean ≥ 0.5, a pair is clean
-    when both slices are), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``),
+    each slab and its context margins (``thick_pairs``; twice the slice thickness, partial volume; lesion truth where
+    the pair's mean ≥ 0.5, a pair is clean when both slices are, scored when both are; a 2.5D model's ``context``
+    — per side, mm — must still find its neighbours inside the margins, else SACDiffError), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``),
     ``crop`` cuts the image in-plane to the lungs' bounding box plus VARIANT_CROP_MARGIN_MM (as the MedSeg pictures
     are: little body outside the lung to take α from, and the lungs fill the model's grid — a zoom).
     Lesions and lung masks are those of ``vol``; a new CT/lung file pair in ``work``."""
@@ -343,9 +368,8 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
                     for ix, m in zip(np.nonzero(lung.any(0))[:2], margin))
         hu, lung, truth, kinds = (a[(slice(None),) + box] for a in (hu, lung, truth, kinds))
     elif kind == "thick":
-        slab = np.unique(_slabs(np.asarray(vol["slices"])), return_inverse=True)[1]
-        pairs = [rows[i:i + 2] for number in np.unique(slab) for rows in [np.nonzero(slab == number)[0]]
-                 for i in range(0, len(rows) - 1, 2)]
+        blocks = np.asarray(vol["blocks"]) if "blocks" in vol else _slabs(np.asarray(vol["slices"]))
+        pairs = thick_pairs(blocks, scored)
         hu = np.stack([hu[p].mean(0) for p in pairs])
         lung = np.stack([lung[p].max(0) for p in pairs])
         truth = np.stack([truth[p].mean(0) >= 0.5 for p in pairs])
@@ -353,6 +377,15 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator) 
         clean = np.array([bool(clean[p].all()) for p in pairs])
         scored = np.array([bool(scored[p].all()) for p in pairs])
         spacing[2] *= 2
+        blocks = blocks[pairs[:, 0]]
+        need = context[0] * io.neighbour_offset(spacing[2], context[1]) if context[0] else 0
+        for number in np.unique(blocks[scored]):
+            inside = np.nonzero(scored[blocks == number])[0]
+            if min(inside[0], (blocks == number).sum() - 1 - inside[-1]) < need:
+                raise SACDiffError(f"the thick-slice variant of {vol['case']} leaves a scored slice without its "
+                                   f"2.5D neighbours ({need} per side); build the held-out volumes with "
+                                   "context_margin's margins")
+        vol = {**vol, "slices": [vol["slices"][i] for i in pairs[:, 0]], "blocks": blocks}
     else:
         raise SACDiffError(f"unknown scanner variant {kind!r}; choose from {', '.join(VARIANTS)}")
     out = sitk.GetImageFromArray(np.round(hu).astype(np.int16))
@@ -493,17 +526,13 @@ def validate_settings(data_dir, model, diffusion, cfg, settings: list[dict], dev
     ``flagged_percent_at_model_lambda``: % of clean lung flagged at the model's own λ, per case."""
     rows = []
     context = (cfg.model.context_slices, cfg.model.context_mm)
-    if "thick" in variants and context[0]:
-        raise SACDiffError("the thick-slice variant is not built for a 2.5D model yet (its slice pairs would mix "
-                           "the unscored context slices in); leave thick out of --variants (noise, sharp, 8bit and "
-                           "crop work)")
     with tempfile.TemporaryDirectory(prefix="sacdiff-validate-") as tmp:
         volumes = model_holdout_volumes(data_dir, cfg, Path(tmp), holdout_every, normal_cases, seed)
         if not volumes:
             raise SACDiffError(f"no held-out healthy slices in {data_dir} with holdout_every={holdout_every}")
         log.info("held-out slices: " + ", ".join(f"{v['case']} {len(v['slices'])}" for v in volumes))
         rng = np.random.default_rng(seed + 1)
-        groups = [(None, volumes)] + [(kind, [scanner_variant(v, kind, Path(tmp), rng) for v in volumes])
+        groups = [(None, volumes)] + [(kind, [scanner_variant(v, kind, Path(tmp), rng, context) for v in volumes])
                                       for kind in variants]
         for setting in settings:
             run_cfg = derive(cfg, detect=setting)
