@@ -130,6 +130,8 @@ def _train_args(p):
     _bool_flag(p, "conditional", None, "condition on the lung mask (default on; --no-conditional for baselines)")
     _bool_flag(p, "augment", None, "small rotations/scales/intensity jitter (default on)")
     p.add_argument("--timesteps", type=int, help="T (default: the preset's; paper 1000)")
+    p.add_argument("--eight-bit", type=float, metavar="FRACTION",
+                   help="share of training slices given as 8-bit lung-window JPEG pictures (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, help="write the checkpoint every N steps")
     p.add_argument("--resume", help="continue from this checkpoint (its config is used)")
@@ -304,7 +306,7 @@ def cmd_train(args) -> int:
 
     if args.resume:
         ignored = [f"--{n.replace('_', '-')}" for n in ("preset", "image_size", "noise", "timesteps", "batch_size",
-                                                         "lr", "conditional", "augment", "init")
+                                                         "lr", "conditional", "augment", "init", "eight_bit")
                    if getattr(args, n, None) is not None]
         if ignored:
             raise SACDiffError(f"--resume continues with the checkpoint's own settings; {', '.join(ignored)} would be "
@@ -318,7 +320,7 @@ def cmd_train(args) -> int:
     cfg = derive(
         cfg,
         train=dict(batch_size=args.batch_size, lr=args.lr, save_every=args.save_every, augment=args.augment,
-                   seed=args.seed),
+                   seed=args.seed, eight_bit_fraction=args.eight_bit),
         preprocess=dict(image_size=args.image_size),
         diffusion=dict(noise={"kind": args.noise}, timesteps=args.timesteps or None),
         model=dict(conditional=args.conditional),

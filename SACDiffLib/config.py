@@ -128,6 +128,10 @@ class TrainConfig:
     # slices and every ``holdout_every``-th slab is kept out of training (0 = train on everything). The held-out
     # slices are listed in the checkpoint; `sacdiff validate` scores the model on them without any lesion label.
     holdout_every: int = 0
+    # Share of each batch's slices given as an 8-bit lung-window JPEG would give them back
+    # (``validate.eight_bit_slice``, the pictures of MedSeg-like datasets): the model learns that such a picture's
+    # quantisation and clipping are healthy, where a model trained on HU alone reconstructs them as error. 0 = off.
+    eight_bit_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -340,6 +344,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (ModelConfig, "context_mm"): 4.0,
     (TrainConfig, "max_timestep"): 0,
     (TrainConfig, "holdout_every"): 0,
+    (TrainConfig, "eight_bit_fraction"): 0.0,
     (DetectConfig, "exclude_airways"): True,  # a detection default, not a training fact: the better one for all
     (DetectConfig, "harmonise_steps"): 0,  # the plain reverse chain of Alg. 2
     (DetectConfig, "harmonise_radius"): 1,
@@ -500,6 +505,7 @@ def validate(cfg: SACDiffConfig) -> None:
     _check_range("train.warmup_steps", t.warmup_steps, 0, None)
     _check_range("train.max_timestep", t.max_timestep, 0, d.timesteps, " (0 = every timestep)")
     _check_range("train.holdout_every", t.holdout_every, 0, None)
+    _check_range("train.eight_bit_fraction (--eight-bit)", t.eight_bit_fraction, 0.0, 1.0)
     _check_range("diffusion.timesteps", d.timesteps, 2, None)
     if not 0 < d.beta_start < d.beta_end < 1:
         raise SACDiffError(f"β schedule {d.beta_start}..{d.beta_end} must satisfy 0 < β_start < β_end < 1")

@@ -33,14 +33,15 @@ from .progress import Progress, keep_going
 
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
 def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
-                         normal_cases: Optional[list] = None, split: str = "train"):
+                         normal_cases: Optional[list] = None, split: str = "train", eight_bit: bool = False):
     """(images (N, C, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)); C = 1, or the slice
     and its neighbours for a 2.5D model (``io.model_inputs``; a neighbour may lie in a held-out slab: it is healthy
     context, never a training target of its own).
 
     Healthy cases are those with diagnosis exactly ``normal``, or the cases named in ``normal_cases`` (e.g. to add
     one described as "normal-looking lungs"). ``split`` "train" gives the training slices, "holdout" the slabs
-    that ``cfg.train.holdout_every`` keeps out of training (``holdout_split``)."""
+    that ``cfg.train.holdout_every`` keeps out of training (``holdout_split``). ``eight_bit``: the same slices, each
+    passed through an 8-bit lung-window JPEG first (``validate.eight_bit_slice``; neighbours too)."""
     data_dir = Path(data_dir)
     pre = cfg.preprocess
     images, masks, used = [], [], []
@@ -63,6 +64,13 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
         z = holdout_split(z, cfg.train.holdout_every)[0 if split == "train" else 1]
         if z.size == 0:
             continue
+        if eight_bit:
+            from .experiments.validate import eight_bit_slice
+
+            reach = np.unique(np.concatenate(io.context_indices(z, io.neighbour_offset(
+                ct.GetSpacing()[2], cfg.model.context_mm), cfg.model.context_slices, hu.shape[0])))
+            hu = hu.astype(np.float32)  # only the slices that training reads (and their neighbours) are converted
+            hu[reach] = np.stack([eight_bit_slice(hu[i]) for i in reach])
         offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
         image, mask = io.model_inputs(hu, lung, pre, z, offset, cfg.model.context_slices)
         images.append(image)
@@ -194,6 +202,10 @@ def train(
     device = ddp.device
     images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases)
     images, masks = images.to(device), masks.to(device)
+    eight_bit_images = None
+    if tc.eight_bit_fraction > 0:  # the same slices as 8-bit pictures, row for row
+        eight_bit_images = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases,
+                                                eight_bit=True)[0].to(device)
 
     model, ema, diffusion = _initial_networks(cfg, device, payload if resume else None, init)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.active else model
@@ -225,6 +237,9 @@ def train(
             gen = torch.Generator(device=device).manual_seed(tc.seed * 1_000_003 + ddp.rank * 10_007 + step)
             idx = torch.randint(0, images.shape[0], (tc.batch_size,), generator=gen, device=device)
             x0, c = images[idx], masks[idx]
+            if eight_bit_images is not None:  # drawn only when on: older trainings keep their batches and noise
+                pick = torch.rand(tc.batch_size, generator=gen, device=device) < tc.eight_bit_fraction
+                x0 = torch.where(pick[:, None, None, None], eight_bit_images[idx], x0)
             if tc.augment:
                 x0, c = augment(x0, c, gen)
             net.train()

@@ -146,3 +146,42 @@ def test_slim_sets_the_chosen_detection_defaults_and_checks_them(tiny_checkpoint
     assert cfg.detect.background == "body"  # a new training's default: Section 2.4's region
     assert main(["slim", str(tiny_checkpoint), "--out", str(tmp_path / "bad.pt"), "--sampling-steps", "50"]) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
+@pytest.mark.parametrize("context", [0, 1])
+def test_eight_bit_training_slices_are_the_slices_as_8_bit_pictures(data_dir, context):
+    """``eight_bit``: row for row the training slices (neighbours included) of the volume whose every slice went
+    through ``eight_bit_slice`` — made here by hand from the whole volume, where training converts only the slices
+    it reads (how close an 8-bit picture comes back to HU is ``test_eight_bit_slice_is_read_back_like_a_medseg_picture``)."""
+    import numpy as np
+
+    from SACDiffLib import io
+    from SACDiffLib.data import case_path
+    from SACDiffLib.experiments.validate import eight_bit_slice
+
+    cfg = derive(_cfg(), model={"context_slices": context})
+    plain, masks, used = load_training_slices(data_dir, cfg)
+    eight, masks8, used8 = load_training_slices(data_dir, cfg, eight_bit=True)
+    assert used8 == used and torch.equal(masks8, masks)
+    row = 0
+    for name, z in used:
+        ct = io.read_ct(case_path(data_dir, name, "ct"))
+        hu = io.ct_array(ct)
+        lung = io.read_mask(case_path(data_dir, name, "lung"), ct)
+        by_hand = np.stack([eight_bit_slice(s) for s in hu])
+        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
+        expected = io.model_inputs(by_hand, lung, cfg.preprocess, np.array(z), offset, context)[0]
+        assert torch.equal(eight[row:row + len(z)], expected)
+        row += len(z)
+    assert not torch.equal(eight, plain)
+
+
+def test_eight_bit_fraction_trains_on_the_pictures_and_zero_keeps_the_batches(data_dir, tmp_path):
+    base = train(_cfg(3), data_dir, tmp_path / "base.pt")
+    off = train(derive(_cfg(3), train={"eight_bit_fraction": 0.0}), data_dir, tmp_path / "off.pt")
+    on = train(derive(_cfg(3), train={"eight_bit_fraction": 1.0}), data_dir, tmp_path / "on.pt")
+    losses = [read_checkpoint(tmp_path / f"{n}.pt")["train_state"]["losses"] for n in ("base", "off", "on")]
+    assert losses[0] == losses[1] != losses[2] and base["steps"] == off["steps"] == on["steps"] == 3
+    assert load_checkpoint(tmp_path / "on.pt")[0].train.eight_bit_fraction == 1.0
+    with pytest.raises(SACDiffError, match="eight_bit_fraction"):
+        derive(_cfg(), train={"eight_bit_fraction": 1.5})
