@@ -198,6 +198,12 @@ def test_missing_inputs(tmp_path, capsys, tiny_checkpoint):
     assert "cases.json" in capsys.readouterr().err
 
 
+def test_train_refuses_an_eight_bit_share_outside_0_to_1(data_dir, tmp_path, capsys):
+    assert run_cli("train", "--data", data_dir, "--out", tmp_path / "m.pt", "--preset", "tiny", "--eight-bit", 1.5) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--eight-bit" in err and len(err.splitlines()) == 1 and not (tmp_path / "m.pt").exists()
+
+
 def test_progress_and_error_lines_follow_the_shared_protocol(data_dir, tiny_checkpoint, tmp_path, capsys):
     from SACDiffLib.protocol import is_error_line, parse_progress
 
