@@ -169,6 +169,9 @@ class DetectConfig:
     # the reconstruction only blurred or shifted keeps its mass and averages out, a lesion it removed does not;
     # hyper- and hypodense residuals keep their sign until squared (neither is dropped). 0 = the paper's E.
     error_radius: int = 0
+    # Inside the lung, E · (1 − w) with w from the query's 3D Frangi vesselness (``vessels.suppress_vessels``):
+    # healthy vessels the reconstruction redrew a little off carry no E, blobs (nodules, masses) keep theirs.
+    vessel_suppression: bool = False
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ DETECT_OPTIONS = (
     DetectOption("error_radius", "--error-radius",
                  "pixels over which the signed residual is averaged before squaring: a vessel the reconstruction "
                  "blurred or shifted averages out, a removed lesion does not (0 = off; default: the model's)", 0, 8),
+    DetectOption("vessel_suppression", "--vessel-suppression",
+                 "inside the lung, lower E where the CT's 3D vesselness (Frangi) is high: healthy vessels the "
+                 "reconstruction redrew a little off are not flagged, round lesions are (default: the model's, off)"),
     DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
     DetectOption("exclude_airways", "--exclude-airways",
                  "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
@@ -351,6 +357,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "shift_tolerance"): 0,
     (DetectConfig, "error_radius"): 0,
     (DetectConfig, "background"): "body",  # Section 2.4's region
+    (DetectConfig, "vessel_suppression"): False,  # the paper's E
 }
 
 _SECTIONS = {

@@ -33,6 +33,7 @@ from .lung import exclude_airways as exclude_airways_from
 from .lung import LungSource, body_mask, lung_labels, segment_lungs
 from .postprocess import rethreshold
 from .result import DetectionResult, detection_facts
+from .vessels import suppress_vessels
 from .progress import Progress, keep_going, log
 
 
@@ -442,6 +443,11 @@ def detect_volume(
     error, uncertainty, pseudo = map_back(volume, err, std, mean, pre)
     timings["diffusion_s"] = time.perf_counter() - t1  # network + noise + reverse updates
     timings["noise_s"] = stats.noise_s
+    vessels = None
+    if det.vessel_suppression:
+        t_vessels = time.perf_counter()
+        error, vessels = suppress_vessels(error, volume.hu, volume.lung, volume.ct.GetSpacing())
+        timings["vessels_s"] = time.perf_counter() - t_vessels
     result = DetectionResult(reference=volume.ct, ct_hu=volume.hu, lung=volume.lung, processed=volume.processed,
                              error=error, uncertainty_hu=uncertainty, pseudo_healthy_hu=pseudo, detect=det,
                              box=_box_on_ct_grid(volume.box, pre.image_size, volume.hu.shape[1:]), body=volume.body)
@@ -455,5 +461,5 @@ def detect_volume(
         ct_path=ct_path, ct_fingerprint=io.fingerprint(ct_path), lung_origin=volume.lung_origin, device=device,
         timings=timings, network_evaluations=network_evaluations(det) * volume.processed.size,
         processed_voxel_fraction=processed_fraction, chunk=dataclasses.asdict(stats),
-        config=dataclasses.asdict(cfg))
+        config=dataclasses.asdict(cfg), vessel_suppression=vessels)
     return result

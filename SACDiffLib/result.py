@@ -9,7 +9,8 @@
 - the detection's facts (``detection_facts``): ``ct`` (absolute path), ``ct_fingerprint`` (``io.fingerprint``),
   ``lung_mask`` (where the mask came from), ``device``, ``timings`` (seconds per stage), ``network_evaluations``,
   ``processed_voxel_fraction``, ``chunk`` (slices per forward, out-of-memory retries, compiled, noise seconds),
-  ``config`` (every setting of the model and the detection); a later version's unknown keys are kept here;
+  ``config`` (every setting of the model and the detection), ``vessel_suppression`` (only when asked: "applied"
+  or why it was skipped); a later version's unknown keys are kept here;
 - ``sacdiff_report_version``, ``seed``, ``detect`` (the detection settings after the last λ), ``versions`` (of the
   libraries that made the maps), ``slice_scores`` (= quantification's ml per slice), ``units``, and
   ``threshold_versions`` once a `threshold` run (no torch) re-binarised it.
@@ -78,9 +79,11 @@ class DetectionResult:
 
 
 def detection_facts(*, ct_path, ct_fingerprint: str, lung_origin: str, device, timings: dict,
-                    network_evaluations: int, processed_voxel_fraction: float, chunk: dict, config: dict) -> dict:
-    """The facts a detection records in its report (module docstring), in the order written."""
-    return {
+                    network_evaluations: int, processed_voxel_fraction: float, chunk: dict, config: dict,
+                    vessel_suppression: Optional[str] = None) -> dict:
+    """The facts a detection records in its report (module docstring), in the order written; ``vessel_suppression``
+    (what ``vessels.suppress_vessels`` did) only when it was asked for."""
+    facts = {
         "ct": str(Path(ct_path).resolve()),  # absolute: a later `threshold` may run from another folder
         "ct_fingerprint": ct_fingerprint,
         "lung_mask": lung_origin,
@@ -92,6 +95,9 @@ def detection_facts(*, ct_path, ct_fingerprint: str, lung_origin: str, device, t
         "chunk": chunk,
         "config": config,
     }
+    if vessel_suppression is not None:
+        facts["vessel_suppression"] = vessel_suppression
+    return facts
 
 
 def report_document(result: DetectionResult, versions: dict) -> dict:
