@@ -21,15 +21,45 @@ def _phantom(spacing_xyz, shape=(40, 96, 96)):
     return hu, parts
 
 
-def test_vesselness_on_isotropic_voxels_is_scikit_image_frangi():
-    """1 mm voxels and a lung that fills the image: no resampling, no crop — exactly the reference filter."""
+def test_frangi_bright_is_frangis_equation_on_scikit_image_hessians():
+    """Reference made here from scikit-image's Hessians and eigenvalues (``hessian_matrix``,
+    ``hessian_matrix_eigvals``) and Frangi's eqs. 10–13 written out; away from the border (the two kernels' tails
+    differ there) equal up to the 0.5 % floor below which ``frangi_bright`` skips the eigenvalues. On the tube,
+    scikit-image's own ``frangi`` agrees too (it differs only just outside the wall, see ``frangi_bright``)."""
+    from skimage.feature import hessian_matrix, hessian_matrix_eigvals
     from skimage.filters import frangi
 
+    from SACDiffLib.vessels import frangi_bright
+
+    hu, parts = _phantom((1.0, 1.0, 1.0), (48, 64, 64))
+    image = np.clip(hu, *WINDOW_HU)
+    expected, gamma = np.zeros(image.shape), None
+    for sigma in (2.0, 3.0):
+        h = hessian_matrix(-image, sigma, mode="nearest", use_gaussian_derivatives=True)
+        eig = hessian_matrix_eigvals(h)
+        eig = np.take_along_axis(eig, np.abs(eig).argsort(0), 0)
+        s = np.sqrt((eig ** 2).sum(0))
+        gamma = gamma or s.max() / 2
+        l2, l3 = np.maximum(eig[1], 1e-10), np.maximum(eig[2], 1e-10)
+        v = ((eig[1] > 0) & (eig[2] > 0)) * (1 - np.exp(-(l2 / l3) ** 2 / 0.5)) \
+            * np.exp(-(np.abs(eig[0]) / np.sqrt(l2 * l3)) ** 2 / 0.5) * (1 - np.exp(-s ** 2 / (2 * gamma ** 2)))
+        expected = np.maximum(expected, v)
+    got = frangi_bright(image, [2.0, 3.0])
+    inner = (slice(10, -10),) * 3
+    assert np.abs(got[inner] - expected[inner]).max() < 0.01
+    tube = parts["end-on vessel"]
+    reference = frangi(image, sigmas=[2.0, 3.0], alpha=0.5, beta=0.5, black_ridges=False, mode="nearest")
+    assert np.median(got[tube]) == pytest.approx(np.median(reference[tube]), abs=0.01)
+    assert np.median(got[tube]) > 2 * np.median(got[parts["ball"]])
+
+
+def test_vesselness_needs_no_resampling_on_isotropic_voxels():
+    """1 mm voxels and a lung that fills the image: ``vesselness`` is ``frangi_bright`` of the windowed CT."""
+    from SACDiffLib.vessels import frangi_bright
+
     hu, _ = _phantom((1.0, 1.0, 1.0), (48, 64, 64))
-    lung = np.ones(hu.shape, bool)
-    expected = frangi(np.clip(hu, *WINDOW_HU), sigmas=list(SIGMAS_MM), alpha=0.5, beta=0.5, black_ridges=False,
-                      mode="nearest")
-    assert np.allclose(vesselness(hu, lung, (1.0, 1.0, 1.0)), expected, atol=1e-6)
+    expected = frangi_bright(np.clip(hu, *WINDOW_HU), list(SIGMAS_MM))
+    assert np.allclose(vesselness(hu, np.ones(hu.shape, bool), (1.0, 1.0, 1.0)), expected, atol=1e-6)
 
 
 def test_vessels_lose_their_error_and_a_ball_keeps_it_on_anisotropic_slices():
@@ -42,7 +72,7 @@ def test_vessels_lose_their_error_and_a_ball_keeps_it_on_anisotropic_slices():
     assert done == "applied"
     assert np.median(out[parts["end-on vessel"]]) < 0.05 and np.median(out[parts["in-plane vessel"]]) < 0.05
     centre = (20, int(round(50 / 0.8)), int(round(55 / 0.8)))
-    assert out[centre] > 0.95 and np.median(out[parts["ball"]]) > 0.5
+    assert out[centre] > 0.9 and np.median(out[parts["ball"]]) > 0.5
     background = ~(parts["end-on vessel"] | parts["in-plane vessel"] | parts["ball"])
     assert np.median(out[background & lung]) == 1.0 and (out[:, :, :4] == 1.0).all()
     assert (out <= error).all()
