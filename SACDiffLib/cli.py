@@ -687,7 +687,8 @@ def model_info(model_path) -> dict:
     else:
         source = "the model's own: chosen on the held-out healthy slices of its training scans (sacdiff validate)"
     return {"model": str(path), "lambda": det.lam, "lambda_source": source, "steps": det.steps,
-            "sampling_steps": det.sampling_steps, "ensemble": det.ensemble, "threshold": det.threshold}
+            "sampling_steps": det.sampling_steps, "ensemble": det.ensemble, "threshold": det.threshold,
+            "background": det.background, "vessel_suppression": det.vessel_suppression}
 
 
 def cmd_info(args) -> int:

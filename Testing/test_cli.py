@@ -229,3 +229,17 @@ def test_every_help_page_prints():
         with contextlib.redirect_stdout(stdio.StringIO()) as out:
             sub.print_help()
         assert "usage:" in out.getvalue(), name
+
+
+def test_info_prints_the_models_detection_defaults(tiny_checkpoint, tmp_path, capsys):
+    from SACDiffLib.checkpoint import load_checkpoint
+
+    slim = tmp_path / "s.pt"
+    assert run_cli("slim", tiny_checkpoint, "--out", slim, "--lambda", 6, "--background", "lung-shell",
+                   "--vessel-suppression") == 0
+    capsys.readouterr()
+    assert run_cli("info", "--model", slim) == 0
+    info = json.loads(capsys.readouterr().out)
+    det = load_checkpoint(slim)[0].detect
+    assert (info["lambda"], info["steps"], info["ensemble"], info["background"], info["vessel_suppression"]) == \
+        (6.0, det.steps, det.ensemble, "lung-shell", True)
