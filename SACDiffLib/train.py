@@ -64,14 +64,13 @@ def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices
         z = holdout_split(z, cfg.train.holdout_every)[0 if split == "train" else 1]
         if z.size == 0:
             continue
+        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
         if eight_bit:
             from .experiments.validate import eight_bit_slice
 
-            reach = np.unique(np.concatenate(io.context_indices(z, io.neighbour_offset(
-                ct.GetSpacing()[2], cfg.model.context_mm), cfg.model.context_slices, hu.shape[0])))
+            reach = np.unique(np.concatenate(io.context_indices(z, offset, cfg.model.context_slices, hu.shape[0])))
             hu = hu.astype(np.float32)  # only the slices that training reads (and their neighbours) are converted
             hu[reach] = np.stack([eight_bit_slice(hu[i]) for i in reach])
-        offset = io.neighbour_offset(ct.GetSpacing()[2], cfg.model.context_mm)
         image, mask = io.model_inputs(hu, lung, pre, z, offset, cfg.model.context_slices)
         images.append(image)
         masks.append(mask)

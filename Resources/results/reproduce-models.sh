@@ -85,14 +85,19 @@ for SEED in 1 2; do
   python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-seed$SEED.json" 100x10x3 \
     --model "$WORK/context-r10.pt" --variants crop,8bit --seed "$SEED" --overwrite
 done
-sacdiff slim "$CONTEXT" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
-  --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell
-sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
-  --out "$WORK/eval-shell" --overwrite --device cpu
+# ship_default STATE NAME: STATE slimmed as the shipped 2.5D default (shell, λ 12), its table on the labelled cases
+# copied to Resources/results/eval-context-NAME.md/.json
+ship_default() {
+  sacdiff slim "$1" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
+    --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell
+  sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
+    --out "$WORK/eval-$2" --overwrite --device cpu
+  cp "$WORK/eval-$2/summary.md" "Resources/results/eval-context-$2.md"
+  cp "$WORK/eval-$2/summary.json" "Resources/results/eval-context-$2.json"
+}
+ship_default "$CONTEXT" shell
 cp "$WORK/alpha-reference-seed1.json" Resources/results/alpha-reference-round14.json
 cp "$WORK/alpha-reference-seed2.json" Resources/results/alpha-reference-round15.json
-cp "$WORK/eval-shell/summary.md" Resources/results/eval-context-shell.md
-cp "$WORK/eval-shell/summary.json" Resources/results/eval-context-shell.json
 
 # Round 16 (map-candidates.md): the round-11 weights (2400 more steps) under round 15's rule (seed 2), then shipped
 # with the same setting (5 mm shell, λ 12) and their table on the labelled cases.
@@ -100,10 +105,5 @@ R11=Resources/models/training/small256-context-r11-state.pt
 sacdiff slim "$R11" --out "$WORK/r11.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
 python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-round16.json" 100x10x3 \
   --model "$WORK/r11.pt" --variants crop,8bit --seed 2 --overwrite
-sacdiff slim "$R11" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
-  --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell
-sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
-  --out "$WORK/eval-r11" --overwrite --device cpu
+ship_default "$R11" r11
 cp "$WORK/alpha-reference-round16.json" Resources/results/alpha-reference-round16.json
-cp "$WORK/eval-r11/summary.md" Resources/results/eval-context-r11.md
-cp "$WORK/eval-r11/summary.json" Resources/results/eval-context-r11.json

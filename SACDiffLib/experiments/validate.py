@@ -346,9 +346,10 @@ def scanner_variant(vol: dict, kind: str, work: Path, rng: np.random.Generator,
     ``sharp`` applies an in-plane unsharp mask (a sharper kernel), ``thick`` averages consecutive pairs of slices of
     each slab and its context margins (``thick_pairs``; twice the slice thickness, partial volume; lesion truth where
     the pair's mean ≥ 0.5, a pair is clean when both slices are, scored when both are; a 2.5D model's ``context``
-    — per side, mm — must still find its neighbours inside the margins, else SACDiffError), ``8bit`` passes every slice through an 8-bit lung-window JPEG (``eight_bit_slice``),
-    ``crop`` cuts the image in-plane to the lungs' bounding box plus VARIANT_CROP_MARGIN_MM (as the MedSeg pictures
-    are: little body outside the lung to take α from, and the lungs fill the model's grid — a zoom).
+    — per side, mm — must still find its neighbours inside the margins, else SACDiffError), ``8bit`` passes every
+    slice through an 8-bit lung-window JPEG (``eight_bit_slice``), ``crop`` cuts the image in-plane to the lungs'
+    bounding box plus VARIANT_CROP_MARGIN_MM (as the MedSeg pictures are: little body outside the lung to take α
+    from, and the lungs fill the model's grid — a zoom).
     Lesions and lung masks are those of ``vol``; a new CT/lung file pair in ``work``."""
     image = sitk.ReadImage(str(vol["ct"]))
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
