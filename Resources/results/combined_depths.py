@@ -1,13 +1,14 @@
 """Experiment (map-candidates.md, round 8): a shallow and a deep map combined, scored by the label-free validation.
 
-    python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt]
+    python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt] [--combine min]
 
 SHALLOW and DEEP are ``sacdiff validate --settings`` items (e.g. 100x10x3 and 250x10x3e2). Each held-out volume of
 ``sacdiff validate`` (same slabs, lesions and seed) is detected at both settings; each map is put in units of its
-own background (E − loc) / scale, with loc and scale the robust statistics of E over the body outside the lung
-that the background-adaptive threshold uses (``postprocess.background_threshold``), and the combined map is their
-voxel-wise maximum: the shallow map's diffuse disease and the deep map's solid lesions, each above its own
-background. The combined map is then thresholded, CRF-refined and scored exactly as a setting of ``sacdiff
+own background (E − loc) / scale, with loc and scale the robust statistics of E over the background region the
+model's threshold uses (``postprocess.background_threshold``: the body outside the lung, or its 5 mm shell), and
+the combined map is their voxel-wise maximum (round 8: the shallow map's diffuse disease or the deep map's solid
+lesions, each above its own background) or, with ``--combine min``, their minimum (round 19: flagged only where
+both depths see error — a vessel the deep chain invented is quiet at the shallow depth). The combined map is then thresholded, CRF-refined and scored exactly as a setting of ``sacdiff
 validate`` (``score_setting``). It costs both settings' network evaluations. No lesion label of a real case is read.
 """
 
@@ -28,7 +29,9 @@ from SACDiffLib.postprocess import _body, background_threshold
 
 
 def in_background_units(result) -> np.ndarray:
-    t = background_threshold(result.error, result.lung, result.processed, 0.0, _body(result), result.box)
+    spacing_yx = tuple(result.reference.GetSpacing()[1::-1])
+    t = background_threshold(result.error, result.lung, result.processed, 0.0, _body(result), result.box,
+                             result.detect.background, spacing_yx)
     return (result.error - t.background_location) / max(t.background_scale, 1e-12)
 
 
@@ -39,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("shallow", help="a `sacdiff validate --settings` item, e.g. 100x10x3")
     p.add_argument("deep", help="a `sacdiff validate --settings` item, e.g. 250x10x3e2")
     p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
+    p.add_argument("--combine", choices=("max", "min"), default="max",
+                   help="voxel-wise maximum (round 8) or minimum (round 19) of the two maps in background units")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
     data, model_path = args.data, args.model
@@ -59,7 +64,8 @@ def main(argv=None) -> int:
             for a, b, vol in pairs:
                 r = (a, b)[pick] if pick < 2 else a
                 if pick == 2:
-                    r.error = np.maximum(in_background_units(a), in_background_units(b)).astype(np.float32)
+                    combine = np.maximum if args.combine == "max" else np.minimum
+                    r.error = combine(in_background_units(a), in_background_units(b)).astype(np.float32)
                     r.threshold = None  # score_setting then takes the background statistics of the new map
                 results.append((r, vol))
             rows[name] = score_setting(results)
@@ -70,7 +76,8 @@ def main(argv=None) -> int:
                               "per_kind": {k: round(v["oracle_dice"], 3) for k, v in row["per_kind"].items()}}),
                   flush=True)
     with output as tmp_json:
-        write_json(tmp_json, {"model": str(model_path), "shallow": shallow, "deep": deep, "rows": rows},
+        write_json(tmp_json, {"model": str(model_path), "shallow": shallow, "deep": deep, "combine": args.combine,
+                              "rows": rows},
                    allow_nan=True)
     return 0
 
