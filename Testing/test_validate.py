@@ -2,6 +2,7 @@
 training, and `sacdiff validate` reports figures that re-derive from its own rows."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -294,3 +295,39 @@ def test_eight_bit_slice_is_read_back_like_a_medseg_picture():
     assert out[6:10, 6:10].max() <= VARIANT_8BIT_WINDOW_HU[1] + 10
     assert abs(np.median(out[34:42, 40:48]) + 450) <= 10
     assert len(np.unique(out)) <= 256
+
+
+def _alpha_reference():
+    """Resources/results/alpha_reference.py (an experiment script, not a package module)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "Resources" / "results" / "alpha_reference.py"
+    spec = importlib.util.spec_from_file_location("alpha_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_round15_rule_scores_a_hand_made_case_and_the_committed_round16_rows():
+    ref = _alpha_reference()
+
+    def row(flagged_by_case, dice):  # flagged % per case per λ, synthetic Dice per λ
+        return {"per_case": {c: {"flagged_percent": f} for c, f in flagged_by_case.items()},
+                "synthetic_dice": dice, "vessel_flagged_percent": {"8.0": 3.0, "12.0": 1.0},
+                "healthy_error": 0.01, "per_kind": {"mass": {"oracle_dice": 0.2}}}
+
+    rows = {  # λ 8: case b of the crop group flags 1.2 % → λ* 12; score = the lower Dice at 12 (0.5, not 0.7)
+        "as scanned / shell5": row({"a": {"8.0": 0.5, "12.0": 0.2}, "b": {"8.0": 0.9, "12.0": 0.3}},
+                                   {"8.0": 0.8, "12.0": 0.7}),
+        "crop / shell5": row({"a": {"8.0": 0.4, "12.0": 0.1}, "b": {"8.0": 1.2, "12.0": 1.0}},
+                             {"8.0": 0.6, "12.0": 0.5}),
+        "as scanned / body": row({"a": {"8.0": 2.0, "12.0": 1.5}}, {"8.0": 0.9, "12.0": 0.8}),
+    }
+    scores = ref.rule_scores(rows)
+    assert scores["shell5"]["lambda_star"] == 12.0 and scores["shell5"]["score"] == 0.5
+    assert scores["body"]["lambda_star"] is None and "lung" not in scores
+    # the committed round-16 rows give the figures map-candidates.md reports (shell λ* 12, score 0.580)
+    committed = Path(__file__).resolve().parents[1] / "Resources" / "results" / "alpha-reference-round16.json"
+    shipped = ref.rule_scores(json.loads(committed.read_text())["rows"])
+    assert shipped["shell5"]["lambda_star"] == 12.0 and round(shipped["shell5"]["score"], 3) == 0.580
+    assert round(shipped["body"]["score"], 3) == 0.467 and round(shipped["lung"]["score"], 3) == 0.474

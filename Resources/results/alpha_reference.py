@@ -1,7 +1,8 @@
 """Experiment (map-candidates.md, round 14): from which region α is taken, on as-scanned and cropped images.
 
     python Resources/results/alpha_reference.py ../shared/data OUT.json SETTING [--model M.pt] [--variants crop,8bit]
-                                                [--seed 1]
+                                                [--seed 1] [--skip-scanned]
+    python Resources/results/alpha_reference.py --score OUT.json [MORE.json ...]
 
 SETTING is a ``sacdiff validate --settings`` item; the variants are ``sacdiff validate --variants`` items. The
 held-out volumes of ``sacdiff validate`` (same slabs, lesions and seed) and their variants are
@@ -16,6 +17,12 @@ median + λ·1.4826·MAD of E over each candidate reference region, on the proce
 - ``lung``:    the lung itself (round 9's experiment: ``--seed 0 --variants ''`` reproduces its two rows).
 
 No lesion label of a real case is read.
+
+``--score`` applies round 15's rule (map-candidates.md) to the rows of one or more such files: per region, λ* = the
+smallest λ of the grid keeping every held-out case of every group ≤ 1 % of its clean lung, and its score = the
+lowest group's synthetic Dice at λ*. The groups can be detected in separate processes (``--skip-scanned`` leaves the
+as-scanned group out; ``--variants ''`` keeps it alone) and scored together: the crop and 8-bit variants draw
+nothing from the seed's generator, so a split run's rows are those of a single run.
 """
 
 import argparse
@@ -65,7 +72,58 @@ def summary(row: dict) -> dict:
             "dice_at_recommended": row.get("synthetic_dice_at_recommended")}
 
 
+ONE_PERCENT = 1.0  # round 15: every held-out case of every group flags ≤ 1 % of its clean lung at λ*
+
+
+def rule_scores(rows: dict) -> dict:
+    """Round 15's rule over ``rows`` ("<group> / <region>" → ``score_setting`` row): region → {λ*, score, per group:
+    synthetic Dice, vessels flagged, per-case % and worst-kind oracle Dice at λ*}; λ* None when no λ of the grid
+    keeps every case ≤ 1 %."""
+    groups = sorted({key.split(" / ")[0] for key in rows}, key=lambda g: (g != "as scanned", g))
+    scores = {}
+    for region in REGIONS:
+        region_rows = {g: rows[f"{g} / {region}"] for g in groups if f"{g} / {region}" in rows}
+        if not region_rows:
+            continue
+        lambdas = sorted(next(iter(region_rows.values()))["synthetic_dice"], key=float)
+        star = next((lam for lam in lambdas
+                     if all(case["flagged_percent"][lam] <= ONE_PERCENT
+                            for row in region_rows.values() for case in row["per_case"].values())), None)
+        entry = {"lambda_star": None if star is None else float(star), "groups": list(region_rows)}
+        if star is not None:
+            entry["score"] = min(row["synthetic_dice"][star] for row in region_rows.values())
+            entry["per_group"] = {g: {"synthetic_dice": row["synthetic_dice"][star],
+                                      "vessel_flagged_percent": row["vessel_flagged_percent"][star],
+                                      "per_case_percent": {c: v["flagged_percent"][star]
+                                                           for c, v in row["per_case"].items()},
+                                      "healthy_error": row["healthy_error"],
+                                      "worst_kind": worst_kind_oracle_dice(row)}
+                                  for g, row in region_rows.items()}
+        scores[region] = entry
+    return scores
+
+
+def score_files(paths: list) -> int:
+    rows = {}
+    for path in paths:
+        rows.update(json.loads(Path(path).read_text())["rows"])
+    for region, entry in rule_scores(rows).items():
+        if entry["lambda_star"] is None:
+            print(f"{region}: no λ of the grid keeps every case of {', '.join(entry['groups'])} ≤ 1 %")
+            continue
+        print(f"{region}: λ* {entry['lambda_star']:g}, score {entry['score']:.3f} (lowest of {len(entry['groups'])} "
+              "groups' synthetic Dice)")
+        for group, g in entry["per_group"].items():
+            cases = ", ".join(f"{v:.2f}" for v in g["per_case_percent"].values())
+            print(f"    {group}: Dice {g['synthetic_dice']:.3f}, vessels {g['vessel_flagged_percent']:.1f} %, "
+                  f"per case {cases} %, healthy E {g['healthy_error']:.4f}, worst kind {g['worst_kind']:.3f}")
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--score"]:
+        return score_files(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data")
     p.add_argument("out", help="a new JSON file")
@@ -73,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
     p.add_argument("--variants", default="crop,8bit", help="`sacdiff validate --variants` items; '' for none")
     p.add_argument("--seed", type=int, default=1, help="as `sacdiff validate --seed` (lesions and noise fields)")
+    p.add_argument("--skip-scanned", action="store_true",
+                   help="leave the as-scanned group out (its variants' rows in a second process; see --score)")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -92,7 +152,7 @@ def main(argv=None) -> int:
         volumes = model_holdout_volumes(args.data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=args.seed)
         context = (cfg.model.context_slices, cfg.model.context_mm)
         rng = np.random.default_rng(args.seed + 1)  # as ``validate_settings``
-        for kind in [None] + variants:
+        for kind in ([] if args.skip_scanned else [None]) + variants:
             group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng, context) for v in volumes]
             results = [(detect_volume(v["ct"], model, diffusion, run_cfg, v["lung"], "cpu"), v) for v in group]
             for region in REGIONS:
