@@ -105,5 +105,6 @@ R11=Resources/models/training/small256-context-r11-state.pt
 sacdiff slim "$R11" --out "$WORK/r11.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
 python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-round16.json" 100x10x3 \
   --model "$WORK/r11.pt" --variants crop,8bit --seed 2 --overwrite
+python Resources/results/alpha_reference.py --score "$WORK/alpha-reference-round16.json"  # shell: λ* 12, score 0.580
 ship_default "$R11" r11
 cp "$WORK/alpha-reference-round16.json" Resources/results/alpha-reference-round16.json
