@@ -104,9 +104,20 @@ def rule_scores(rows: dict) -> dict:
 
 
 def score_files(paths: list) -> int:
-    rows = {}
+    """``--score``: the rule over the union of the files' rows; files of different models, settings or seeds (not
+    one run split in parts) and a group found in two files are refused."""
+    if not paths:
+        raise SystemExit("--score needs one or more JSON files this script wrote")
+    rows, runs = {}, set()
     for path in paths:
-        rows.update(json.loads(Path(path).read_text())["rows"])
+        document = json.loads(Path(path).read_text())
+        runs.add(json.dumps({k: document.get(k) for k in ("model", "setting", "seed")}, sort_keys=True))
+        twice = sorted(set(rows) & set(document["rows"]))
+        if twice:
+            raise SystemExit(f"{path}: rows {', '.join(twice)} are in an earlier file too; score each run once")
+        rows.update(document["rows"])
+    if len(runs) > 1:
+        raise SystemExit(f"{', '.join(map(str, paths))} come from different models, settings or seeds; score one run")
     for region, entry in rule_scores(rows).items():
         if entry["lambda_star"] is None:
             print(f"{region}: no λ of the grid keeps every case of {', '.join(entry['groups'])} ≤ 1 %")
@@ -136,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
+    if args.skip_scanned and not variants:
+        p.error("--skip-scanned with no --variants leaves nothing to detect")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         p.error(f"--variants {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
