@@ -8,8 +8,9 @@ own background (E − loc) / scale, with loc and scale the robust statistics of 
 model's threshold uses (``postprocess.background_threshold``: the body outside the lung, or its 5 mm shell), and
 the combined map is their voxel-wise maximum (round 8: the shallow map's diffuse disease or the deep map's solid
 lesions, each above its own background) or, with ``--combine min``, their minimum (round 19: flagged only where
-both depths see error — a vessel the deep chain invented is quiet at the shallow depth). The combined map is then thresholded, CRF-refined and scored exactly as a setting of ``sacdiff
-validate`` (``score_setting``). It costs both settings' network evaluations. No lesion label of a real case is read.
+both depths see error — a vessel the deep chain invented is quiet at the shallow depth). The combined map is then
+thresholded, CRF-refined and scored exactly as a setting of ``sacdiff validate`` (``score_setting``). It costs both
+settings' network evaluations. No lesion label of a real case is read.
 """
 
 import argparse
