@@ -32,6 +32,16 @@ from .progress import Progress, keep_going
 
 
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
+def _slice_lists(used) -> list:
+    """``load_training_slices``' (case, slice indices) list, as plain names and ints (a checkpoint's copy compares
+    equal to a fresh one)."""
+    return [(str(name), [int(i) for i in z]) for name, z in (used or [])]
+
+
+def _describe(used: list) -> str:
+    return ", ".join(f"{name} ({len(z)} slices)" for name, z in used) or "no slices"
+
+
 def load_training_slices(data_dir, cfg: SACDiffConfig, include_uninfected_slices: bool = False,
                          normal_cases: Optional[list] = None, split: str = "train", eight_bit: bool = False):
     """(images (N, C, S, S) in [−1, 1], lung masks (N, 1, S, S), list of (case, slice indices)); C = 1, or the slice
@@ -199,7 +209,17 @@ def train(
     tc = cfg.train
     ddp = Distributed(device)
     device = ddp.device
+    recorded = _slice_lists((payload.get("extra") or {}).get("training_data")) if resume else None
+    if recorded and normal_cases is None and not include_uninfected_slices:
+        normal_cases = sorted({name for name, _ in recorded})  # a resumed training keeps the cases it trained on
     images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases)
+    if recorded and _slice_lists(used) != recorded:
+        raise SACDiffError(
+            f"--resume {resume}: it trained on {_describe(recorded)}, but {data_dir} with these options gives "
+            f"{_describe(_slice_lists(used))}; resume with the same data and --normal-cases / "
+            "--include-uninfected-slices as the first run")
+    if resume and init is None:
+        init = (payload.get("extra") or {}).get("init")  # where the first run warm-started from stays recorded
     images, masks = images.to(device), masks.to(device)
     eight_bit_images = None
     if tc.eight_bit_fraction > 0:  # the same slices as 8-bit pictures, row for row

@@ -76,6 +76,24 @@ def test_same_seed_same_losses_and_resume_continues_identically(data_dir, tmp_pa
     assert resumed["losses"] == pytest.approx(losses_full, abs=1e-5)
 
 
+def test_resume_keeps_the_cases_it_trained_on_and_refuses_other_data(data_dir, tmp_path):
+    # A training on normal_b alone (named, as --normal-cases does), stopped after 2 of 4 steps and resumed without
+    # naming its cases again: it goes on with normal_b (the recorded slices), as the uninterrupted run did.
+    only_b = ["normal_b"]
+    train(_cfg(4), data_dir, tmp_path / "full.pt", normal_cases=only_b)
+    train(_cfg(4), data_dir, tmp_path / "half.pt", normal_cases=only_b,
+          progress=lambda fraction, message: fraction < 2 / 4)
+    train(_cfg(4), data_dir, tmp_path / "resumed.pt", resume=tmp_path / "half.pt")
+    full, resumed = (read_checkpoint(tmp_path / f"{n}.pt") for n in ("full", "resumed"))
+    assert [case for case, _ in resumed["extra"]["training_data"]] == only_b
+    assert resumed["train_state"]["losses"] == pytest.approx(full["train_state"]["losses"], abs=1e-5)
+    # other data than the checkpoint's: one line naming both, nothing written
+    with pytest.raises(SACDiffError, match=r"trained on normal_b \(\d+ slices\), but .* gives normal_a"):
+        train(_cfg(4), data_dir, tmp_path / "other.pt", resume=tmp_path / "half.pt",
+              normal_cases=["normal_a", "normal_b"])
+    assert not (tmp_path / "other.pt").exists()
+
+
 def test_loss_decreases_on_a_small_problem(data_dir, tmp_path):
     cfg = derive(_cfg(60), train={"lr": 2e-3, "augment": False})
     train(cfg, data_dir, tmp_path / "m.pt")
