@@ -32,6 +32,8 @@ from .progress import Progress, keep_going
 
 
 COMPILE_NOISE_FROM_STEPS = 200  # shorter trainings (tests, demos) do not repay the compilation
+
+
 def _slice_lists(used) -> list:
     """``load_training_slices``' (case, slice indices) list, as plain names and ints (a checkpoint's copy compares
     equal to a fresh one)."""
@@ -209,17 +211,19 @@ def train(
     tc = cfg.train
     ddp = Distributed(device)
     device = ddp.device
-    recorded = _slice_lists((payload.get("extra") or {}).get("training_data")) if resume else None
+    first_run = (payload.get("extra") or {}) if resume else {}
+    recorded = _slice_lists(first_run.get("training_data"))
     if recorded and normal_cases is None and not include_uninfected_slices:
         normal_cases = sorted({name for name, _ in recorded})  # a resumed training keeps the cases it trained on
     images, masks, used = load_training_slices(data_dir, cfg, include_uninfected_slices, normal_cases)
-    if recorded and _slice_lists(used) != recorded:
+    given = _slice_lists(used)
+    if recorded and given != recorded:
         raise SACDiffError(
             f"--resume {resume}: it trained on {_describe(recorded)}, but {data_dir} with these options gives "
-            f"{_describe(_slice_lists(used))}; resume with the same data and --normal-cases / "
-            "--include-uninfected-slices as the first run")
-    if resume and init is None:
-        init = (payload.get("extra") or {}).get("init")  # where the first run warm-started from stays recorded
+            f"{_describe(given)}; resume with the same data and --normal-cases / --include-uninfected-slices as "
+            "the first run")
+    if init is None:
+        init = first_run.get("init")  # a resumed training keeps the record of where its first run warm-started
     images, masks = images.to(device), masks.to(device)
     eight_bit_images = None
     if tc.eight_bit_fraction > 0:  # the same slices as 8-bit pictures, row for row

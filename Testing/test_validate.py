@@ -297,11 +297,14 @@ def test_eight_bit_slice_is_read_back_like_a_medseg_picture():
     assert len(np.unique(out)) <= 256
 
 
+RESULTS = Path(__file__).resolve().parents[1] / "Resources" / "results"
+
+
 def _alpha_reference():
     """Resources/results/alpha_reference.py (an experiment script, not a package module)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "Resources" / "results" / "alpha_reference.py"
+    path = RESULTS / "alpha_reference.py"
     spec = importlib.util.spec_from_file_location("alpha_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -327,7 +330,6 @@ def test_round15_rule_scores_a_hand_made_case_and_the_committed_round16_rows():
     assert scores["shell5"]["lambda_star"] == 12.0 and scores["shell5"]["score"] == 0.5
     assert scores["body"]["lambda_star"] is None and "lung" not in scores
     # the committed round-16 rows give the figures map-candidates.md reports (shell λ* 12, score 0.580)
-    committed = Path(__file__).resolve().parents[1] / "Resources" / "results" / "alpha-reference-round16.json"
-    shipped = ref.rule_scores(json.loads(committed.read_text())["rows"])
+    shipped = ref.rule_scores(json.loads((RESULTS / "alpha-reference-round16.json").read_text())["rows"])
     assert shipped["shell5"]["lambda_star"] == 12.0 and round(shipped["shell5"]["score"], 3) == 0.580
     assert round(shipped["body"]["score"], 3) == 0.467 and round(shipped["lung"]["score"], 3) == 0.474
