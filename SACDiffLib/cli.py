@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from .allocator import keep_freed_memory
-from .config import BackgroundRegion, NoiseKind, choices, derive
+from .config import BackgroundRegion, NoiseKind, Precision, choices, derive
 from .errors import Cancelled, SACDiffError
 from .progress import for_terminal, show_notes
 from .protocol import error_line
@@ -228,6 +228,11 @@ def _slim_args(p):
     p.add_argument("--background", choices=choices(BackgroundRegion),
                    help="set the model's default region of α's background statistics")
     _bool_flag(p, "vessel-suppression", None, "set whether the model's detections suppress vessels in E by default")
+    p.add_argument("--precision", choices=choices(Precision), help="set the model's default network arithmetic")
+
+
+# The detection defaults `sacdiff slim` can set (DetectConfig fields; each is one of _slim_args's options)
+SLIM_SETTINGS = ("steps", "sampling_steps", "ensemble", "lam", "background", "vessel_suppression", "precision")
 
 
 def _ablation_args(p):
@@ -589,20 +594,16 @@ def cmd_slim(args) -> int:
     from .lungnet import is_lungnet_file, slim_lungnet
 
     if is_lungnet_file(args.checkpoint):  # a lung network from `sacdiff train-lungmask`
-        detect = [n for n in ("steps", "sampling_steps", "ensemble", "lam", "background", "vessel_suppression")
-                  if getattr(args, n) is not None]
+        detect = [n for n in SLIM_SETTINGS if getattr(args, n) is not None]
         if detect:
             raise SACDiffError("a lung network has no detection settings; drop --steps/--sampling-steps/--ensemble/"
-                               "--lambda/--background/--vessel-suppression")
+                               "--lambda/--background/--vessel-suppression/--precision")
         Output(args.out, "lung-model", args.overwrite, inputs=[args.checkpoint])
         out = slim_lungnet(args.checkpoint, args.out, half=not args.float32)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
         return 0
     Output(args.out, "checkpoint", args.overwrite, inputs=[args.checkpoint])  # checks before any work
-    detect = {k: v for k, v in (("steps", args.steps), ("sampling_steps", args.sampling_steps),
-                                ("ensemble", args.ensemble), ("lam", args.lam), ("background", args.background),
-                                ("vessel_suppression", args.vessel_suppression))
-              if v is not None}
+    detect = {n: getattr(args, n) for n in SLIM_SETTINGS if getattr(args, n) is not None}
     out = slim_checkpoint(args.checkpoint, args.out, half=not args.float32, detect=detect)
     load_checkpoint(out)  # the slim file passes the same checks as any checkpoint
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

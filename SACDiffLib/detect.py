@@ -89,18 +89,32 @@ class ReconstructionStats:
     chunk_slices: int  # slices per network forward (× K members), after any halving
     oom_retries: int  # CUDA out-of-memory errors that halved the chunk
     compiled: bool  # whether the torch.compile'd network ran (False: eager, or fell back)
+    precision: str  # the network's arithmetic as it ran: "bf16" or "fp32" (``network_dtype``)
     noise_s: float  # seconds spent drawing simplex fields (a lower bound on CUDA: asynchronous)
 
 
-class _Forward:
-    """The network's forward as detection runs it (``prepare_model``): channels_last, bf16 autocast on CUDA, the
-    compiled module while it works — a compile error surfaces at the first call, and then the eager model runs for
-    good (an out-of-memory error is not a compile error: it is raised for ``_ChunkedEps`` to halve the chunk)."""
+def network_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The network's autocast dtype at detection for ``DetectConfig.precision``: "auto" is bf16 on CUDA (tensor
+    cores) and float32 on a CPU; "bf16" / "fp32" force one (bf16 on a CPU: oneDNN's AMX convolutions, ≈ 2.2× the
+    float32 speed on an AMX Xeon, one thread, the shipped network — map-candidates.md round 20; emulated and slower
+    on a CPU without bf16 units)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    if precision in ("fp32", "auto"):
+        return torch.float32
+    raise SACDiffError(f"precision {precision!r} unknown; choose one of: auto, fp32, bf16")
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool):
+
+class _Forward:
+    """The network's forward as detection runs it (``prepare_model``): channels_last, autocast to ``dtype`` when it
+    is not float32 (``network_dtype``), the compiled module while it works — a compile error surfaces at the first
+    call, and then the eager model runs for good (an out-of-memory error is not a compile error: it is raised for
+    ``_ChunkedEps`` to halve the chunk). ε̂ comes back float32 either way."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, compile_model: bool, dtype: torch.dtype):
         self.model = model
         self.net, self.compiled = prepare_model(model, device, compile_model)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        self.autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     def __call__(self, x_t, c, t):
         x_t = x_t.contiguous(memory_format=torch.channels_last)
@@ -199,7 +213,8 @@ def reconstruct_ensemble(
         chunk = max(1, min(det.batch_size, s))
     else:
         chunk = auto_chunk(s, k, hc, wc, getattr(getattr(model, "cfg", None), "channels", (32,))[0], device)
-    forward = _Forward(model, device, compile_model)
+    dtype = network_dtype(det.precision, device)
+    forward = _Forward(model, device, compile_model, dtype)
     eps_model = _ChunkedEps(forward, k, chunk, device)
     fields = k * len(diffusion.sampling_timesteps(det.steps, det.sampling_steps))
     if compile_model or fields * h * w >= COMPILE_NOISE_FROM_PIXELS:
@@ -226,7 +241,8 @@ def reconstruct_ensemble(
     out = x[:, :1].unsqueeze(0).repeat(k, 1, 1, 1, 1).float()
     out[:, :, :, rows, cols] = recon[:, :, :1]
     return out, ReconstructionStats(chunk_slices=eps_model.chunk, oom_retries=eps_model.retries,
-                                    compiled=forward.compiled, noise_s=round(noise.seconds, 3))
+                                    compiled=forward.compiled, precision="bf16" if dtype == torch.bfloat16 else "fp32",
+                                    noise_s=round(noise.seconds, 3))
 
 
 HARMONISE_SCALES = 4.0  # weight 0 up to this many robust scales (1.4826·MAD) above the lung's median, 1 from twice

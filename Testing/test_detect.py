@@ -10,7 +10,9 @@ import torch
 
 from SACDiffLib.checkpoint import load_checkpoint
 from SACDiffLib.config import DetectConfig, derive
-from SACDiffLib.detect import detect_volume, error_maps, harmonised_x0, reconstruct_ensemble, tolerant_residual
+from SACDiffLib.errors import SACDiffError
+from SACDiffLib.detect import (detect_volume, error_maps, harmonised_x0, network_dtype, reconstruct_ensemble,
+                               tolerant_residual)
 from SACDiffLib.postprocess import rethreshold
 from SACDiffLib.outputs import FILES, load_run, write_run
 
@@ -381,3 +383,33 @@ def test_compiled_network_gives_the_eager_result(tiny_checkpoint):
     compiled, stats = _members(model, diffusion, x, c, 3, 2, seed=0, compile_model=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     assert stats.compiled in (True, False)  # True where a compiler exists; a fallback to eager is allowed, never a failure
+
+
+def test_precision_chooses_the_network_dtype_per_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert network_dtype("auto", cpu) == torch.float32 and network_dtype("auto", cuda) == torch.bfloat16
+    assert network_dtype("bf16", cpu) == torch.bfloat16 and network_dtype("fp32", cuda) == torch.float32
+    with pytest.raises(SACDiffError, match="precision 'fp16' unknown"):
+        network_dtype("fp16", cpu)
+
+
+def test_bf16_runs_the_network_in_bf16_and_stays_near_the_float32_result(tiny_checkpoint):
+    """The autocast reaches the convolutions (a hook sees their dtype) and moves the members by about bf16's
+    resolution (8 bits of mantissa: 2⁻⁸ ≈ 0.004 relative), not more; the chain around the network stays float32."""
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    seen = []
+    hook = model.conv_in.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    c = torch.ones_like(x)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        det = DetectConfig(steps=6, ensemble=2, sampling_steps=3, precision=precision)
+        seen.clear()
+        runs[precision] = reconstruct_ensemble(model, diffusion, x, c, det)
+        assert set(seen) == {torch.float32 if precision == "fp32" else torch.bfloat16}
+    hook.remove()
+    (full, full_stats), (half, half_stats) = runs["fp32"], runs["bf16"]
+    assert (full_stats.precision, half_stats.precision) == ("fp32", "bf16")
+    assert half.dtype == torch.float32
+    difference = (half - full).abs().max().item()
+    assert 0 < difference < 0.05

@@ -74,6 +74,8 @@ def test_benchmark_quick_reports_ratios(tmp_path, capsys):
     # assert (under a loaded 2-core CI machine the 64² noise ratio fell to 0.87).
     assert math.isfinite(results["noise_cpu"]["speedup"]) and results["noise_cpu"]["speedup"] > 0
     assert results["step_tiny"]["evaluations_per_s"] > 0
+    p = results["precision"]  # float32 against bf16 through detection's own forward
+    assert p["speedup"] > 0 and 0 < p["max_abs_eps_difference"] < 0.1 and isinstance(p["amx"], bool)
     a = results["allocator"]  # glibc's default against kept memory, each in its own child process
     assert a["identical_outputs"] and a["glibc_default"]["evaluations"] == a["keep_freed_memory"]["evaluations"] > 0
     if a["keep_freed_memory"]["keep_freed_memory"]:  # glibc: the setting took, and its effect shows in the faults

@@ -156,13 +156,15 @@ def test_slim_sets_the_chosen_detection_defaults_and_checks_them(tiny_checkpoint
 
     out = tmp_path / "chosen.pt"
     assert main(["slim", str(tiny_checkpoint), "--out", str(out), "--steps", "7", "--sampling-steps", "3",
-                 "--ensemble", "2", "--lambda", "1.5", "--background", "lung-shell", "--vessel-suppression"]) == 0
+                 "--ensemble", "2", "--lambda", "1.5", "--background", "lung-shell", "--vessel-suppression",
+                 "--precision", "bf16"]) == 0
     cfg, *_ = load_checkpoint(out)
     assert (cfg.detect.steps, cfg.detect.sampling_steps, cfg.detect.ensemble, cfg.detect.lam,
-            cfg.detect.background, cfg.detect.vessel_suppression) == (7, 3, 2, 1.5, "lung-shell", True)
+            cfg.detect.background, cfg.detect.vessel_suppression, cfg.detect.precision) == \
+        (7, 3, 2, 1.5, "lung-shell", True, "bf16")
     cfg, *_ = load_checkpoint(tiny_checkpoint)
     assert cfg.detect.background == "body"  # a new training's default: Section 2.4's region
-    assert not cfg.detect.vessel_suppression
+    assert not cfg.detect.vessel_suppression and cfg.detect.precision == "auto"
     assert main(["slim", str(tiny_checkpoint), "--out", str(tmp_path / "bad.pt"), "--sampling-steps", "50"]) == 2
     assert "out of range" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
 

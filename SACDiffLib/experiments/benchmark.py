@@ -1,6 +1,8 @@
 """``sacdiff benchmark``: speed figures measured in one run, each next to its baseline.
 
 - noise: torch simplex (batched, on the device) against ``opensimplex`` on the same fields;
+- the network's forward as detection runs it in float32 and in bf16 (``--precision``), with whether the CPU has AMX
+  tiles (bf16 in hardware) and how far ε̂ moves;
 - one detection step (K members × slices through the UNet + noise + reverse update) per preset, the UNet's FLOPs
   per evaluation (torch's FLOP counter) and, on CUDA, achieved TFLOP/s against the bf16 matmul peak measured here;
 - whole-volume reconstruction: the batched, lung-cropped path against a naive loop (one slice and one member at a
@@ -25,7 +27,7 @@ import torch
 from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
-from ..detect import network_evaluations, reconstruct_ensemble
+from ..detect import _Forward, network_dtype, network_evaluations, reconstruct_ensemble
 from ..distributed import resolve_device
 from ..io import crop_box
 from ..postprocess import rethreshold
@@ -182,6 +184,35 @@ def bench_detection_step(preset_name: str = "demo", slices: int = 8, device: str
     return {"preset": preset_name, "image_size": s, "ensemble": k, "slices": slices, "s_per_step": seconds,
             "evaluations_per_s": k * slices / seconds, "device": str(dev),
             "volume_estimate_s": seconds * cfg.detect.steps}
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU runs bf16 matrix tiles in hardware (Intel AMX; torch's own probe, private API)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def bench_precision(preset_name: str = "small256-context", slices: int = 8, size: int = 208, device: str = "cpu",
+                    repeats: int = 3) -> dict:
+    """One forward of ``slices`` images of size × 256 (the shipped network's box on a chest) through ``_Forward``
+    — detection's own wrapper — in float32 and in bf16 autocast: seconds each, the ratio, max |Δε̂|."""
+    cfg, model, _, dev = _built(preset_name, device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained network's last layer is not the zeros it starts from (ε̂ would be 0 in both)
+        model.conv_out.weight.copy_(torch.randn(model.conv_out.weight.shape, generator=gen) * 0.02)
+    channels = cfg.model.image_channels
+    x = torch.randn(slices, channels, size, 256, generator=gen).to(dev)
+    c = (torch.rand(slices, 1, size, 256, generator=gen) > 0.5).float().to(dev)
+    t = torch.full((slices,), cfg.detect.steps, device=dev)
+    out, seconds = {}, {}
+    for name in ("fp32", "bf16"):
+        forward = _Forward(model, dev, False, network_dtype(name, dev))
+        with torch.inference_mode():
+            out[name] = forward(x, c, t)
+            seconds[name] = _median_time(lambda: forward(x, c, t), repeats)
+    return {"preset": preset_name, "slices": slices, "shape": [size, 256], "device": str(dev), "amx": cpu_has_amx(),
+            "fp32_s": seconds["fp32"], "bf16_s": seconds["bf16"], "speedup": seconds["fp32"] / seconds["bf16"],
+            "max_abs_eps_difference": (out["bf16"] - out["fp32"]).abs().max().item()}
 
 
 def unet_flops(cfg, device="cpu") -> int:
@@ -455,6 +486,12 @@ def run_benchmark(device: str = "auto", quick: bool = False) -> dict:
         log.info(f"detection step, preset {name} ({d['image_size']}², K={d['ensemble']} × {d['slices']} slices) on "
                  f"{d['device']}: {d['s_per_step'] * 1e3:.1f} ms = {d['evaluations_per_s']:.0f} UNet evaluations/s, "
                  f"{flops / 1e9:.2f} GFLOP per evaluation → {flops * d['evaluations_per_s'] / 1e12:.3f} TFLOP/s")
+    p = bench_precision("tiny" if quick else "small256-context", 2 if quick else 8, 32 if quick else 208, dev,
+                        2 if quick else 3)
+    results["precision"] = p
+    log.info(f"network forward, preset {p['preset']}, {p['slices']} × {p['shape'][0]} × {p['shape'][1]} on "
+             f"{p['device']} (AMX: {'yes' if p['amx'] else 'no'}): float32 {p['fp32_s'] * 1e3:.0f} ms, bf16 "
+             f"{p['bf16_s'] * 1e3:.0f} ms → {p['speedup']:.2f}×; max |Δε̂| {p['max_abs_eps_difference']:.3f}")
     if dev.startswith("cuda"):
         peak = matmul_peak_tflops(dev)
         results["bf16_matmul_peak_tflops"] = peak
