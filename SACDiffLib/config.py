@@ -31,6 +31,7 @@ Sigma = Literal["posterior", "beta"]
 ThresholdMode = Literal["adaptive", "fixed"]
 ErrorMode = Literal["mean-of-errors", "error-of-mean", "min-of-errors"]
 BackgroundRegion = Literal["body", "lung-shell"]  # where α's background statistics come from (postprocess)
+ResidualSign = Literal["both", "hyperdense"]  # which sign of x − x̂ counts in E (detect.error_maps)
 Precision = Literal["auto", "fp32", "bf16"]  # the network's arithmetic at detection (detect.network_dtype)
 
 
@@ -173,6 +174,10 @@ class DetectConfig:
     # Inside the lung, E · (1 − w) with w from the query's 3D Frangi vesselness (``vessels.suppress_vessels``):
     # healthy vessels the reconstruction redrew a little off carry no E, blobs (nodules, masses) keep theirs.
     vessel_suppression: bool = False
+    # Which residuals count in E: "both" (the paper's squared error) or "hyperdense", only x brighter than its
+    # reconstruction (tissue the reconstruction removed: a mass; a vessel a deep chain invents is darker in x and
+    # drops out). Hypodense disease (emphysema, cysts) is then not in this map: an experiment for combining depths.
+    residual_sign: ResidualSign = "both"
     # The network's arithmetic (``detect.network_dtype``): "auto" = bf16 autocast on CUDA, float32 on a CPU; "bf16"
     # and "fp32" force one. The rest of the chain (noise, updates, E) stays float32 either way.
     precision: Precision = "auto"
@@ -231,6 +236,9 @@ DETECT_OPTIONS = (
     DetectOption("vessel_suppression", "--vessel-suppression",
                  "inside the lung, lower E where the CT's 3D vesselness (Frangi) is high: healthy vessels the "
                  "reconstruction redrew a little off are not flagged, round lesions are (default: the model's, off)"),
+    DetectOption("residual_sign", "--residual-sign",
+                 "which residuals make E: both (default) or hyperdense (only the query brighter than its "
+                 "reconstruction: hypodense disease drops out of this map; experimental)"),
     DetectOption("precision", "--precision",
                  "the network's arithmetic: auto (bf16 on CUDA, float32 on a CPU), fp32, or bf16 (≈ 2× faster on a "
                  "CPU with AMX, emulated and slower on others; default: the model's)"),
@@ -365,6 +373,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "error_radius"): 0,
     (DetectConfig, "background"): "body",  # Section 2.4's region
     (DetectConfig, "vessel_suppression"): False,  # the paper's E
+    (DetectConfig, "residual_sign"): "both",  # the paper's E
     (DetectConfig, "precision"): "auto",  # what every older detection ran: bf16 on CUDA, float32 on a CPU
 }
 
@@ -503,6 +512,7 @@ def _validate_detect(det: DetectConfig) -> None:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
     _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode),
                     ("detect.background", det.background, BackgroundRegion),
+                    ("detect.residual_sign", det.residual_sign, ResidualSign),
                     ("detect.precision", det.precision, Precision)))
 
 

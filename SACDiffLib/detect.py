@@ -314,7 +314,7 @@ def _box_on_ct_grid(box: tuple[slice, slice], size: int, shape: tuple[int, int])
 
 
 def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-errors", shift_tolerance: int = 0,
-               error_radius: int = 0):
+               error_radius: int = 0, residual_sign: str = "both"):
     """(E, uncertainty, pseudo-healthy) from the query x (S,1,H,W) and members (K,S,1,H,W).
 
     mean-of-errors: E = (1/K) Σ_k (x − x̂₀ᵏ)²  (the issue's reading; = (x − x̄₀)² + σ², so it also counts the
@@ -322,16 +322,24 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
     min-of-errors: E = min_k (x − x̂₀ᵏ)², what no member explains: a vessel that one member invents or moves and
     another reconstructs in place scores low, a lesion that every member removes keeps its contrast.
     ``shift_tolerance`` r > 0 replaces x − x̂ by ``tolerant_residual`` (no error for a shift of ≤ r pixels);
-    ``error_radius`` r > 0 replaces it by its mean over (2r + 1)² pixels (``local_mean``) before squaring.
+    ``error_radius`` r > 0 replaces it by its mean over (2r + 1)² pixels (``local_mean``) before squaring;
+    ``residual_sign`` "hyperdense" keeps its positive part only (x brighter than x̂), "both" keeps it whole.
     Uncertainty σ = population std over members (Section 2.5); pseudo-healthy x̄₀ = member mean.
     """
     mean = members.mean(0)
     std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
+    if residual_sign not in ("both", "hyperdense"):
+        raise SACDiffError(f"residual sign {residual_sign!r} unknown; choose one of: both, hyperdense")
+
+    def squared(residual):
+        residual = local_mean(residual, error_radius)
+        return (residual.clamp_min(0) if residual_sign == "hyperdense" else residual).pow(2)
+
     if kind in ("mean-of-errors", "min-of-errors"):
-        per_member = local_mean(tolerant_residual(x.unsqueeze(0), members, shift_tolerance), error_radius).pow(2)
+        per_member = squared(tolerant_residual(x.unsqueeze(0), members, shift_tolerance))
         err = per_member.mean(0) if kind == "mean-of-errors" else per_member.amin(0)
     else:
-        err = local_mean(tolerant_residual(x, mean, shift_tolerance), error_radius).pow(2)
+        err = squared(tolerant_residual(x, mean, shift_tolerance))
     return err, std, mean
 
 
@@ -452,7 +460,8 @@ def detect_volume(
     members, stats = reconstruct_ensemble(
         model, diffusion, volume.x, volume.c if cfg.model.conditional else None, det, lung=volume.c,
         box=volume.box if det.crop_to_lung else None, progress=progress, compile_model=compile_model)
-    err, std, mean = error_maps(volume.x[:, :1], members, det.error, det.shift_tolerance, det.error_radius)
+    err, std, mean = error_maps(volume.x[:, :1], members, det.error, det.shift_tolerance, det.error_radius,
+                                det.residual_sign)
     if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
         raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
                            "nothing was written — check the model with `sacdiff validate` or retrain it")

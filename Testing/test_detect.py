@@ -203,6 +203,22 @@ def test_error_radius_by_hand():
     assert torch.allclose(e, e_dark)
 
 
+def test_hyperdense_residual_sign_by_hand():
+    """Only x brighter than x̂ counts (after the error radius's mean): a mass the reconstruction removed keeps its
+    score, a vessel it invented (x darker) scores 0; per member, before the members' mean."""
+    x = torch.tensor([0.5, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
+    members = torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, -0.3, 0.0]]).view(2, 1, 1, 1, 4)
+    both, _, _ = error_maps(x, members, "mean-of-errors")
+    hyper, _, _ = error_maps(x, members, "mean-of-errors", residual_sign="hyperdense")
+    np.testing.assert_allclose(both.flatten().numpy(), [0.25, 0.125, 0.045, 0], atol=1e-7)
+    np.testing.assert_allclose(hyper.flatten().numpy(), [0.25, 0, 0.045, 0], atol=1e-7)
+    # mean of [0.5, −0.5, 0] on pixel 1 (window clipped at the edge) is 0 for the first member's residual
+    hyper_r, _, _ = error_maps(x, members[:1], "mean-of-errors", error_radius=1, residual_sign="hyperdense")
+    np.testing.assert_allclose(hyper_r.flatten().numpy(), [0, 0, 0, 0], atol=1e-7)
+    with pytest.raises(SACDiffError, match="residual sign 'up' unknown"):
+        error_maps(x, members, residual_sign="up")
+
+
 def test_harmonised_blend_against_a_numpy_reference():
     """w = clamp(z / 4 − 1, 0, 1), z = (r̃ − median) / (1.4826 · MAD), r̃ = |3×3 mean of (x̂₀ − x)|, grown by a 5×5 max filter, computed
     here with scipy over the lung; 1 outside the lung (x̂₀ kept); x̂₀ʰ = w x̂₀ + (1 − w) x."""

@@ -234,6 +234,8 @@ def test_parse_settings_reads_harmonised_and_shift_tolerant_items():
         {"steps": 250, "sampling_steps": 10, "ensemble": 3, "harmonise_steps": 4}]
     assert parse_settings("250x10x3e2m") == [{"steps": 250, "sampling_steps": 10, "ensemble": 3, "error_radius": 2,
                                              "error": "min-of-errors"}]
+    assert parse_settings("250x10x3e2p") == [{"steps": 250, "sampling_steps": 10, "ensemble": 3, "error_radius": 2,
+                                             "residual_sign": "hyperdense"}]
     with pytest.raises(SACDiffError, match="T_s×steps×K"):
         parse_settings("250x10")
 

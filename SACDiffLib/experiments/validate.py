@@ -484,18 +484,19 @@ def best_setting(rows: list[dict], tie: float = 0.01) -> Optional[dict]:
 def parse_settings(text: Optional[str]) -> list[dict]:
     """``--settings 100x10x3,250x10x3h9s1`` → DetectConfig overrides (T_s × reverse steps × K, then optionally
     h<harmonise_steps>, r<harmonise_radius>, s<shift_tolerance>, e<error_radius>, m for ``--error
-    min-of-errors`` and v for ``--vessel-suppression``); None → the model's own setting."""
+    min-of-errors``, p for ``--residual-sign hyperdense`` and v for ``--vessel-suppression``); None → the model's
+    own setting."""
     import re
 
     if not text:
         return [{}]
     settings = []
     for item in text.split(","):
-        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:h(\d+))?(?:r(\d+))?(?:s(\d+))?(?:e(\d+))?(m)?(v)?", item.strip().lower())
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)(?:h(\d+))?(?:r(\d+))?(?:s(\d+))?(?:e(\d+))?(m)?(p)?(v)?", item.strip().lower())
         if match is None:
-            raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K[h<N>][r<R>][s<R>][e<R>][m][v] (e.g. "
-                               "150x10x3, 250x10x3h9r3s1, 250x10x3e2m or 100x10x3v)")
-        steps, n, k, harmonise, radius, tolerance, error_radius, minimum, vessels = match.groups()
+            raise SACDiffError(f"--settings item {item!r} is not T_s×steps×K[h<N>][r<R>][s<R>][e<R>][m][p][v] (e.g. "
+                               "150x10x3, 250x10x3h9r3s1, 250x10x3e2m, 250x10x3e2p or 100x10x3v)")
+        steps, n, k, harmonise, radius, tolerance, error_radius, minimum, hyperdense, vessels = match.groups()
         setting = {"steps": int(steps), "sampling_steps": int(n), "ensemble": int(k)}
         if harmonise is not None:
             setting["harmonise_steps"] = int(harmonise)
@@ -507,6 +508,8 @@ def parse_settings(text: Optional[str]) -> list[dict]:
             setting["error_radius"] = int(error_radius)
         if minimum:
             setting["error"] = "min-of-errors"
+        if hyperdense:
+            setting["residual_sign"] = "hyperdense"
         if vessels:
             setting["vessel_suppression"] = True
         settings.append(setting)
