@@ -178,8 +178,8 @@ class DetectConfig:
     # reconstruction (tissue the reconstruction removed: a mass; a vessel a deep chain invents is darker in x and
     # drops out). Hypodense disease (emphysema, cysts) is then not in this map: an experiment for combining depths.
     residual_sign: ResidualSign = "both"
-    # The network's arithmetic (``detect.network_dtype``): "auto" = bf16 autocast on CUDA, float32 on a CPU; "bf16"
-    # and "fp32" force one. The rest of the chain (noise, updates, E) stays float32 either way.
+    # The network's arithmetic (``detect.network_dtype``): "auto" = bf16 autocast on CUDA and on a CPU with AMX,
+    # float32 on other CPUs; "bf16" and "fp32" force one. The rest of the chain (noise, updates, E) stays float32 either way.
     precision: Precision = "auto"
 
 
@@ -240,8 +240,9 @@ DETECT_OPTIONS = (
                  "which residuals make E: both (default) or hyperdense (only the query brighter than its "
                  "reconstruction: hypodense disease drops out of this map; experimental)"),
     DetectOption("precision", "--precision",
-                 "the network's arithmetic: auto (bf16 on CUDA, float32 on a CPU), fp32, or bf16 (≈ 2× faster on a "
-                 "CPU with AMX, emulated and slower on others; default: the model's)"),
+                 "the network's arithmetic: auto (bf16 on CUDA and on a CPU with AMX, where it is ≈ 2× faster; "
+                 "float32 on other CPUs), fp32, or bf16 (emulated and slower on a CPU without AMX; default: the "
+                 "model's)"),
     DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
     DetectOption("exclude_airways", "--exclude-airways",
                  "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
@@ -374,7 +375,7 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "background"): "body",  # Section 2.4's region
     (DetectConfig, "vessel_suppression"): False,  # the paper's E
     (DetectConfig, "residual_sign"): "both",  # the paper's E
-    (DetectConfig, "precision"): "auto",  # what every older detection ran: bf16 on CUDA, float32 on a CPU
+    (DetectConfig, "precision"): "auto",  # bf16 where the hardware has it (what CUDA detections always ran)
 }
 
 _SECTIONS = {

@@ -18,8 +18,10 @@ from SACDiffLib.outputs import FILES, load_run, write_run
 
 
 def _members(net, diffusion, x, c, steps, k, seed=0, batch_size=0, sampling_steps=0, **options):
-    """``reconstruct_ensemble`` with these detection settings: (members, stats)."""
-    det = DetectConfig(steps=steps, ensemble=k, seed=seed, batch_size=batch_size, sampling_steps=sampling_steps)
+    """``reconstruct_ensemble`` with these detection settings: (members, stats). float32 on every CPU (``auto`` is
+    bf16 on one with AMX): these tests compare against float32 references computed here."""
+    det = DetectConfig(steps=steps, ensemble=k, seed=seed, batch_size=batch_size, sampling_steps=sampling_steps,
+                       precision="fp32")
     return reconstruct_ensemble(net, diffusion, x, c, det, **options)
 
 
@@ -401,10 +403,15 @@ def test_compiled_network_gives_the_eager_result(tiny_checkpoint):
     assert stats.compiled in (True, False)  # True where a compiler exists; a fallback to eager is allowed, never a failure
 
 
-def test_precision_chooses_the_network_dtype_per_device():
+def test_precision_chooses_the_network_dtype_per_device(monkeypatch):
+    import SACDiffLib.detect as detect
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert network_dtype("auto", cpu) == torch.float32 and network_dtype("auto", cuda) == torch.bfloat16
-    assert network_dtype("bf16", cpu) == torch.bfloat16 and network_dtype("fp32", cuda) == torch.float32
+    for amx, on_cpu in ((False, torch.float32), (True, torch.bfloat16)):  # auto: bf16 only where the CPU has AMX
+        monkeypatch.setattr(detect, "cpu_has_amx", lambda: amx)
+        assert network_dtype("auto", cpu) == on_cpu and network_dtype("auto", cuda) == torch.bfloat16
+        assert network_dtype("bf16", cpu) == torch.bfloat16 and network_dtype("fp32", cuda) == torch.float32
+        assert network_dtype("fp32", cpu) == torch.float32
     with pytest.raises(SACDiffError, match="precision 'fp16' unknown"):
         network_dtype("fp16", cpu)
 

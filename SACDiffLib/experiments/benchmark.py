@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import build
 from ..config import preset
 from ..config import DetectConfig
-from ..detect import _Forward, network_dtype, network_evaluations, reconstruct_ensemble
+from ..detect import _Forward, cpu_has_amx, network_dtype, network_evaluations, reconstruct_ensemble
 from ..distributed import resolve_device
 from ..io import crop_box
 from ..postprocess import rethreshold
@@ -184,12 +184,6 @@ def bench_detection_step(preset_name: str = "demo", slices: int = 8, device: str
     return {"preset": preset_name, "image_size": s, "ensemble": k, "slices": slices, "s_per_step": seconds,
             "evaluations_per_s": k * slices / seconds, "device": str(dev),
             "volume_estimate_s": seconds * cfg.detect.steps}
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU runs bf16 matrix tiles in hardware (Intel AMX; torch's own probe, private API)."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
 
 
 def bench_precision(preset_name: str = "small256-context", slices: int = 8, size: int = 208, device: str = "cpu",
