@@ -1,6 +1,7 @@
 """Experiment (map-candidates.md, round 8): a shallow and a deep map combined, scored by the label-free validation.
 
     python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt] [--combine min]
+                                                  [--open-deep MM]
 
 SHALLOW and DEEP are ``sacdiff validate --settings`` items (e.g. 100x10x3 and 250x10x3e2). Each held-out volume of
 ``sacdiff validate`` (same slabs, lesions and seed) is detected at both settings; each map is put in units of its
@@ -8,7 +9,10 @@ own background (E − loc) / scale, with loc and scale the robust statistics of 
 model's threshold uses (``postprocess.background_threshold``: the body outside the lung, or its 5 mm shell), and
 the combined map is their voxel-wise maximum (round 8: the shallow map's diffuse disease or the deep map's solid
 lesions, each above its own background) or, with ``--combine min``, their minimum (round 19: flagged only where
-both depths see error — a vessel the deep chain invented is quiet at the shallow depth). The combined map is then
+both depths see error — a vessel the deep chain invented is quiet at the shallow depth). ``--open-deep MM`` first
+takes the deep map's grey-level opening by a ball of MM mm diameter (3D, in the scan's own spacing; round 22): error
+survives only where such a ball fits inside it — a removed mass keeps its error, a removed vessel thinner than the
+ball loses it. The combined map is then
 thresholded, CRF-refined and scored exactly as a setting of ``sacdiff validate`` (``score_setting``). It costs both
 settings' network evaluations. No lesion label of a real case is read.
 """
@@ -36,6 +40,21 @@ def in_background_units(result) -> np.ndarray:
     return (result.error - t.background_location) / max(t.background_scale, 1e-12)
 
 
+def ball(diameter_mm: float, spacing_zyx) -> np.ndarray:
+    """A solid ellipsoid footprint of ``diameter_mm`` in voxels of ``spacing_zyx`` (mm), at least one voxel."""
+    radius = [max(0, int(diameter_mm / 2 / s)) for s in spacing_zyx]
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    inside = sum((g * s / (diameter_mm / 2)) ** 2 for g, s in zip(grids, spacing_zyx))
+    return inside <= 1.0
+
+
+def opened(error: np.ndarray, diameter_mm: float, spacing_zyx) -> np.ndarray:
+    """The grey-level opening of ``error`` (z, y, x) by ``ball(diameter_mm)``."""
+    from scipy import ndimage
+
+    return ndimage.grey_opening(error, footprint=ball(diameter_mm, spacing_zyx), mode="nearest")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data")
@@ -45,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
     p.add_argument("--combine", choices=("max", "min"), default="max",
                    help="voxel-wise maximum (round 8) or minimum (round 19) of the two maps in background units")
+    p.add_argument("--open-deep", type=float, default=0.0, metavar="MM",
+                   help="grey-level opening of the deep map by a ball of MM mm diameter before combining (round 22)")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
     data, model_path = args.data, args.model
@@ -59,6 +80,9 @@ def main(argv=None) -> int:
         for vol in volumes:
             a = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=shallow), vol["lung"], "cpu")
             b = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=deep), vol["lung"], "cpu")
+            if args.open_deep > 0:
+                b.error = opened(b.error, args.open_deep, b.reference.GetSpacing()[::-1]).astype(np.float32)
+                b.threshold = None  # the opened map's own background statistics
             pairs.append((a, b, vol))
         for name, pick in (("shallow", 0), ("deep", 1), ("combined", 2)):
             results = []
@@ -78,7 +102,7 @@ def main(argv=None) -> int:
                   flush=True)
     with output as tmp_json:
         write_json(tmp_json, {"model": str(model_path), "shallow": shallow, "deep": deep, "combine": args.combine,
-                              "rows": rows},
+                              "open_deep_mm": args.open_deep, "rows": rows},
                    allow_nan=True)
     return 0
 
