@@ -85,11 +85,11 @@ for SEED in 1 2; do
   python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-seed$SEED.json" 100x10x3 \
     --model "$WORK/context-r10.pt" --variants crop,8bit --seed "$SEED" --overwrite
 done
-# ship_default STATE NAME: STATE slimmed as the shipped 2.5D default (shell, λ 12), its table on the labelled cases
-# copied to Resources/results/eval-context-NAME.md/.json
+# ship_default STATE NAME [λ]: STATE slimmed as the shipped 2.5D default (shell, λ 12 unless given), its table on the
+# labelled cases copied to Resources/results/eval-context-NAME.md/.json
 ship_default() {
   sacdiff slim "$1" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
-    --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell
+    --sampling-steps 10 --ensemble 3 --lambda "${3:-12}" --background lung-shell
   sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
     --out "$WORK/eval-$2" --overwrite --device cpu
   cp "$WORK/eval-$2/summary.md" "Resources/results/eval-context-$2.md"
@@ -108,3 +108,29 @@ python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-round
 python Resources/results/alpha_reference.py --score "$WORK/alpha-reference-round16.json"  # shell: λ* 12, score 0.580
 ship_default "$R11" r11
 cp "$WORK/alpha-reference-round16.json" Resources/results/alpha-reference-round16.json
+
+# Round 20 (map-candidates.md): round 16's command with the network in bf16 (same λ* and score as float32; since
+# then `--precision auto` is bf16 on CPUs with AMX, so the commands above run in bf16 on such a machine).
+sacdiff slim Resources/models/training/small256-context-r11-state.pt --out "$WORK/r11-bf16.pt" --overwrite \
+  --steps 100 --sampling-steps 10 --ensemble 3 --lambda 12 --background lung-shell --precision bf16
+python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-round20.json" 100x10x3 \
+  --model "$WORK/r11-bf16.pt" --variants crop,8bit --seed 2 --overwrite
+
+# Round 17 (map-candidates.md): the 2.5D model trained with a quarter of each batch as 8-bit pictures (`--init` the
+# round-11 state, 2400 steps on all 309 slices), round 15's rule in three processes (seed 2), then shipped with the
+# rule's region and λ* (shell, λ 8) and its table on the labelled cases.
+OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r17.pt" --preset small256-context \
+  --normal-cases ctmd_normal001,ctmd_normal002,rt4dct --init Resources/models/training/small256-context-r11-state.pt \
+  --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.25 --save-every 100
+R17=Resources/models/training/small256-context-r17-state.pt  # the committed state (the run above, resumed twice)
+sacdiff slim "$R17" --out "$WORK/r17.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-scanned.json" 100x10x3 --model "$WORK/r17.pt" \
+  --variants '' --seed 2 --overwrite &
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-crop.json" 100x10x3 --model "$WORK/r17.pt" \
+  --variants crop --skip-scanned --seed 2 --overwrite &
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-8bit.json" 100x10x3 --model "$WORK/r17.pt" \
+  --variants 8bit --skip-scanned --seed 2 --overwrite
+wait
+python Resources/results/alpha_reference.py --score "$WORK/r17-scanned.json" "$WORK/r17-crop.json" \
+  "$WORK/r17-8bit.json"  # shell: λ* 8, score 0.599
+ship_default "$R17" r17 8
