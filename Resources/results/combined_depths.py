@@ -1,6 +1,6 @@
 """Experiment (map-candidates.md, round 8): a shallow and a deep map combined, scored by the label-free validation.
 
-    python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt] [--combine min]
+    python Resources/results/combined_depths.py ../shared/data OUT.json SHALLOW DEEP [--model M.pt] [--combine min|max-raw]
                                                   [--open-deep MM]
 
 SHALLOW and DEEP are ``sacdiff validate --settings`` items (e.g. 100x10x3 and 250x10x3e2). Each held-out volume of
@@ -12,7 +12,8 @@ lesions, each above its own background) or, with ``--combine min``, their minimu
 both depths see error — a vessel the deep chain invented is quiet at the shallow depth). ``--open-deep MM`` first
 takes the deep map's grey-level opening by a ball of MM mm diameter (3D, in the scan's own spacing; round 22): error
 survives only where such a ball fits inside it — a removed mass keeps its error, a removed vessel thinner than the
-ball loses it. The combined map is then
+ball loses it. ``--combine max-raw`` takes the maximum of the two maps as they are — both are squared residuals of
+the same windowed image, so they share a unit without any background's scale (round 23). The combined map is then
 thresholded, CRF-refined and scored exactly as a setting of ``sacdiff validate`` (``score_setting``). It costs both
 settings' network evaluations. No lesion label of a real case is read.
 """
@@ -62,8 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("shallow", help="a `sacdiff validate --settings` item, e.g. 100x10x3")
     p.add_argument("deep", help="a `sacdiff validate --settings` item, e.g. 250x10x3e2")
     p.add_argument("--model", help="a SACDiff checkpoint (default: the shipped model)")
-    p.add_argument("--combine", choices=("max", "min"), default="max",
-                   help="voxel-wise maximum (round 8) or minimum (round 19) of the two maps in background units")
+    p.add_argument("--combine", choices=("max", "min", "max-raw"), default="max",
+                   help="voxel-wise maximum (round 8) or minimum (round 19) of the two maps in background units, or "
+                        "the maximum of the maps as they are (round 23)")
     p.add_argument("--open-deep", type=float, default=0.0, metavar="MM",
                    help="grey-level opening of the deep map by a ball of MM mm diameter before combining (round 22)")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
@@ -89,8 +91,11 @@ def main(argv=None) -> int:
             for a, b, vol in pairs:
                 r = (a, b)[pick] if pick < 2 else a
                 if pick == 2:
-                    combine = np.maximum if args.combine == "max" else np.minimum
-                    r.error = combine(in_background_units(a), in_background_units(b)).astype(np.float32)
+                    if args.combine == "max-raw":  # one unit already: squared residuals of the same image
+                        r.error = np.maximum(a.error, b.error).astype(np.float32)
+                    else:
+                        combine = np.maximum if args.combine == "max" else np.minimum
+                        r.error = combine(in_background_units(a), in_background_units(b)).astype(np.float32)
                     r.threshold = None  # score_setting then takes the background statistics of the new map
                 results.append((r, vol))
             rows[name] = score_setting(results)
