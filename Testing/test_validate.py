@@ -355,3 +355,26 @@ def test_round15_rule_scores_a_hand_made_case_and_the_committed_round16_rows():
     shipped = ref.rule_scores(json.loads((RESULTS / "alpha-reference-round16.json").read_text())["rows"])
     assert shipped["shell5"]["lambda_star"] == 12.0 and round(shipped["shell5"]["score"], 3) == 0.580
     assert round(shipped["body"]["score"], 3) == 0.467 and round(shipped["lung"]["score"], 3) == 0.474
+
+
+def test_round17_files_score_together_and_a_combined_run_is_not_mixed_with_a_plain_one(tmp_path, capsys):
+    """The three committed round-17 files (one run split in processes) give the decision map-candidates.md reports
+    (shell λ* 8, score 0.599); a file of round 23's combined map (``--deep``) is another run and is refused beside
+    them; ``--open-deep`` without ``--deep`` is refused before any work."""
+    ref = _alpha_reference()
+    parts = [RESULTS / f"alpha-reference-round17-{g}.json" for g in ("scanned", "crop", "8bit")]
+    rows = {}
+    for path in parts:
+        rows.update(json.loads(path.read_text())["rows"])
+    decided = ref.rule_scores(rows)
+    assert decided["shell5"]["lambda_star"] == 8.0 and round(decided["shell5"]["score"], 3) == 0.599
+    assert ref.score_files([str(p) for p in parts]) == 0
+    assert "shell5: λ* 8, score 0.599" in capsys.readouterr().out
+    combined = json.loads(parts[1].read_text())
+    combined.update(deep={"steps": 250, "sampling_steps": 10, "ensemble": 3, "error_radius": 2}, open_deep_mm=6.0)
+    (tmp_path / "combined-crop.json").write_text(json.dumps(combined))
+    with pytest.raises(SystemExit, match="different models, settings or seeds"):
+        ref.score_files([str(parts[0]), str(tmp_path / "combined-crop.json")])
+    with pytest.raises(SystemExit):
+        ref.main(["data", str(tmp_path / "x.json"), "100x10x3", "--open-deep", "6"])
+    assert "give --deep SETTING too" in capsys.readouterr().err

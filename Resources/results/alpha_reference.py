@@ -1,7 +1,7 @@
 """Experiment (map-candidates.md, round 14): from which region α is taken, on as-scanned and cropped images.
 
     python Resources/results/alpha_reference.py ../shared/data OUT.json SETTING [--model M.pt] [--variants crop,8bit]
-                                                [--seed 1] [--skip-scanned]
+                                                [--seed 1] [--skip-scanned] [--deep SETTING --open-deep MM]
     python Resources/results/alpha_reference.py --score OUT.json [MORE.json ...]
 
 SETTING is a ``sacdiff validate --settings`` item; the variants are ``sacdiff validate --variants`` items. The
@@ -15,6 +15,10 @@ median + λ·1.4826·MAD of E over each candidate reference region, on the proce
                lungs' bounding box plus ≥ 5 mm keeps all of it, so this region is the same on as-scanned and cropped
                images;
 - ``lung``:    the lung itself (round 9's experiment: ``--seed 0 --variants ''`` reproduces its two rows).
+
+With ``--deep SETTING --open-deep MM`` (round 23's candidate, map-candidates.md) every volume is detected at the
+deep setting too, its map opened by a ball of MM mm (``combined_depths.opened``), and the map scored is the maximum of
+the two maps as they are (``combined_depths --combine max-raw``); it costs both settings' network evaluations.
 
 No lesion label of a real case is read.
 
@@ -111,7 +115,8 @@ def score_files(paths: list) -> int:
     rows, runs = {}, set()
     for path in paths:
         document = json.loads(Path(path).read_text())
-        runs.add(json.dumps({k: document.get(k) for k in ("model", "setting", "seed")}, sort_keys=True))
+        runs.add(json.dumps({k: document.get(k) for k in ("model", "setting", "seed", "deep", "open_deep_mm")},
+                            sort_keys=True))
         twice = sorted(set(rows) & set(document["rows"]))
         if twice:
             raise SystemExit(f"{path}: rows {', '.join(twice)} are in an earlier file too; score each run once")
@@ -144,8 +149,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1, help="as `sacdiff validate --seed` (lesions and noise fields)")
     p.add_argument("--skip-scanned", action="store_true",
                    help="leave the as-scanned group out (its variants' rows in a second process; see --score)")
+    p.add_argument("--deep", help="a second, deep `sacdiff validate --settings` item whose opened map is combined with "
+                                  "SETTING's by the maximum (round 23), e.g. 250x10x3e2")
+    p.add_argument("--open-deep", type=float, default=0.0, metavar="MM",
+                   help="with --deep: the grey-level opening of the deep map by a ball of MM mm diameter")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
+    if args.open_deep and not args.deep:
+        p.error("--open-deep opens the --deep map: give --deep SETTING too")
     variants = [v for v in args.variants.split(",") if v]
     if args.skip_scanned and not variants:
         p.error("--skip-scanned with no --variants leaves nothing to detect")
@@ -154,12 +165,16 @@ def main(argv=None) -> int:
         p.error(f"--variants {', '.join(unknown)} unknown; choose from {', '.join(VARIANTS)}")
     try:  # every refusal before the work, one line each
         setting = parse_settings(args.setting)[0]
+        deep = parse_settings(args.deep)[0] if args.deep else None
         output = Output(args.out, "json", args.overwrite, inputs=[args.data, args.model])
     except SACDiffError as exc:
         p.error(str(exc))
     model_path = args.model or shipped_model_path()
     cfg, model, diffusion, _ = load_checkpoint(model_path, "cpu", noise_seed=args.seed)  # as validate --seed
     run_cfg = derive(cfg, detect=setting)
+    deep_cfg = derive(cfg, detect=deep) if deep else None
+    if deep:
+        from combined_depths import opened  # the sibling experiment script (this folder is on sys.path when run)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-alpha-reference-") as tmp:
         volumes = model_holdout_volumes(args.data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=args.seed)
@@ -168,6 +183,12 @@ def main(argv=None) -> int:
         for kind in ([] if args.skip_scanned else [None]) + variants:
             group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng, context) for v in volumes]
             results = [(detect_volume(v["ct"], model, diffusion, run_cfg, v["lung"], "cpu"), v) for v in group]
+            if deep:  # round 23: max(shallow E, opened deep E), one unit (squared residuals of the same image)
+                for r, v in results:
+                    d = detect_volume(v["ct"], model, diffusion, deep_cfg, v["lung"], "cpu")
+                    if args.open_deep:
+                        d.error = opened(d.error, args.open_deep, d.reference.GetSpacing()[::-1])
+                    r.error = np.maximum(r.error, d.error).astype(np.float32)
             for region in REGIONS:
                 for r, _ in results:
                     referenced(r, region)  # score_setting re-thresholds from these statistics for every λ
@@ -175,7 +196,8 @@ def main(argv=None) -> int:
                 rows[f"{kind or 'as scanned'} / {region}"] = row
                 print(json.dumps({"variant": kind or "as scanned", "alpha_from": region, **summary(row)}), flush=True)
     with output as tmp_json:
-        write_json(tmp_json, {"model": str(model_path), "setting": setting, "seed": args.seed, "rows": rows})
+        write_json(tmp_json, {"model": str(model_path), "setting": setting, "seed": args.seed, "deep": deep,
+                              "open_deep_mm": args.open_deep if deep else None, "rows": rows})
     return 0
 
 
