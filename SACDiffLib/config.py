@@ -179,7 +179,7 @@ class DetectConfig:
     # drops out). Hypodense disease (emphysema, cysts) is then not in this map: an experiment for combining depths.
     residual_sign: ResidualSign = "both"
     # The network's arithmetic (``detect.network_dtype``): "auto" = bf16 autocast on CUDA and on a CPU with AMX,
-    # float32 on other CPUs; "bf16" and "fp32" force one. The rest of the chain (noise, updates, E) stays float32 either way.
+    # float32 on other CPUs; "bf16" and "fp32" force one. The rest of the chain (noise, updates, E) stays float32.
     precision: Precision = "auto"
 
 

@@ -26,7 +26,7 @@ import torch
 
 from . import io
 from .io import crop_box
-from .config import DetectConfig, SACDiffConfig, validate
+from .config import DetectConfig, Precision, ResidualSign, SACDiffConfig, choices, validate
 from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
@@ -106,9 +106,9 @@ def network_dtype(precision: str, device: torch.device) -> torch.dtype:
     validation's rule gives the same λ* and score (map-candidates.md round 20)."""
     if precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_amx())):
         return torch.bfloat16
-    if precision in ("fp32", "auto"):
+    if precision in choices(Precision):
         return torch.float32
-    raise SACDiffError(f"precision {precision!r} unknown; choose one of: auto, fp32, bf16")
+    raise SACDiffError(f"precision {precision!r} unknown; choose one of: {', '.join(choices(Precision))}")
 
 
 class _Forward:
@@ -334,8 +334,9 @@ def error_maps(x: torch.Tensor, members: torch.Tensor, kind: str = "mean-of-erro
     """
     mean = members.mean(0)
     std = members.std(0, unbiased=False) if members.shape[0] > 1 else torch.zeros_like(mean)
-    if residual_sign not in ("both", "hyperdense"):
-        raise SACDiffError(f"residual sign {residual_sign!r} unknown; choose one of: both, hyperdense")
+    if residual_sign not in choices(ResidualSign):
+        raise SACDiffError(f"residual sign {residual_sign!r} unknown; choose one of: "
+                           f"{', '.join(choices(ResidualSign))}")
 
     def squared(residual):
         residual = local_mean(residual, error_radius)

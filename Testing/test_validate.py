@@ -378,3 +378,6 @@ def test_round17_files_score_together_and_a_combined_run_is_not_mixed_with_a_pla
     with pytest.raises(SystemExit):
         ref.main(["data", str(tmp_path / "x.json"), "100x10x3", "--open-deep", "6"])
     assert "give --deep SETTING too" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ref.main(["data", str(tmp_path / "x.json"), "100x10x3", "--deep", "250x10x3e2", "--open-deep", "-3"])
+    assert "must be a diameter in mm ≥ 0" in capsys.readouterr().err and not (tmp_path / "x.json").exists()

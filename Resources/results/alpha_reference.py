@@ -155,6 +155,8 @@ def main(argv=None) -> int:
                    help="with --deep: the grey-level opening of the deep map by a ball of MM mm diameter")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
+    if not args.open_deep >= 0:  # NaN too
+        p.error(f"--open-deep {args.open_deep} must be a diameter in mm ≥ 0 (0 = no opening)")
     if args.open_deep and not args.deep:
         p.error("--open-deep opens the --deep map: give --deep SETTING too")
     variants = [v for v in args.variants.split(",") if v]

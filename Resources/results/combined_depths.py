@@ -70,6 +70,8 @@ def main(argv=None) -> int:
                    help="grey-level opening of the deep map by a ball of MM mm diameter before combining (round 22)")
     p.add_argument("--overwrite", action="store_true", help="replace a JSON this script wrote")
     args = p.parse_args(argv)
+    if not args.open_deep >= 0:  # NaN too
+        p.error(f"--open-deep {args.open_deep} must be a diameter in mm ≥ 0 (0 = no opening)")
     data, model_path = args.data, args.model
     shallow, deep = (parse_settings(a)[0] for a in (args.shallow, args.deep))
     output = Output(args.out, "json", args.overwrite, inputs=[data, model_path])  # checked before the work
