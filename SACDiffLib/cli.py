@@ -229,10 +229,16 @@ def _slim_args(p):
                    help="set the model's default region of α's background statistics")
     _bool_flag(p, "vessel-suppression", None, "set whether the model's detections suppress vessels in E by default")
     p.add_argument("--precision", choices=choices(Precision), help="set the model's default network arithmetic")
+    p.add_argument("--deep-steps", type=int, help="set the model's default deep chain T_s (0 = none)")
+    p.add_argument("--deep-sampling-steps", type=int, help="set the model's default deep chain respaced steps")
+    p.add_argument("--deep-error-radius", type=int, help="set the model's default deep chain error radius")
+    p.add_argument("--deep-opening", dest="deep_opening_mm", type=float,
+                   help="set the model's default opening (mm) of the deep chain's map")
 
 
 # The detection defaults `sacdiff slim` can set (DetectConfig fields; each is one of _slim_args's options)
-SLIM_SETTINGS = ("steps", "sampling_steps", "ensemble", "lam", "background", "vessel_suppression", "precision")
+SLIM_SETTINGS = ("steps", "sampling_steps", "ensemble", "lam", "background", "vessel_suppression", "precision",
+                 "deep_steps", "deep_sampling_steps", "deep_error_radius", "deep_opening_mm")
 
 
 def _ablation_args(p):
@@ -597,7 +603,7 @@ def cmd_slim(args) -> int:
         detect = [n for n in SLIM_SETTINGS if getattr(args, n) is not None]
         if detect:
             raise SACDiffError("a lung network has no detection settings; drop --steps/--sampling-steps/--ensemble/"
-                               "--lambda/--background/--vessel-suppression/--precision")
+                               "--lambda/--background/--vessel-suppression/--precision/--deep-*")
         Output(args.out, "lung-model", args.overwrite, inputs=[args.checkpoint])
         out = slim_lungnet(args.checkpoint, args.out, half=not args.float32)
         print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")

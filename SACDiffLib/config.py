@@ -30,7 +30,7 @@ Schedule = Literal["linear", "cosine"]
 Sigma = Literal["posterior", "beta"]
 ThresholdMode = Literal["adaptive", "fixed"]
 ErrorMode = Literal["mean-of-errors", "error-of-mean", "min-of-errors"]
-BackgroundRegion = Literal["body", "lung-shell"]  # where α's background statistics come from (postprocess)
+BackgroundRegion = Literal["body", "lung-shell", "lung"]  # where α's background statistics come from (postprocess)
 ResidualSign = Literal["both", "hyperdense"]  # which sign of x − x̂ counts in E (detect.error_maps)
 Precision = Literal["auto", "fp32", "bf16"]  # the network's arithmetic at detection (detect.network_dtype)
 
@@ -144,7 +144,8 @@ class DetectConfig:
     threshold: ThresholdMode = "adaptive"  # "adaptive" (Section 2.4) or "fixed" (ablation rows without it)
     fixed_threshold: float = 0.05  # α when threshold == "fixed" (error units of the [−1, 1] image, squared)
     # The background E[c < 1] of α (Section 2.4): "body" = the body outside the lung (the paper's), "lung-shell" =
-    # the body outside the lung within postprocess.SHELL_MM of it, which every chest image holds, cropped or not
+    # the body outside the lung within postprocess.SHELL_MM of it, which every chest image holds, cropped or not;
+    # "lung" = the lung itself (robust statistics: they hold while less than half of the processed lung is abnormal)
     background: BackgroundRegion = "body"
     # E = mean_k (x − x̂₀ᵏ)²; or "error-of-mean": (x − mean_k x̂₀ᵏ)²; or "min-of-errors": min_k (x − x̂₀ᵏ)²
     error: ErrorMode = "mean-of-errors"
@@ -181,6 +182,16 @@ class DetectConfig:
     # The network's arithmetic (``detect.network_dtype``): "auto" = bf16 autocast on CUDA and on a CPU with AMX,
     # float32 on other CPUs; "bf16" and "fp32" force one. The rest of the chain (noise, updates, E) stays float32.
     precision: Precision = "auto"
+    # A second, deeper reverse chain (round 24 of Resources/results/map-candidates.md): from T_s = deep_steps (0 = off)
+    # with deep_sampling_steps respaced steps (0 = all), the same K, seed and noise fields, its residual averaged over
+    # deep_error_radius pixels; its map is opened by a ball of deep_opening_mm (3D, in mm: a removed mass keeps its
+    # error, a vessel thinner than the ball that the deep chain blurred or invented loses it) and E is the voxel-wise
+    # maximum of the two maps — both squared residuals of the same image, so one unit. Uncertainty and the
+    # pseudo-healthy image stay the first chain's.
+    deep_steps: int = 0
+    deep_sampling_steps: int = 0
+    deep_error_radius: int = 0
+    deep_opening_mm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -214,8 +225,8 @@ DETECT_OPTIONS = (
                  " (E is a squared error of images in [−1, 1])"),
     DetectOption("background", "--background",
                  "where α's background statistics come from: body (the body outside the lung, Section 2.4) or "
-                 "lung-shell (the body outside the lung within 5 mm of it: the same on images cut to the lungs; "
-                 "default: the model's)"),
+                 "lung-shell (the body outside the lung within 5 mm of it: the same on images cut to the lungs) or "
+                 "lung (the lung itself; default: the model's)"),
     DetectOption("error", "--error", "how members form E"),
     DetectOption("crf", "--crf", "dense CRF refinement (default on)"),
     DetectOption("seed", "--seed", "noise seed (default 0); same seed, same result", 0, 2**63 - 1),
@@ -243,6 +254,16 @@ DETECT_OPTIONS = (
                  "the network's arithmetic: auto (bf16 on CUDA and on a CPU with AMX, where it is ≈ 2× faster; "
                  "float32 on other CPUs), fp32, or bf16 (emulated and slower on a CPU without AMX; default: the "
                  "model's)"),
+    DetectOption("deep_steps", "--deep-steps",
+                 "T_s of a second, deeper chain whose opened map joins E by the voxel-wise maximum: solid lesions "
+                 "the shallow chain redraws as vessels (0 = off; default: the model's)"),
+    DetectOption("deep_sampling_steps", "--deep-sampling-steps",
+                 "respaced reverse steps of the deep chain (0 = all; default: the model's)"),
+    DetectOption("deep_error_radius", "--deep-error-radius",
+                 "as --error-radius, for the deep chain's map (default: the model's)", 0, 8),
+    DetectOption("deep_opening_mm", "--deep-opening",
+                 "diameter (mm) of the ball that opens the deep chain's map: error survives where such a ball fits "
+                 "(0 = no opening; default: the model's)", 0.0, 100.0),
     DetectOption("crop_to_lung", "--crop", "run the network on the body's bounding box only (default on)"),
     DetectOption("exclude_airways", "--exclude-airways",
                  "take the trachea and main bronchi out of the lung mask, the given one too (default on: air in a "
@@ -376,6 +397,10 @@ _ADDED_LATER = {  # fields added after checkpoint format 1: (section, name) → 
     (DetectConfig, "vessel_suppression"): False,  # the paper's E
     (DetectConfig, "residual_sign"): "both",  # the paper's E
     (DetectConfig, "precision"): "auto",  # bf16 where the hardware has it (what CUDA detections always ran)
+    (DetectConfig, "deep_steps"): 0,  # one chain, the paper's
+    (DetectConfig, "deep_sampling_steps"): 0,
+    (DetectConfig, "deep_error_radius"): 0,
+    (DetectConfig, "deep_opening_mm"): 0.0,
 }
 
 _SECTIONS = {
@@ -509,6 +534,9 @@ def _validate_detect(det: DetectConfig) -> None:
     reverse_steps = det.sampling_steps if 0 < det.sampling_steps < det.steps else det.steps
     _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
+    _check_range("detect.deep_steps (--deep-steps)", det.deep_steps, 0, None, " (0 = no deep chain)")
+    _check_range("detect.deep_sampling_steps (--deep-sampling-steps)", det.deep_sampling_steps, 0,
+                 max(det.deep_steps, 0), f" (0 = every one of the deep chain's T_s = {det.deep_steps} steps)")
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
     _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode),
@@ -554,11 +582,16 @@ def validate(cfg: SACDiffConfig) -> None:
                     ("sigma", d.sigma, Sigma)))
     if not 1 <= det.steps <= d.timesteps:
         raise SACDiffError(f"detection steps T_s={det.steps} must lie in 1..T={d.timesteps}")
+    if det.deep_steps > d.timesteps:
+        raise SACDiffError(f"deep chain T_s={det.deep_steps} (--deep-steps) must lie in 1..T={d.timesteps}")
     if cfg.train.max_timestep and not det.steps <= cfg.train.max_timestep <= d.timesteps:
         raise SACDiffError(
             f"detection steps T_s={det.steps} exceed the largest timestep this model was trained on "
             f"({cfg.train.max_timestep}); choose --steps ≤ {cfg.train.max_timestep}"
         )
+    if cfg.train.max_timestep and det.deep_steps > cfg.train.max_timestep:
+        raise SACDiffError(f"deep chain T_s={det.deep_steps} exceeds the largest timestep this model was trained on "
+                           f"({cfg.train.max_timestep}); choose --deep-steps ≤ {cfg.train.max_timestep}")
     _check_range("preprocess.hu_min", p.hu_min, -2048.0, 0.0, " HU (the window's lower edge lies in air)")
     _check_range("preprocess.hu_max", p.hu_max, -900.0, 4000.0, " HU")
     if p.hu_max - p.hu_min < 100:

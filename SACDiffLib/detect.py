@@ -31,10 +31,10 @@ from .diffusion import Diffusion
 from .errors import SACDiffError
 from .lung import exclude_airways as exclude_airways_from
 from .lung import LungSource, body_mask, lung_labels, segment_lungs
-from .postprocess import rethreshold
+from .postprocess import opened, rethreshold
 from .result import DetectionResult, detection_facts
 from .vessels import suppress_vessels
-from .progress import Progress, keep_going, log
+from .progress import Progress, keep_going, log, part
 
 
 
@@ -300,8 +300,15 @@ def tolerant_residual(x: torch.Tensor, recon: torch.Tensor, radius: int) -> torc
 
 
 def network_evaluations(det: DetectConfig) -> int:
-    """UNet evaluations per slice: K members × the reverse steps actually run."""
-    return det.ensemble * (len(Diffusion.sampling_timesteps(det.steps, det.sampling_steps)) - 1)
+    """UNet evaluations per slice: K members × the reverse steps actually run, in both chains."""
+    chains = [(det.steps, det.sampling_steps)] + ([(det.deep_steps, det.deep_sampling_steps)] if det.deep_steps else [])
+    return sum(det.ensemble * (len(Diffusion.sampling_timesteps(t, n)) - 1) for t, n in chains)
+
+
+def deep_chain(det: DetectConfig) -> DetectConfig:
+    """The settings of the deep chain (``DetectConfig.deep_steps``) as a chain of its own."""
+    return dataclasses.replace(det, steps=det.deep_steps, sampling_steps=det.deep_sampling_steps,
+                               error_radius=det.deep_error_radius, deep_steps=0)
 
 
 def _box_fraction(box, size: int) -> float:
@@ -444,6 +451,21 @@ def map_back(volume: PreparedVolume, err: torch.Tensor, std: torch.Tensor, mean:
     return error, uncertainty, pseudo
 
 
+def _chain_maps(model, diffusion: Diffusion, cfg: SACDiffConfig, volume: PreparedVolume, chain: DetectConfig,
+                compile_model: bool, progress: Optional[Progress]) -> tuple:
+    """One reverse chain over the volume's slices (``chain``'s T_s, steps, K) → its (E, σ, x̄₀) on the model grid
+    (``error_maps``) and how it ran; a non-finite reconstruction is refused."""
+    members, stats = reconstruct_ensemble(
+        model, diffusion, volume.x, volume.c if cfg.model.conditional else None, chain, lung=volume.c,
+        box=volume.box if chain.crop_to_lung else None, progress=progress, compile_model=compile_model)
+    err, std, mean = error_maps(volume.x[:, :1], members, chain.error, chain.shift_tolerance, chain.error_radius,
+                                chain.residual_sign)
+    if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
+        raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
+                           "nothing was written — check the model with `sacdiff validate` or retrain it")
+    return err, std, mean, stats
+
+
 def detect_volume(
     ct_path,
     model: torch.nn.Module,
@@ -457,24 +479,25 @@ def detect_volume(
 ) -> DetectionResult:
     """Run SAC-Diff on one CT file / DICOM folder with the settings in ``cfg.detect``; the lung mask from
     ``lung_path`` or as ``lung_source`` says: prepare, reconstruct (Alg. 2), the error maps (Section 2.5), map back,
-    binarise (Section 2.4)."""
+    binarise (Section 2.4). With ``deep_steps`` a second, deeper chain's opened map joins E (``DetectConfig``)."""
     validate(cfg)
     det, pre = cfg.detect, cfg.preprocess
     timings = {}
     t0 = time.perf_counter()
     volume = prepare_volume(ct_path, cfg, lung_path, lung_source, device, timings)
     t1 = time.perf_counter()
-    members, stats = reconstruct_ensemble(
-        model, diffusion, volume.x, volume.c if cfg.model.conditional else None, det, lung=volume.c,
-        box=volume.box if det.crop_to_lung else None, progress=progress, compile_model=compile_model)
-    err, std, mean = error_maps(volume.x[:, :1], members, det.error, det.shift_tolerance, det.error_radius,
-                                det.residual_sign)
-    if not (torch.isfinite(err).all() and torch.isfinite(mean).all()):
-        raise SACDiffError("the reconstruction holds NaN/infinite values (a broken model or numeric overflow); "
-                           "nothing was written — check the model with `sacdiff validate` or retrain it")
+    chains = [det] + ([deep_chain(det)] if det.deep_steps else [])
+    maps = [_chain_maps(model, diffusion, cfg, volume, chain, compile_model,
+                        part(progress, i, len(chains), "deep chain" if i else "")) for i, chain in enumerate(chains)]
+    err, std, mean, stats = maps[0]  # E, σ and x̄₀ of the first chain
     error, uncertainty, pseudo = map_back(volume, err, std, mean, pre)
-    timings["diffusion_s"] = time.perf_counter() - t1  # network + noise + reverse updates
-    timings["noise_s"] = stats.noise_s
+    if det.deep_steps:  # round 24 (map-candidates.md): E = max(E, E_deep opened by a ball of deep_opening_mm)
+        deep_error = map_back(volume, *maps[1][:3], pre)[0]
+        if det.deep_opening_mm > 0:
+            deep_error = opened(deep_error, det.deep_opening_mm, volume.ct.GetSpacing()[::-1])
+        error = np.maximum(error, deep_error)
+    timings["noise_s"] = sum(chain_stats.noise_s for *_, chain_stats in maps)
+    timings["diffusion_s"] = time.perf_counter() - t1  # network + noise + reverse updates (every chain)
     vessels = None
     if det.vessel_suppression:
         t_vessels = time.perf_counter()

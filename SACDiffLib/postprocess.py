@@ -58,8 +58,11 @@ def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body
     air around the patient and the table are reconstructed trivially, and how much of them a field of view holds
     would otherwise move α several-fold between scans. Without a body mask (a run folder with no CT), within the
     in-plane analysis ``box`` (y0, y1, x0, x1). ``region`` "lung-shell": only within SHELL_MM (in-plane, the
-    pixel size ``spacing_yx`` in mm) of the lung."""
+    pixel size ``spacing_yx`` in mm) of the lung; "lung": E inside the lung itself (round 24 of
+    Resources/results/map-candidates.md; the robust statistics hold while less than half of it is abnormal)."""
     lung_slices = lung[processed] > 0
+    if region == "lung":
+        return error[processed][lung_slices]
     outside = ~lung_slices
     if body is not None:
         outside &= body[processed]
@@ -74,8 +77,22 @@ def _background(error: np.ndarray, lung: np.ndarray, processed: np.ndarray, body
         outside &= np.stack([ndimage.distance_transform_edt(~plane, sampling=spacing_yx) <= SHELL_MM
                              if plane.any() else np.zeros_like(plane) for plane in lung_slices])
     elif region != "body":
-        raise SACDiffError(f"unknown background region {region!r}; choose body or lung-shell")
+        raise SACDiffError(f"unknown background region {region!r}; choose body, lung-shell or lung")
     return error[processed][outside]
+
+
+def ball(diameter_mm: float, spacing_zyx) -> np.ndarray:
+    """A solid ellipsoid footprint of ``diameter_mm`` in voxels of ``spacing_zyx`` (mm), at least one voxel."""
+    radius = [max(0, int(diameter_mm / 2 / s)) for s in spacing_zyx]
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    inside = sum((g * s / (diameter_mm / 2)) ** 2 for g, s in zip(grids, spacing_zyx))
+    return inside <= 1.0
+
+
+def opened(error: np.ndarray, diameter_mm: float, spacing_zyx) -> np.ndarray:
+    """The grey-level opening of ``error`` (z, y, x) by ``ball(diameter_mm)`` (float32): a value survives where a
+    ball of that size fits inside the region at or above it — a mass's error, not a thin vessel's."""
+    return ndimage.grey_opening(error, footprint=ball(diameter_mm, spacing_zyx), mode="nearest").astype(np.float32)
 
 
 def robust_location_scale(values: np.ndarray) -> tuple[float, float]:

@@ -392,6 +392,35 @@ def test_respaced_detection_runs_fewer_network_evaluations(tiny_checkpoint):
     assert network_evaluations(dataclasses.replace(paper, sampling_steps=0)) == 7 * 550
 
 
+def test_deep_chain_is_the_maximum_of_the_first_map_and_the_opened_deep_map(data_dir, tiny_checkpoint):
+    """``deep_steps``: E = max(E of the first chain, the deep chain's E opened by the ball), each chain as a detection
+    of its own with the same seed computes it; σ and x̄₀ stay the first chain's; both chains' evaluations count."""
+    from SACDiffLib.detect import network_evaluations
+    from SACDiffLib.postprocess import opened
+
+    common = dict(steps=10, ensemble=2, sampling_steps=5, precision="fp32", seed=3)
+    both = _detect(data_dir, tiny_checkpoint, **common, deep_steps=30, deep_sampling_steps=4, deep_error_radius=1,
+                   deep_opening_mm=6.0)
+    first = _detect(data_dir, tiny_checkpoint, **common)
+    deep = _detect(data_dir, tiny_checkpoint, **{**common, "steps": 30, "sampling_steps": 4, "error_radius": 1})
+    expected = np.maximum(first.error, opened(deep.error, 6.0, first.reference.GetSpacing()[::-1]))
+    np.testing.assert_allclose(both.error, expected, rtol=1e-6, atol=1e-7)
+    assert (both.error > first.error).any() and (both.error >= first.error).all()
+    np.testing.assert_array_equal(both.uncertainty_hu, first.uncertainty_hu)
+    assert network_evaluations(both.detect) == 2 * 5 + 2 * 4
+    assert both.facts["network_evaluations"] == 18 * both.processed.size
+
+
+def test_deep_chain_settings_are_refused_out_of_range(tiny_checkpoint):
+    cfg, *_ = load_checkpoint(tiny_checkpoint)  # T = 100
+    with pytest.raises(SACDiffError, match="--deep-steps"):
+        derive(cfg, detect={"deep_steps": 101})
+    with pytest.raises(SACDiffError, match="--deep-sampling-steps"):
+        derive(cfg, detect={"deep_steps": 20, "deep_sampling_steps": 21})
+    with pytest.raises(SACDiffError, match="--deep-opening"):
+        derive(cfg, detect={"deep_steps": 20, "deep_opening_mm": -1.0})
+
+
 def test_compiled_network_gives_the_eager_result(tiny_checkpoint):
     """torch.compile (inductor on the CPU here; CUDA graphs on a GPU) must not change detection."""
     cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)

@@ -239,6 +239,40 @@ def test_lung_shell_background_is_the_body_within_5_mm_of_the_lung_by_brute_forc
         background_threshold(error, lung, processed, 3.0, region="lung-shell")
 
 
+def test_lung_background_is_the_lung_itself_on_the_processed_slices():
+    """Round 24's region: α from E inside the lung (its median and 1.4826·MAD by hand), unprocessed slices left out."""
+    lung, _ = _lung_and_spacing()
+    rng = np.random.default_rng(6)
+    error = rng.uniform(0, 1, lung.shape).astype(np.float32)
+    processed = np.array([1])
+    inside = error[1][lung[1] > 0]
+    th = background_threshold(error, lung, processed, 24.0, region="lung")
+    location = np.median(inside)
+    scale = 1.4826 * np.median(np.abs(inside - location))
+    assert th.region == "lung" and th.alpha == pytest.approx(location + 24.0 * scale, rel=1e-6)
+    assert th.background_location == pytest.approx(location)
+
+
+def test_deep_map_opening_matches_scikit_image_and_keeps_blobs_not_tubes():
+    """``opened`` (round 22's opening of the deep chain's map): the ellipsoid in voxels of the scan's spacing, and the
+    grey-level opening equal to scikit-image's with the same footprint; a 6 mm blob keeps its core, a 2 mm sheet
+    vanishes."""
+    from skimage.morphology import opening
+
+    from SACDiffLib.postprocess import ball, opened
+
+    spacing = (2.0, 0.5, 0.5)  # z, y, x in mm
+    footprint = ball(3.0, spacing)
+    assert footprint.shape == (1, 7, 7) and footprint[0, 3].all() and not footprint[0, 0, 0]  # radius 1.5 mm: 3 px
+    error = np.zeros((12, 40, 40), np.float32)
+    error[3:9, 5:17, 5:17] = 1.0  # a 12 × 6 × 6 mm blob
+    error[:, 30:34, :] = 0.5  # a 2 mm thick sheet along z and x: thinner than the 3 mm ball
+    got = opened(error, 3.0, spacing)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, opening(error, footprint))
+    assert got[6, 10, 10] == 1.0 and not got[:, 28:36, :].any()
+
+
 def test_lung_shell_alpha_is_the_same_on_an_image_cut_to_the_lungs_and_the_body_alpha_is_not():
     """The property the region was chosen for (map-candidates.md round 14): cutting the image to the lungs' bounding
     box plus 5 mm leaves α from the shell unchanged, while α from the whole body moves."""

@@ -17,8 +17,9 @@ median + λ·1.4826·MAD of E over each candidate reference region, on the proce
 - ``lung``:    the lung itself (round 9's experiment: ``--seed 0 --variants ''`` reproduces its two rows).
 
 With ``--deep SETTING --open-deep MM`` (round 23's candidate, map-candidates.md) every volume is detected at the
-deep setting too, its map opened by a ball of MM mm (``combined_depths.opened``), and the map scored is the maximum of
-the two maps as they are (``combined_depths --combine max-raw``); it costs both settings' network evaluations.
+deep setting too, its map opened by a ball of MM mm (``postprocess.opened``), and the map scored is the maximum of
+the two maps as they are (``combined_depths --combine max-raw``) — detection's own ``DetectConfig.deep_*`` chain
+(round 24), which shares the setting's K; it costs both settings' network evaluations.
 
 No lesion label of a real case is read.
 
@@ -53,10 +54,9 @@ NORMAL_CASES = ["ctmd_normal001", "ctmd_normal002", "rt4dct"]
 
 def reference_voxels(result, region: str) -> np.ndarray:
     """E over the candidate reference region on the processed slices (see the module docstring)."""
-    if region == "lung":
-        return result.error[result.processed][result.lung[result.processed] > 0]
     return _background(result.error, result.lung, result.processed, _body(result), result.box,
-                       {"body": "body", "shell5": "lung-shell"}[region], tuple(result.reference.GetSpacing()[1::-1]))
+                       {"body": "body", "shell5": "lung-shell", "lung": "lung"}[region],
+                       tuple(result.reference.GetSpacing()[1::-1]))
 
 
 def referenced(result, region: str) -> None:
@@ -136,6 +136,19 @@ def score_files(paths: list) -> int:
     return 0
 
 
+def deep_settings(deep, setting: dict, open_deep_mm: float) -> dict:
+    """``--deep`` (a parsed settings item) as the detection's own deep chain (``DetectConfig.deep_*``), which shares
+    the first chain's K and everything but T_s, the respaced steps and the error radius."""
+    if deep is None:
+        return {}
+    other = sorted(set(deep) - {"steps", "sampling_steps", "ensemble", "error_radius"})
+    if other or deep["ensemble"] != setting["ensemble"]:
+        raise SACDiffError(f"--deep {deep}: the deep chain takes only T_s × steps × K[e<R>] with the setting's own K "
+                           f"({setting['ensemble']}); drop {', '.join(other) or 'the other K'}")
+    return {"deep_steps": deep["steps"], "deep_sampling_steps": deep["sampling_steps"],
+            "deep_error_radius": deep.get("error_radius", 0), "deep_opening_mm": open_deep_mm}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--score"]:
@@ -168,15 +181,13 @@ def main(argv=None) -> int:
     try:  # every refusal before the work, one line each
         setting = parse_settings(args.setting)[0]
         deep = parse_settings(args.deep)[0] if args.deep else None
+        deep_settings(deep, setting, args.open_deep)
         output = Output(args.out, "json", args.overwrite, inputs=[args.data, args.model])
     except SACDiffError as exc:
         p.error(str(exc))
     model_path = args.model or shipped_model_path()
     cfg, model, diffusion, _ = load_checkpoint(model_path, "cpu", noise_seed=args.seed)  # as validate --seed
-    run_cfg = derive(cfg, detect=setting)
-    deep_cfg = derive(cfg, detect=deep) if deep else None
-    if deep:
-        from combined_depths import opened  # the sibling experiment script (this folder is on sys.path when run)
+    run_cfg = derive(cfg, detect={**setting, **deep_settings(deep, setting, args.open_deep)})
     rows = {}
     with tempfile.TemporaryDirectory(prefix="sacdiff-alpha-reference-") as tmp:
         volumes = model_holdout_volumes(args.data, cfg, Path(tmp), normal_cases=NORMAL_CASES, seed=args.seed)
@@ -185,12 +196,6 @@ def main(argv=None) -> int:
         for kind in ([] if args.skip_scanned else [None]) + variants:
             group = volumes if kind is None else [scanner_variant(v, kind, Path(tmp), rng, context) for v in volumes]
             results = [(detect_volume(v["ct"], model, diffusion, run_cfg, v["lung"], "cpu"), v) for v in group]
-            if deep:  # round 23: max(shallow E, opened deep E), one unit (squared residuals of the same image)
-                for r, v in results:
-                    d = detect_volume(v["ct"], model, diffusion, deep_cfg, v["lung"], "cpu")
-                    if args.open_deep:
-                        d.error = opened(d.error, args.open_deep, d.reference.GetSpacing()[::-1])
-                    r.error = np.maximum(r.error, d.error).astype(np.float32)
             for region in REGIONS:
                 for r, _ in results:
                     referenced(r, region)  # score_setting re-thresholds from these statistics for every λ

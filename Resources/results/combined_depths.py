@@ -31,7 +31,7 @@ from SACDiffLib.checkpoint import load_for_detection
 from SACDiffLib.config import derive
 from SACDiffLib.detect import detect_volume
 from SACDiffLib.experiments.validate import model_holdout_volumes, parse_settings, score_setting, worst_kind_oracle_dice
-from SACDiffLib.postprocess import _body, background_threshold
+from SACDiffLib.postprocess import _body, background_threshold, opened
 
 
 def in_background_units(result) -> np.ndarray:
@@ -39,21 +39,6 @@ def in_background_units(result) -> np.ndarray:
     t = background_threshold(result.error, result.lung, result.processed, 0.0, _body(result), result.box,
                              result.detect.background, spacing_yx)
     return (result.error - t.background_location) / max(t.background_scale, 1e-12)
-
-
-def ball(diameter_mm: float, spacing_zyx) -> np.ndarray:
-    """A solid ellipsoid footprint of ``diameter_mm`` in voxels of ``spacing_zyx`` (mm), at least one voxel."""
-    radius = [max(0, int(diameter_mm / 2 / s)) for s in spacing_zyx]
-    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
-    inside = sum((g * s / (diameter_mm / 2)) ** 2 for g, s in zip(grids, spacing_zyx))
-    return inside <= 1.0
-
-
-def opened(error: np.ndarray, diameter_mm: float, spacing_zyx) -> np.ndarray:
-    """The grey-level opening of ``error`` (z, y, x) by ``ball(diameter_mm)``."""
-    from scipy import ndimage
-
-    return ndimage.grey_opening(error, footprint=ball(diameter_mm, spacing_zyx), mode="nearest")
 
 
 def main(argv=None) -> int:
@@ -85,7 +70,7 @@ def main(argv=None) -> int:
             a = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=shallow), vol["lung"], "cpu")
             b = detect_volume(vol["ct"], model, diffusion, derive(cfg, detect=deep), vol["lung"], "cpu")
             if args.open_deep > 0:
-                b.error = opened(b.error, args.open_deep, b.reference.GetSpacing()[::-1]).astype(np.float32)
+                b.error = opened(b.error, args.open_deep, b.reference.GetSpacing()[::-1])
                 b.threshold = None  # the opened map's own background statistics
             pairs.append((a, b, vol))
         for name, pick in (("shallow", 0), ("deep", 1), ("combined", 2)):
