@@ -535,6 +535,9 @@ def _validate_detect(det: DetectConfig) -> None:
     _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
     _check_range("detect.deep_steps (--deep-steps)", det.deep_steps, 0, None, " (0 = no deep chain)")
+    if 0 < det.deep_steps <= det.steps:
+        raise SACDiffError(f"the deep chain's T_s {det.deep_steps} (--deep-steps) must exceed the first chain's "
+                           f"{det.steps} (--steps); give a larger --deep-steps, or --deep-steps 0 for one chain")
     _check_range("detect.deep_sampling_steps (--deep-sampling-steps)", det.deep_sampling_steps, 0,
                  max(det.deep_steps, 0), f" (0 = every one of the deep chain's T_s = {det.deep_steps} steps)")
     if det.threshold == "fixed" and det.fixed_threshold <= 0:

@@ -417,6 +417,8 @@ def test_deep_chain_settings_are_refused_out_of_range(tiny_checkpoint):
         derive(cfg, detect={"deep_steps": 101})
     with pytest.raises(SACDiffError, match="--deep-sampling-steps"):
         derive(cfg, detect={"deep_steps": 20, "deep_sampling_steps": 21})
+    with pytest.raises(SACDiffError, match="must exceed the first chain's 50"):
+        derive(cfg, detect={"steps": 50, "deep_steps": 40})
     with pytest.raises(SACDiffError, match="--deep-opening"):
         derive(cfg, detect={"deep_steps": 20, "deep_opening_mm": -1.0})
 

@@ -343,6 +343,18 @@ def test_without_a_lambda_the_run_uses_the_models_own(scene, logic, tiny_checkpo
     assert logic.summary()["lambda"] == pytest.approx(load_checkpoint(tiny_checkpoint)[0].detect.lam)
 
 
+def test_a_t_s_of_the_users_runs_one_chain_the_models_own_keeps_its_deep_chain(logic, tiny_checkpoint):
+    """The paper preset's T_s 550 exceeds a model's deep chain (250 for the shipped one), which the library refuses:
+    the panel then sends --deep-steps 0; with the model's own T_s it sends nothing and the model's chain runs."""
+    from SACDiffLib.cli import build_parser
+
+    own = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run")
+    assert "--deep-steps" not in own
+    paper = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run", ensemble=7, steps=550, samplingSteps=0)
+    args = build_parser().parse_args(paper[3:])
+    assert (args.steps, args.deep_steps, args.ensemble) == (550, 0, 7)
+
+
 def test_the_detection_child_runs_python_m_sacdifflib(logic, tmp_path):
     """The entry point that sets the allocator up (test_allocator reads the setting back from that entry point)."""
     command = logic.detectionCommand(tmp_path / "ct.nrrd", tmp_path / "lung.nrrd", tmp_path / "run")

@@ -236,6 +236,8 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
             command += ["--model", str(modelPath)]
         fromModel = {"ensemble": int(ensemble), "steps": int(steps)}  # 0 = the model's own
         command += detect_arguments({k: v for k, v in fromModel.items() if v > 0})
+        if steps > 0:  # a T_s of the user's (the paper's 550) runs Alg. 2's one chain, not the model's deep chain
+            command += detect_arguments({"deep_steps": 0})
         if samplingSteps >= 0:  # −1 = the model's own (0 means "every step")
             command += detect_arguments({"sampling_steps": int(samplingSteps)})
         return command
