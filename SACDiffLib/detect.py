@@ -34,7 +34,7 @@ from .lung import LungSource, body_mask, lung_labels, segment_lungs
 from .postprocess import opened, rethreshold
 from .result import DetectionResult, detection_facts
 from .vessels import suppress_vessels
-from .progress import Progress, keep_going, log, part
+from .progress import Progress, keep_going, log, share
 
 
 
@@ -486,9 +486,11 @@ def detect_volume(
     t0 = time.perf_counter()
     volume = prepare_volume(ct_path, cfg, lung_path, lung_source, device, timings)
     t1 = time.perf_counter()
-    chains = [det] + ([deep_chain(det)] if det.deep_steps else [])
-    maps = [_chain_maps(model, diffusion, cfg, volume, chain, compile_model,
-                        part(progress, i, len(chains), "deep chain" if i else "")) for i, chain in enumerate(chains)]
+    chains = [dataclasses.replace(det, deep_steps=0)] + ([deep_chain(det)] if det.deep_steps else [])
+    bounds = np.cumsum([0] + [network_evaluations(chain) for chain in chains]) / network_evaluations(det)
+    maps = [_chain_maps(model, diffusion, cfg, volume, chain, compile_model,  # progress in network evaluations
+                        share(progress, bounds[i], bounds[i + 1], "deep chain" if i else ""))
+            for i, chain in enumerate(chains)]
     err, std, mean, stats = maps[0]  # E, σ and x̄₀ of the first chain
     error, uncertainty, pseudo = map_back(volume, err, std, mean, pre)
     if det.deep_steps:  # round 24 (map-candidates.md): E = max(E, E_deep opened by a ball of deep_opening_mm)

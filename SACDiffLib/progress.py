@@ -66,10 +66,16 @@ def keep_going(progress: Optional[Progress], fraction: float, message: str) -> b
 
 def part(progress: Optional[Progress], index: int, count: int, prefix: str = "") -> Optional[Progress]:
     """The callback for part ``index`` of ``count`` equal parts (None when there is nothing to report to)."""
+    return share(progress, index / count, (index + 1) / count, prefix)
+
+
+def share(progress: Optional[Progress], start: float, stop: float, prefix: str = "") -> Optional[Progress]:
+    """The callback for a part that spans ``start``..``stop`` of the whole (None when there is nothing to report
+    to): its own 0..1 mapped onto that span, its messages after ``prefix``."""
     if progress is None:
         return None
     label = f"{prefix}: " if prefix else ""
-    return lambda fraction, message: progress((index + fraction) / count, label + message)
+    return lambda fraction, message: progress(start + fraction * (stop - start), label + message)
 
 
 class ProgressLines:

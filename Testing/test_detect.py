@@ -411,6 +411,26 @@ def test_deep_chain_is_the_maximum_of_the_first_map_and_the_opened_deep_map(data
     assert both.facts["network_evaluations"] == 18 * both.processed.size
 
 
+def test_two_chains_report_progress_by_network_evaluations_and_cancel_in_the_deep_one(data_dir, tiny_checkpoint):
+    """The first chain (2 × 5 evaluations) covers 0..10/18 of the bar, the deep one (2 × 4) the rest, its messages
+    marked; a cancel during the deep chain stops the detection."""
+    from SACDiffLib.errors import Cancelled
+
+    cfg, model, diffusion, _ = load_checkpoint(tiny_checkpoint)
+    cfg = derive(cfg, detect=dict(steps=10, ensemble=2, sampling_steps=5, precision="fp32", deep_steps=30,
+                                  deep_sampling_steps=4))
+    seen = []
+    detect_volume(data_dir / "ct" / "sick_ct.nii.gz", model, diffusion, cfg, data_dir / "ct" / "sick_lung.nii.gz",
+                  progress=lambda f, m: seen.append((f, m)) or True)
+    first = [f for f, m in seen if not m.startswith("deep chain: ")]
+    deep = [f for f, m in seen if m.startswith("deep chain: ")]
+    assert first and deep and max(first) == pytest.approx(10 / 18) and max(deep) == pytest.approx(1.0)
+    assert min(deep) > 10 / 18 and all(b >= a for a, b in zip(first + deep, (first + deep)[1:]))
+    with pytest.raises(Cancelled):
+        detect_volume(data_dir / "ct" / "sick_ct.nii.gz", model, diffusion, cfg, data_dir / "ct" / "sick_lung.nii.gz",
+                      progress=lambda f, m: not m.startswith("deep chain: "))
+
+
 def test_deep_chain_settings_are_refused_out_of_range(tiny_checkpoint):
     cfg, *_ = load_checkpoint(tiny_checkpoint)  # T = 100
     with pytest.raises(SACDiffError, match="--deep-steps"):

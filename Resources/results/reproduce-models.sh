@@ -85,11 +85,11 @@ for SEED in 1 2; do
   python Resources/results/alpha_reference.py "$DATA" "$WORK/alpha-reference-seed$SEED.json" 100x10x3 \
     --model "$WORK/context-r10.pt" --variants crop,8bit --seed "$SEED" --overwrite
 done
-# ship_default STATE NAME [λ]: STATE slimmed as the shipped 2.5D default (shell, λ 12 unless given), its table on the
-# labelled cases copied to Resources/results/eval-context-NAME.md/.json
+# ship_default STATE NAME [λ [BACKGROUND [MORE SLIM OPTIONS ...]]]: STATE slimmed as the shipped 2.5D default (shell,
+# λ 12 unless given), its table on the labelled cases copied to Resources/results/eval-context-NAME.md/.json
 ship_default() {
   sacdiff slim "$1" --out Resources/models/sacdiff-small256-context.pt --overwrite --steps 100 \
-    --sampling-steps 10 --ensemble 3 --lambda "${3:-12}" --background lung-shell
+    --sampling-steps 10 --ensemble 3 --lambda "${3:-12}" --background "${4:-lung-shell}" "${@:5}"
   sacdiff evaluate --cases "$WORK/labelled" --model Resources/models/sacdiff-small256-context.pt \
     --out "$WORK/eval-$2" --overwrite --device cpu
   cp "$WORK/eval-$2/summary.md" "Resources/results/eval-context-$2.md"
@@ -134,3 +134,20 @@ wait
 python Resources/results/alpha_reference.py --score "$WORK/r17-scanned.json" "$WORK/r17-crop.json" \
   "$WORK/r17-8bit.json"  # shell: λ* 8, score 0.599
 ship_default "$R17" r17 8
+
+# Rounds 24–25 (map-candidates.md): a second, deep chain (T_s 250, error radius 2) whose map, opened by a 6 mm ball,
+# joins E by the maximum; round 15's rule with α from the lung. Round 24's 10-step deep chain won (lung, λ* 24, 0.631)
+# but does not fit 5 min; round 25's 5-step chain won too (lung, λ* 24, score 0.627) and is shipped with it.
+for R in 24:10 25:5; do
+  ROUND=${R%%:*}; N=${R##*:}
+  for G in "scanned:" "crop:crop" "8bit:8bit"; do
+    NAME=${G%%:*}; VARIANT=${G##*:}
+    python Resources/results/alpha_reference.py "$DATA" "$WORK/r$ROUND-$NAME.json" 100x10x3 --model "$WORK/r17.pt" \
+      --deep "250x${N}x3e2" --open-deep 6 --variants "$VARIANT" $([ -n "$VARIANT" ] && echo --skip-scanned) \
+      --seed 2 --overwrite &
+  done
+  wait
+  python Resources/results/alpha_reference.py --score "$WORK/r$ROUND-scanned.json" "$WORK/r$ROUND-crop.json" \
+    "$WORK/r$ROUND-8bit.json"
+done
+ship_default "$R17" r25 24 lung --deep-steps 250 --deep-sampling-steps 5 --deep-error-radius 2 --deep-opening 6
