@@ -137,7 +137,8 @@ ship_default "$R17" r17 8
 
 # Rounds 24–25 (map-candidates.md): a second, deep chain (T_s 250, error radius 2) whose map, opened by a 6 mm ball,
 # joins E by the maximum; round 15's rule with α from the lung. Round 24's 10-step deep chain won (lung, λ* 24, 0.631)
-# but does not fit 5 min; round 25's 5-step chain won too (lung, λ* 24, score 0.627) and is shipped with it.
+# but does not fit 5 min; round 25's 5-step chain won too (lung, λ* 24, score 0.627) but failed a shipping condition
+# (ctmd_P001 slice AUROC 0.908 < 0.95), so the default stays round 17's (shell, λ 8). Its table, for the record:
 for R in 24:10 25:5; do
   ROUND=${R%%:*}; N=${R##*:}
   for G in "scanned:" "crop:crop" "8bit:8bit"; do
@@ -150,4 +151,8 @@ for R in 24:10 25:5; do
   python Resources/results/alpha_reference.py --score "$WORK/r$ROUND-scanned.json" "$WORK/r$ROUND-crop.json" \
     "$WORK/r$ROUND-8bit.json"
 done
-ship_default "$R17" r25 24 lung --deep-steps 250 --deep-sampling-steps 5 --deep-error-radius 2 --deep-opening 6
+sacdiff slim "$R17" --out "$WORK/r25.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3 --lambda 24 \
+  --background lung --deep-steps 250 --deep-sampling-steps 5 --deep-error-radius 2 --deep-opening 6
+sacdiff evaluate --cases "$WORK/labelled" --model "$WORK/r25.pt" --out "$WORK/eval-r25" --overwrite --device cpu
+cp "$WORK/eval-r25/summary.md" Resources/results/eval-context-r25-two-chains.md
+cp "$WORK/eval-r25/summary.json" Resources/results/eval-context-r25-two-chains.json
