@@ -24,6 +24,7 @@ from slicer.util import VTKObservationMixin
 
 from SACDiffModuleLib.logic import (
     DETECTION_PRESETS,
+    PRESET_PROFILES,
     PresetTracker,
     SACDiffLogic,
 )
@@ -234,11 +235,13 @@ class SACDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ):
                     return
                 p.device = "cpu"
+        profile = PRESET_PROFILES.get(p.preset, "")
+        ownLambda = p.preset == "model" or profile  # the model's or the profile's λ unless the user moved it
         with slicer.util.tryWithErrorDisplay(_("Could not start detection."), waitCursor=True):
             self._process = self.logic.startDetection(
                 p.inputVolume, p.lungMask, modelPath=self.ui.modelPathLineEdit.currentPath, device=p.device,
                 ensemble=p.ensemble, steps=p.steps, samplingSteps=p.samplingSteps, seed=p.seed, crf=p.crf,
-                lam=p.lam if self._lambdaTouched or p.preset != "model" else None,
+                lam=p.lam if self._lambdaTouched or not ownLambda else None, profile=profile,
             )
             self.ui.applyButton.text = _("Cancel")
             self.ui.applyButton.enabled = True

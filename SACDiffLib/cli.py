@@ -70,8 +70,12 @@ def _add_detect_options(p, one_command_detect: bool = False):
     """The detection options (``config.DETECT_OPTIONS``) with the command-only ones around them, in the order the
     help lists them; ``one_command_detect`` adds those only `detect` uses (the DICOM SEG output and torch.compile):
     an option a command would ignore is not offered there."""
-    from .config import DETECT_OPTIONS
+    from .config import DETECT_OPTIONS, DETECT_PROFILES
 
+    p.add_argument("--profile", choices=tuple(DETECT_PROFILES),
+                   help="named settings on top of the model's (the options below still win): solid-lesions = a "
+                   "second, deep chain for nodules and masses, α from the lung, λ 24 — not for diffuse disease, "
+                   "≈ 1.5× the time (Resources/results/map-candidates.md rounds 24–25)")
     for option in DETECT_OPTIONS:
         if option.field == "batch_size":
             _add_command_options(p, one_command_detect)
@@ -88,11 +92,12 @@ def _add_detect_options(p, one_command_detect: bool = False):
 def _load_for_detection(args):
     """The command's checkpoint and detection options → (cfg, model, diffusion, device)."""
     from .checkpoint import load_for_detection
-    from .config import detect_overrides
+    from .config import DETECT_PROFILES, detect_overrides
     from .distributed import resolve_device
 
     device = resolve_device(args.device)
-    detect = {k: v for k, v in detect_overrides(args).items() if k != "seed"}  # the seed also seeds the noise
+    detect = {**DETECT_PROFILES.get(getattr(args, "profile", None), {}),  # a profile, the user's options over it
+              **{k: v for k, v in detect_overrides(args).items() if k != "seed"}}  # the seed also seeds the noise
     cfg, model, diffusion = load_for_detection(
         args.model, device, seed=0 if args.seed is None else args.seed, noise_kind=args.noise, **detect)
     _refuse_inert_threshold_options(cfg.detect, args)

@@ -487,7 +487,7 @@ def detect_volume(
     volume = prepare_volume(ct_path, cfg, lung_path, lung_source, device, timings)
     t1 = time.perf_counter()
     chains = [dataclasses.replace(det, deep_steps=0)] + ([deep_chain(det)] if det.deep_steps else [])
-    bounds = np.cumsum([0] + [network_evaluations(chain) for chain in chains]) / network_evaluations(det)
+    bounds = [float(b) for b in np.cumsum([0] + [network_evaluations(c) for c in chains]) / network_evaluations(det)]
     maps = [_chain_maps(model, diffusion, cfg, volume, chain, compile_model,  # progress in network evaluations
                         share(progress, bounds[i], bounds[i + 1], "deep chain" if i else ""))
             for i, chain in enumerate(chains)]

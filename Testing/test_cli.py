@@ -243,3 +243,22 @@ def test_info_prints_the_models_detection_defaults(tiny_checkpoint, tmp_path, ca
     det = load_checkpoint(slim)[0].detect
     assert (info["lambda"], info["steps"], info["ensemble"], info["background"], info["vessel_suppression"]) == \
         (6.0, det.steps, det.ensemble, "lung-shell", True)
+
+
+def test_a_profile_sets_its_settings_and_the_users_options_win(tiny_checkpoint, data_dir, tmp_path, capsys):
+    """``--profile solid-lesions`` (config.DETECT_PROFILES) lands in the run's settings; an explicit option overrides
+    it; on a model whose T (100) is below the profile's deep T_s the refusal names the option to change."""
+    from SACDiffLib.config import DETECT_PROFILES
+
+    err = _detect_error(capsys, data_dir / "ct" / "sick_ct.nii.gz", tiny_checkpoint, tmp_path / "refused",
+                        "--lung", data_dir / "ct" / "sick_lung.nii.gz", "--profile", "solid-lesions")
+    assert "--deep-steps" in err and not (tmp_path / "refused").exists()
+    out = tmp_path / "run"
+    assert run_cli("detect", data_dir / "ct" / "sick_ct.nii.gz", "--lung", data_dir / "ct" / "sick_lung.nii.gz",
+                   "--model", tiny_checkpoint, "--out", out, "--profile", "solid-lesions", "--deep-steps", 40,
+                   "--deep-sampling-steps", 3, "--lambda", 3) == 0
+    det = json.loads((out / "report.json").read_text())["config"]["detect"]
+    profile = DETECT_PROFILES["solid-lesions"]
+    assert (det["deep_steps"], det["deep_sampling_steps"], det["lam"]) == (40, 3, 3.0)  # the user's
+    assert (det["background"], det["deep_opening_mm"], det["deep_error_radius"]) == (
+        profile["background"], profile["deep_opening_mm"], profile["deep_error_radius"])  # the profile's

@@ -349,7 +349,9 @@ def test_a_t_s_of_the_users_runs_one_chain_the_models_own_keeps_its_deep_chain(l
     from SACDiffLib.cli import build_parser
 
     own = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run")
-    assert "--deep-steps" not in own
+    assert "--deep-steps" not in own and "--profile" not in own
+    solid = build_parser().parse_args(logic.detectionCommand("ct.nrrd", "lung.nrrd", "run", profile="solid-lesions")[3:])
+    assert solid.profile == "solid-lesions" and solid.deep_steps is None  # the profile's own deep chain
     paper = logic.detectionCommand("ct.nrrd", "lung.nrrd", "run", ensemble=7, steps=550, samplingSteps=0)
     args = build_parser().parse_args(paper[3:])
     assert (args.steps, args.deep_steps, args.ensemble) == (550, 0, 7)

@@ -83,6 +83,26 @@ def test_1_the_paper_preset_can_be_selected(release):
     assert _option(command, "--steps") is None and _option(command, "--sampling-steps") is None
 
 
+def test_1b_the_solid_lesions_preset_sends_its_profile_and_not_the_panels_lambda(release):
+    """The profile carries its own λ (24, α from the lung): the panel sends --profile and no λ, K or T_s of its own
+    until the user moves the slider."""
+    from SACDiffLib.config import DETECT_PROFILES
+
+    panel = Panel(release)
+    ct, lung = _add_ct_and_lung(release)
+    panel.parameters.inputVolume, panel.parameters.lungMask = ct, lung
+    panel.ui.presetComboBox.choose("solid lesions")
+    assert panel.parameters.preset == "solid lesions"
+    command = _apply_and_capture(panel)
+    assert _option(command, "--profile") == "solid-lesions" and "solid-lesions" in DETECT_PROFILES
+    for name in ("--lambda", "--steps", "--ensemble", "--sampling-steps"):
+        assert _option(command, name) is None, (name, command)
+    panel.ui.lambdaSlider.drag(2.0, 3.0)
+    assert _option(_apply_and_capture(panel), "--lambda") == "3.0"
+    panel.ui.presetComboBox.choose("model")
+    assert _option(_apply_and_capture(panel), "--profile") is None
+
+
 def test_2_a_fresh_panel_sends_the_models_own_settings(release):
     panel = Panel(release)
     ct, lung = _add_ct_and_lung(release)

@@ -31,8 +31,11 @@ def _paper_detection() -> dict:
 
 # Detection settings offered in the panel, from the library (one source of presets): "model" keeps the checkpoint's
 # own settings (0 / −1 = "the model's"; the shipped model's are its fast CPU settings), "paper" is the paper's
-# T_s 550, K 7, every step (GPU).
-DETECTION_PRESETS = {"model": {"ensemble": 0, "steps": 0, "samplingSteps": -1}, "paper": _paper_detection()}
+# T_s 550, K 7, every step (GPU); "solid lesions" is the model's own chain plus the library's ``solid-lesions``
+# profile (``config.DETECT_PROFILES``: a second, deep chain for nodules and masses, its own λ and α region).
+DETECTION_PRESETS = {"model": {"ensemble": 0, "steps": 0, "samplingSteps": -1}, "paper": _paper_detection(),
+                     "solid lesions": {"ensemble": 0, "steps": 0, "samplingSteps": -1}}
+PRESET_PROFILES = {"solid lesions": "solid-lesions"}  # the presets that ask ``sacdiff detect --profile``
 
 
 class PresetTracker:
@@ -222,13 +225,16 @@ class SACDiffLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def detectionCommand(ctPath, lungPath, runDir, modelPath: str = "", device: str = "auto", ensemble: int = 0,
                          steps: int = 0, samplingSteps: int = -1, seed: int = 0, crf: bool = True,
-                         lam: Optional[float] = None) -> list[str]:
+                         lam: Optional[float] = None, profile: str = "") -> list[str]:
         """The ``sacdiff detect`` command line; 0 / −1 / "" / None keep the model's own setting. The panel's
-        settings are named by their DetectConfig field; ``detect_arguments`` turns them into the command's flags."""
+        settings are named by their DetectConfig field; ``detect_arguments`` turns them into the command's flags.
+        ``profile``: a ``config.DETECT_PROFILES`` name, under the panel's own settings."""
         from SACDiffLib.config import detect_arguments
 
         command = [pythonExecutable(), "-m", "SACDiffLib", "detect", str(ctPath), "--lung", str(lungPath),
                    "--out", str(runDir), "--progress", "lines", "--device", device]
+        if profile:
+            command += ["--profile", profile]
         command += detect_arguments({"seed": int(seed), "crf": bool(crf)})
         if lam is not None:
             command += detect_arguments({"lam": float(lam)})
