@@ -364,3 +364,31 @@ def test_round17_files_score_together_and_a_combined_run_is_not_mixed_with_a_pla
     with pytest.raises(SystemExit):
         ref.main(["data", str(tmp_path / "x.json"), "100x10x3", "--deep", "250x10x3e2", "--open-deep", "-3"])
     assert "must be a diameter in mm ≥ 0" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_diffuse_ground_glass_covers_the_asked_share_of_each_slices_lung_and_only_lung():
+    """Round 27's drawing (Resources/results/diffuse_extent.py): on every slice with lung, the asked share of its lung
+    (to a pixel per slice, the quantile's ties aside), nothing outside the lung, HU pulled towards −450 by 0.75 in the
+    patch's interior (closed form), untouched elsewhere; the same seed draws the same patch."""
+    script = _results_script("diffuse_extent")
+    rng = np.random.default_rng(0)
+    hu = np.full((4, 40, 50), -850, np.int16)
+    hu[:, :, :5] = 40  # body outside the lung
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:3, 5:35, 8:45] = 1  # the last slice has no lung
+    out, region = script.diffuse_ground_glass(hu, lung, (2.0, 0.7, 0.7), 0.4, rng)
+    for z in range(3):
+        assert abs(region[z].sum() - 0.4 * lung[z].sum()) <= 1
+    assert not region[3].any() and not region[lung == 0].any()
+    assert (out[lung == 0] == hu[lung == 0]).all()
+    core = _interior(region)
+    assert core.any() and np.all(np.abs(out[core] - (-850 + 0.75 * (-450 + 850))) <= 1)
+    again, region_again = script.diffuse_ground_glass(hu, lung, (2.0, 0.7, 0.7), 0.4, np.random.default_rng(0))
+    assert np.array_equal(region, region_again) and np.array_equal(out, again)
+
+
+def _interior(region):
+    """Pixels of ``region`` three pixels inside it in-plane (where the one-pixel softened edge weighs exactly 1)."""
+    from scipy import ndimage
+
+    return np.stack([ndimage.binary_erosion(plane, iterations=4) for plane in region])
