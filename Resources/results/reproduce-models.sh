@@ -156,3 +156,13 @@ sacdiff slim "$R17" --out "$WORK/r25.pt" --overwrite --steps 100 --sampling-step
 sacdiff evaluate --cases "$WORK/labelled" --model "$WORK/r25.pt" --out "$WORK/eval-r25" --overwrite --device cpu
 cp "$WORK/eval-r25/summary.md" Resources/results/eval-context-r25-two-chains.md
 cp "$WORK/eval-r25/summary.json" Resources/results/eval-context-r25-two-chains.json
+
+# Round 27 (map-candidates.md): α per region with synthetic ground glass over 40 % of the lung (no label read).
+OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" "$WORK/diffuse-extent-round27.json" \
+  --fraction 0.4 --seed 2 --overwrite
+
+# Round 26 (map-candidates.md): round 17's recipe with an 8-bit share of 0.1 — in flight: the committed state
+# continues it (`--resume S --out S`), then round 15's rule as for round 17 and round 26's own conditions.
+OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r26.pt" --preset small256-context \
+  --normal-cases ctmd_normal001,ctmd_normal002,rt4dct --init Resources/models/training/small256-context-r11-state.pt \
+  --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.1 --save-every 100
