@@ -161,8 +161,8 @@ cp "$WORK/eval-r25/summary.json" Resources/results/eval-context-r25-two-chains.j
 OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" "$WORK/diffuse-extent-round27.json" \
   --fraction 0.4 --seed 2 --overwrite
 
-# Round 26 (map-candidates.md): round 17's recipe with an 8-bit share of 0.1 — in flight: the committed state
-# continues it (`--resume S --out S`), then round 15's rule as for round 17 and round 26's own conditions.
+# Round 26 (map-candidates.md): round 17's recipe with an 8-bit share of 0.1 (finished; the committed state is
+# Resources/models/training/small256-context-r26-state.pt), then round 15's rule as for round 17 and round 26's own conditions.
 OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r26.pt" --preset small256-context \
   --normal-cases ctmd_normal001,ctmd_normal002,rt4dct --init Resources/models/training/small256-context-r11-state.pt \
   --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.1 --save-every 100
