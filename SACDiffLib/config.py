@@ -256,7 +256,8 @@ DETECT_OPTIONS = (
                  "model's)"),
     DetectOption("deep_steps", "--deep-steps",
                  "T_s of a second, deeper chain whose opened map joins E by the voxel-wise maximum: solid lesions "
-                 "the shallow chain redraws as vessels (0 = off; default: the model's)"),
+                 "the shallow chain redraws as vessels (0 = off; default: the model's)", 0, None,
+                 " (0 = no deep chain)"),
     DetectOption("deep_sampling_steps", "--deep-sampling-steps",
                  "respaced reverse steps of the deep chain (0 = all; default: the model's)"),
     DetectOption("deep_error_radius", "--deep-error-radius",
@@ -547,12 +548,11 @@ def _validate_detect(det: DetectConfig) -> None:
     reverse_steps = det.sampling_steps if 0 < det.sampling_steps < det.steps else det.steps
     _check_range("detect.harmonise_steps (--harmonise-steps)", det.harmonise_steps, 0, reverse_steps - 1,
                  f" (the chain has {reverse_steps} reverse steps and the last one is never harmonised)")
-    _check_range("detect.deep_steps (--deep-steps)", det.deep_steps, 0, None, " (0 = no deep chain)")
     if 0 < det.deep_steps <= det.steps:
         raise SACDiffError(f"the deep chain's T_s {det.deep_steps} (--deep-steps) must exceed the first chain's "
                            f"{det.steps} (--steps); give a larger --deep-steps, or --deep-steps 0 for one chain")
     _check_range("detect.deep_sampling_steps (--deep-sampling-steps)", det.deep_sampling_steps, 0,
-                 max(det.deep_steps, 0), f" (0 = every one of the deep chain's T_s = {det.deep_steps} steps)")
+                 det.deep_steps, f" (0 = every one of the deep chain's T_s = {det.deep_steps} steps)")
     if det.threshold == "fixed" and det.fixed_threshold <= 0:
         raise SACDiffError(f"fixed threshold α = {det.fixed_threshold} must be > 0 (E is a squared error)")
     _check_choices((("detect.threshold", det.threshold, ThresholdMode), ("detect.error", det.error, ErrorMode),

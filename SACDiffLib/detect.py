@@ -299,16 +299,19 @@ def tolerant_residual(x: torch.Tensor, recon: torch.Tensor, radius: int) -> torc
     return (x - high).clamp_min(0) - (low - x).clamp_min(0)
 
 
+def chains(det: DetectConfig) -> list[DetectConfig]:
+    """The reverse chains a detection runs, each as settings of its own: Alg. 2's and, with ``deep_steps``, the deep
+    one (its T_s, respaced steps and error radius; the same K, seed and noise)."""
+    first = dataclasses.replace(det, deep_steps=0)
+    if not det.deep_steps:
+        return [first]
+    return [first, dataclasses.replace(first, steps=det.deep_steps, sampling_steps=det.deep_sampling_steps,
+                                       error_radius=det.deep_error_radius)]
+
+
 def network_evaluations(det: DetectConfig) -> int:
-    """UNet evaluations per slice: K members × the reverse steps actually run, in both chains."""
-    chains = [(det.steps, det.sampling_steps)] + ([(det.deep_steps, det.deep_sampling_steps)] if det.deep_steps else [])
-    return sum(det.ensemble * (len(Diffusion.sampling_timesteps(t, n)) - 1) for t, n in chains)
-
-
-def deep_chain(det: DetectConfig) -> DetectConfig:
-    """The settings of the deep chain (``DetectConfig.deep_steps``) as a chain of its own."""
-    return dataclasses.replace(det, steps=det.deep_steps, sampling_steps=det.deep_sampling_steps,
-                               error_radius=det.deep_error_radius, deep_steps=0)
+    """UNet evaluations per slice: K members × the reverse steps actually run, in every chain."""
+    return sum(c.ensemble * (len(Diffusion.sampling_timesteps(c.steps, c.sampling_steps)) - 1) for c in chains(det))
 
 
 def _box_fraction(box, size: int) -> float:
@@ -486,11 +489,11 @@ def detect_volume(
     t0 = time.perf_counter()
     volume = prepare_volume(ct_path, cfg, lung_path, lung_source, device, timings)
     t1 = time.perf_counter()
-    chains = [dataclasses.replace(det, deep_steps=0)] + ([deep_chain(det)] if det.deep_steps else [])
-    bounds = [float(b) for b in np.cumsum([0] + [network_evaluations(c) for c in chains]) / network_evaluations(det)]
+    runs = chains(det)
+    bounds = [float(b) for b in np.cumsum([0] + [network_evaluations(c) for c in runs]) / network_evaluations(det)]
     maps = [_chain_maps(model, diffusion, cfg, volume, chain, compile_model,  # progress in network evaluations
                         share(progress, bounds[i], bounds[i + 1], "deep chain" if i else ""))
-            for i, chain in enumerate(chains)]
+            for i, chain in enumerate(runs)]
     err, std, mean, stats = maps[0]  # E, σ and x̄₀ of the first chain
     error, uncertainty, pseudo = map_back(volume, err, std, mean, pre)
     if det.deep_steps:  # round 24 (map-candidates.md): E = max(E, E_deep opened by a ball of deep_opening_mm)
