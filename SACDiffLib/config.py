@@ -278,11 +278,11 @@ DETECT_OPTIONS = (
 # chosen by a declared rule in Resources/results/map-candidates.md and is measured there.
 DETECT_PROFILES = {
     # Rounds 24–25: a second chain from T_s 250 (5 respaced steps, error radius 2) whose map, opened by a 6 mm ball,
-    # joins E by the maximum; α from the lung itself, λ 24. It finds a solid tumour the default redraws as a vessel
-    # (nsclc_lung1 oracle Dice 0.83 vs 0.21, Dice 0.34 vs 0.09) but not diffuse disease (MedSeg pooled Dice 0.02 vs
-    # 0.35: α from the lung rises with infection that fills it) and flags hilar soft tissue (ctmd_P001 slice AUROC
-    # 0.91 vs 0.97); 45 network evaluations per slice instead of 30. Not the default for those reasons.
-    "solid-lesions": {"lam": 24.0, "background": "lung", "deep_steps": 250, "deep_sampling_steps": 5,
+    # joins E by the maximum; α from the 5 mm shell at λ 16 (round 28: the shell's λ* on round 25's rows — α from the
+    # lung, which scored higher there, rises with disease that fills the lung and hides it, round 27). It finds a
+    # solid tumour the default redraws as a vessel and flags hilar soft tissue (ctmd_P001 slice AUROC below the
+    # default's); 45 network evaluations per slice instead of 30. Measured in map-candidates.md; not the default.
+    "solid-lesions": {"lam": 16.0, "background": "lung-shell", "deep_steps": 250, "deep_sampling_steps": 5,
                       "deep_error_radius": 2, "deep_opening_mm": 6.0},
 }
 

@@ -366,6 +366,25 @@ def test_round17_files_score_together_and_a_combined_run_is_not_mixed_with_a_pla
     assert "must be a diameter in mm ≥ 0" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
+def test_round28_rule_lets_only_fit_regions_win_on_the_committed_round25_rows(capsys):
+    """Round 28 (map-candidates.md): on round 25's committed rows the lung scores highest (0.627) but is unfit to set
+    α (round 27), so the shell wins (λ* 16, 0.595) — the figures the solid-lesions profile takes; a hand-made case
+    with no fit λ* has no winner."""
+    ref = _alpha_reference()
+    parts = [RESULTS / f"alpha-reference-round25-{g}.json" for g in ("scanned", "crop", "8bit")]
+    rows = {}
+    for path in parts:
+        rows.update(json.loads(path.read_text())["rows"])
+    scores = ref.rule_scores(rows)
+    assert max(scores, key=lambda r: scores[r]["score"]) == "lung" and round(scores["lung"]["score"], 3) == 0.627
+    assert ref.best_fit_region(scores) == "shell5"
+    assert scores["shell5"]["lambda_star"] == 16.0 and round(scores["shell5"]["score"], 3) == 0.595
+    assert ref.score_files([str(p) for p in parts]) == 0
+    out = capsys.readouterr().out
+    assert "lung: λ* 24, score 0.627" in out and "unfit to set α" in out and "best fit region: shell5" in out
+    assert ref.best_fit_region({"body": {"lambda_star": None}, "lung": {"lambda_star": 24.0, "score": 0.9}}) is None
+
+
 def test_diffuse_ground_glass_covers_the_asked_share_of_each_slices_lung_and_only_lung():
     """Round 27's drawing (Resources/results/diffuse_extent.py): on every slice with lung, the asked share of its lung
     (to a pixel per slice, the quantile's ties aside), nothing outside the lung, HU pulled towards −450 by 0.75 in the

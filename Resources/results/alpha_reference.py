@@ -25,7 +25,8 @@ No lesion label of a real case is read.
 
 ``--score`` applies round 15's rule (map-candidates.md) to the rows of one or more such files: per region, λ* = the
 smallest λ of the grid keeping every held-out case of every group ≤ 1 % of its clean lung, and its score = the
-lowest group's synthetic Dice at λ*. The groups can be detected in separate processes (``--skip-scanned`` leaves the
+lowest group's synthetic Dice at λ*; since round 28 only the regions fit for extensive disease (FIT_REGIONS: body,
+shell) can win — the lung's row is printed, marked unfit. The groups can be detected in separate processes (``--skip-scanned`` leaves the
 as-scanned group out; ``--variants ''`` keeps it alone) and scored together: the crop and 8-bit variants draw
 nothing from the seed's generator, so a split run's rows are those of a single run.
 """
@@ -77,6 +78,9 @@ def summary(row: dict) -> dict:
 
 
 ONE_PERCENT = 1.0  # round 15: every held-out case of every group flags ≤ 1 % of its clean lung at λ*
+# Round 28: only a region whose α holds when disease fills much of the lung may win (round 27, ``diffuse_extent.py``:
+# α from the lung rose 3.7–5.2× under ground glass over 40 % of it, the body's ≤ 1.16×, the shell's ≤ 1.08×)
+FIT_REGIONS = ("body", "shell5")
 
 
 def rule_scores(rows: dict) -> dict:
@@ -123,17 +127,28 @@ def score_files(paths: list) -> int:
         rows.update(document["rows"])
     if len(runs) > 1:
         raise SystemExit(f"{', '.join(map(str, paths))} come from different models, settings or seeds; score one run")
-    for region, entry in rule_scores(rows).items():
+    scores = rule_scores(rows)
+    for region, entry in scores.items():
+        unfit = "" if region in FIT_REGIONS else " — unfit to set α (round 28: it rises with extensive disease)"
         if entry["lambda_star"] is None:
-            print(f"{region}: no λ of the grid keeps every case of {', '.join(entry['groups'])} ≤ 1 %")
+            print(f"{region}: no λ of the grid keeps every case of {', '.join(entry['groups'])} ≤ 1 %{unfit}")
             continue
         print(f"{region}: λ* {entry['lambda_star']:g}, score {entry['score']:.3f} (lowest of {len(entry['groups'])} "
-              "groups' synthetic Dice)")
+              f"groups' synthetic Dice){unfit}")
         for group, g in entry["per_group"].items():
             cases = ", ".join(f"{v:.2f}" for v in g["per_case_percent"].values())
             print(f"    {group}: Dice {g['synthetic_dice']:.3f}, vessels {g['vessel_flagged_percent']:.1f} %, "
                   f"per case {cases} %, healthy E {g['healthy_error']:.4f}, worst kind {g['worst_kind']:.3f}")
+    print(f"best fit region: {best_fit_region(scores) or 'none (no fit region has a λ*)'}")
     return 0
+
+
+def best_fit_region(scores: dict):
+    """Round 28's winner among ``rule_scores``' regions: the fit region (FIT_REGIONS) with the highest score; None
+    when no fit region has a λ*. (The tie rule — the shipped region keeps a tie within 0.01 — is the reader's: it
+    compares two runs.)"""
+    fit = {r: e["score"] for r, e in scores.items() if r in FIT_REGIONS and e["lambda_star"] is not None}
+    return max(fit, key=fit.get) if fit else None
 
 
 def deep_settings(deep, setting: dict, open_deep_mm: float) -> dict:
