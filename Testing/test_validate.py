@@ -385,6 +385,21 @@ def test_round28_rule_lets_only_fit_regions_win_on_the_committed_round25_rows(ca
     assert ref.best_fit_region({"body": {"lambda_star": None}, "lung": {"lambda_star": 24.0, "score": 0.9}}) is None
 
 
+def test_round26_rule_both_parts_hold_on_the_committed_rows():
+    """Round 26's rule (map-candidates.md) on its committed files: (a) the best fit region's score ≥ 0.599 − 0.01
+    (shell, λ* 8, 0.610) and (b) the 8-bit group's ground-glass oracle Dice on the shell row > 0.544 + 0.02 (0.575)."""
+    ref = _alpha_reference()
+    rows = {}
+    for group in ("scanned", "crop", "8bit"):
+        rows.update(json.loads((RESULTS / f"alpha-reference-round26-{group}.json").read_text())["rows"])
+    scores = ref.rule_scores(rows)
+    best = ref.best_fit_region(scores)
+    assert best == "shell5" and scores[best]["lambda_star"] == 8.0 and round(scores[best]["score"], 3) == 0.610
+    assert scores[best]["score"] >= 0.599 - 0.01
+    ground_glass = rows["8bit / shell5"]["per_kind"]["ground-glass"]["oracle_dice"]
+    assert round(ground_glass, 3) == 0.575 and ground_glass > 0.544 + 0.02
+
+
 def test_diffuse_ground_glass_covers_the_asked_share_of_each_slices_lung_and_only_lung():
     """Round 27's drawing (Resources/results/diffuse_extent.py): on every slice with lung, the asked share of its lung
     (to a pixel per slice, the quantile's ties aside), nothing outside the lung, HU pulled towards −450 by 0.75 in the
