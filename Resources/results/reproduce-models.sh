@@ -166,3 +166,19 @@ OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" "$WORK/diff
 OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r26.pt" --preset small256-context \
   --normal-cases ctmd_normal001,ctmd_normal002,rt4dct --init Resources/models/training/small256-context-r11-state.pt \
   --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.1 --save-every 100
+R26=Resources/models/training/small256-context-r26-state.pt  # the committed state (the run above, one sitting)
+sacdiff slim "$R26" --out "$WORK/r26.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-scanned.json" 100x10x3 --model "$WORK/r26.pt" \
+  --variants '' --seed 2 --overwrite &
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-crop.json" 100x10x3 --model "$WORK/r26.pt" \
+  --variants crop --skip-scanned --seed 2 --overwrite &
+python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-8bit.json" 100x10x3 --model "$WORK/r26.pt" \
+  --variants 8bit --skip-scanned --seed 2 --overwrite
+wait
+python Resources/results/alpha_reference.py --score "$WORK/r26-scanned.json" "$WORK/r26-crop.json" \
+  "$WORK/r26-8bit.json"  # shell: λ* 8, score 0.610; best fit region: shell5
+for G in scanned crop 8bit; do cp "$WORK/r26-$G.json" "Resources/results/alpha-reference-round26-$G.json"; done
+# round 28's fitness of the winning region (shell: α's rise ≤ 1.08×), then shipped with its table
+OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" Resources/results/diffuse-extent-round26.json \
+  --model "$WORK/r26.pt" --fraction 0.4 --seed 2 --overwrite
+ship_default "$R26" r26 8
