@@ -400,6 +400,29 @@ def test_round26_rule_both_parts_hold_on_the_committed_rows():
     assert round(ground_glass, 3) == 0.575 and ground_glass > 0.544 + 0.02
 
 
+def test_the_solid_lesions_profile_is_round_29s_pick_on_its_committed_rows():
+    """The profile's α region and λ (config.DETECT_PROFILES) are what round 28's rule picks from round 29's committed
+    rows (the two-chain map on the shipped weights): the best fit region, at its λ*; and the deep chain those rows
+    were made with is the profile's."""
+    from SACDiffLib.config import DETECT_PROFILES
+
+    ref = _alpha_reference()
+    rows, deep = {}, set()
+    for group in ("scanned", "crop", "8bit"):
+        document = json.loads((RESULTS / f"alpha-reference-round29-{group}.json").read_text())
+        rows.update(document["rows"])
+        deep.add(json.dumps([document["deep"], document["open_deep_mm"]], sort_keys=True))
+    scores = ref.rule_scores(rows)
+    best = ref.best_fit_region(scores)
+    profile = DETECT_PROFILES["solid-lesions"]
+    assert {"shell5": "lung-shell", "body": "body"}[best] == profile["background"]
+    assert scores[best]["lambda_star"] == profile["lam"] == 16.0 and round(scores[best]["score"], 3) == 0.597
+    (chain, opening), = [json.loads(d) for d in deep]
+    assert (chain["steps"], chain["sampling_steps"], chain["ensemble"], chain.get("error_radius"), opening) == (
+        profile["deep_steps"], profile["deep_sampling_steps"], 3, profile["deep_error_radius"],
+        profile["deep_opening_mm"])
+
+
 def test_diffuse_ground_glass_covers_the_asked_share_of_each_slices_lung_and_only_lung():
     """Round 27's drawing (Resources/results/diffuse_extent.py): on every slice with lung, the asked share of its lung
     (to a pixel per slice, the quantile's ties aside), nothing outside the lung, HU pulled towards −450 by 0.75 in the
