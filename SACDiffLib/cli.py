@@ -75,7 +75,7 @@ def _add_detect_options(p, one_command_detect: bool = False):
     p.add_argument("--profile", choices=tuple(DETECT_PROFILES),
                    help="named settings on top of the model's (the options below still win): solid-lesions = a "
                    "second, deep chain for nodules and masses, α from the 5 mm shell, λ 16 — ≈ 1.5× the time "
-                   "(Resources/results/map-candidates.md rounds 24–28)")
+                   "(Resources/results/map-candidates.md rounds 24–29)")
     for option in DETECT_OPTIONS:
         if option.field == "batch_size":
             _add_command_options(p, one_command_detect)

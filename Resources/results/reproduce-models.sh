@@ -182,3 +182,20 @@ for G in scanned crop 8bit; do cp "$WORK/r26-$G.json" "Resources/results/alpha-r
 OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" Resources/results/diffuse-extent-round26.json \
   --model "$WORK/r26.pt" --fraction 0.4 --seed 2 --overwrite
 ship_default "$R26" r26 8
+
+# Round 28 (map-candidates.md): round 15's rule over the fit regions only (`--score` prints "best fit region"); on
+# round 25's rows the shell at λ 16 — the solid-lesions profile's setting (config.DETECT_PROFILES).
+python Resources/results/alpha_reference.py --score Resources/results/alpha-reference-round25-*.json
+# Round 29: the two-chain map on round 26's (shipped) weights — shell, λ* 16 again — and the profile's table.
+for G in "scanned:" "crop:crop" "8bit:8bit"; do
+  NAME=${G%%:*}; VARIANT=${G##*:}
+  python Resources/results/alpha_reference.py "$DATA" "$WORK/r29-$NAME.json" 100x10x3 --model "$WORK/r26.pt" \
+    --deep 250x5x3e2 --open-deep 6 --variants "$VARIANT" $([ -n "$VARIANT" ] && echo --skip-scanned) \
+    --seed 2 --overwrite &
+done
+wait
+python Resources/results/alpha_reference.py --score "$WORK/r29-scanned.json" "$WORK/r29-crop.json" "$WORK/r29-8bit.json"
+for G in scanned crop 8bit; do cp "$WORK/r29-$G.json" "Resources/results/alpha-reference-round29-$G.json"; done
+sacdiff evaluate --cases "$WORK/labelled" --profile solid-lesions --out "$WORK/eval-r29" --overwrite --device cpu
+cp "$WORK/eval-r29/summary.md" Resources/results/eval-context-r29-solid-lesions.md
+cp "$WORK/eval-r29/summary.json" Resources/results/eval-context-r29-solid-lesions.json
