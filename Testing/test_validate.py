@@ -106,7 +106,8 @@ def test_per_kind_figures_see_a_kind_the_map_misses():
 
 def test_recommended_lambda_keeps_every_case_under_one_percent():
     """Two clean cases of 1000 lung voxels; case a flags 20 voxels at λ 1 (2 %), case b none: pooled 1 %, which
-    the pooled rule accepted — the per-case rule needs λ 2, where a flags 5 (0.5 %)."""
+    the pooled rule accepted — the per-case rule needs λ 2, where a flags 5 (0.5 %); the worst clean slice's volume
+    in ml by hand."""
     from types import SimpleNamespace
 
     import SACDiffLib.experiments.validate as validate_module
@@ -121,7 +122,8 @@ def test_recommended_lambda_keeps_every_case_under_one_percent():
         flat = error[0].reshape(-1)
         flat[:hot.get(1.0, 0)] = 1.5  # above λ 1 only
         flat[:hot.get(2.0, 0)] = 2.5  # above λ 2 too
-        result = SimpleNamespace(lung=np.ones(shape, np.uint8), error=error, mask=np.zeros(shape, np.uint8))
+        result = SimpleNamespace(lung=np.ones(shape, np.uint8), error=error, mask=np.zeros(shape, np.uint8),
+                                 reference=SimpleNamespace(GetSpacing=lambda: (1.5, 1.0, 2.0)))  # 3 mm³ voxels
         results.append((result, {"case": name, "clean": np.array([True, False]), "truth": truth,
                                  "kinds": truth.astype(np.uint8)}))
 
@@ -139,6 +141,10 @@ def test_recommended_lambda_keeps_every_case_under_one_percent():
     assert row["per_case"]["a"]["flagged_percent"]["1.0"] == pytest.approx(2.0)
     assert row["recommended_lambda"] == 2.0
     assert row["synthetic_dice_at_recommended"] == pytest.approx(1.0)
+    # the largest volume flagged on one clean slice: 20 and 5 voxels of 3 mm³ on case a's clean slice (the lesion
+    # slice's 20 found voxels are not counted), none on b's
+    assert row["per_case"]["a"]["worst_clean_slice_ml"] == pytest.approx({"1.0": 0.060, "2.0": 0.015, "3.0": 0.0})
+    assert row["per_case"]["b"]["worst_clean_slice_ml"]["1.0"] == 0.0
 
 
 def test_best_setting_takes_the_setting_whose_worst_kind_is_found_best():

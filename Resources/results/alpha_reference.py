@@ -104,6 +104,10 @@ def rule_scores(rows: dict) -> dict:
                                       "vessel_flagged_percent": row["vessel_flagged_percent"][star],
                                       "per_case_percent": {c: v["flagged_percent"][star]
                                                            for c, v in row["per_case"].items()},
+                                      # rows made before the figure existed lack it
+                                      "worst_clean_slice_ml": {c: v["worst_clean_slice_ml"][star]
+                                                               for c, v in row["per_case"].items()
+                                                               if "worst_clean_slice_ml" in v},
                                       "healthy_error": row["healthy_error"],
                                       "worst_kind": worst_kind_oracle_dice(row)}
                                   for g, row in region_rows.items()}
@@ -137,8 +141,10 @@ def score_files(paths: list) -> int:
               f"groups' synthetic Dice){unfit}")
         for group, g in entry["per_group"].items():
             cases = ", ".join(f"{v:.2f}" for v in g["per_case_percent"].values())
+            worst = (", worst clean slice " + ", ".join(f"{v:.2f}" for v in g["worst_clean_slice_ml"].values())
+                     + " ml" if g["worst_clean_slice_ml"] else "")
             print(f"    {group}: Dice {g['synthetic_dice']:.3f}, vessels {g['vessel_flagged_percent']:.1f} %, "
-                  f"per case {cases} %, healthy E {g['healthy_error']:.4f}, worst kind {g['worst_kind']:.3f}")
+                  f"per case {cases} %{worst}, healthy E {g['healthy_error']:.4f}, worst kind {g['worst_kind']:.3f}")
     print(f"best fit region: {best_fit_region(scores) or 'none (no fit region has a λ*)'}")
     return 0
 

@@ -18,6 +18,9 @@ detection per setting then gives, label-free:
   burden that the default λ must keep ≤ 1 %;
 - ``vessel_flagged_percent`` at each λ: % of the clean lung's voxels above −300 HU (vessels, fissures, bronchial
   walls) that are flagged — the false positives a deep or harmonised chain can bring;
+- per case, ``worst_clean_slice_ml`` at each λ: the largest volume flagged on any one clean slice (ml) — what a
+  slice-level ranking sees: a false positive that is small over the whole lung but piles up on a few slices (the
+  hilar soft tissue of ctmd_P001, map-candidates.md round 25) ranks those slices above faintly diseased ones;
 - ``healthy_error``: mean E inside the clean lung (how sharply healthy lung is reconstructed);
 - on the slices with synthetic lesions: voxel AUROC of E, oracle Dice (best single threshold) and the Dice of the
   full pipeline at each λ.
@@ -420,6 +423,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
         clean_vessels = (clean_lung & (result.ct_hu > VESSEL_HU) if getattr(result, "ct_hu", None) is not None
                          else np.zeros_like(clean_lung))
         case = per_case.setdefault(vol.get("case", str(i)), {"flagged_percent": {}, "alpha": {}})
+        reference = getattr(result, "reference", None)  # the geometry; a figure in ml needs it
+        voxel_ml = None if reference is None else float(np.prod(reference.GetSpacing())) / 1000.0
         for lam in lambdas:
             rethreshold(result, lam)
             mask = result.mask > 0
@@ -430,6 +435,9 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
             vessel_flagged[lam][1] += int(clean_vessels.sum())
             case["flagged_percent"][str(lam)] = 100.0 * hits / max(n_clean, 1)
             case["alpha"][str(lam)] = result.threshold.alpha
+            if voxel_ml is not None:
+                case.setdefault("worst_clean_slice_ml", {})[str(lam)] = float(
+                    (mask & clean_lung).sum(axis=(1, 2)).max(initial=0) * voxel_ml)
             pipeline[lam].append((mask[lesion_lung], vol["truth"][lesion_lung]))
     error, truth = np.concatenate(errors), np.concatenate(truths)
     out = {
