@@ -59,8 +59,12 @@ def test_validate_cli_on_phantoms(tmp_path, tiny_checkpoint):
         ok = [lam for lam, f in zip(LAMBDAS, worst_case) if f <= 1.0]
         assert row["recommended_lambda"] == (min(ok) if ok else None)
         assert 0 <= row["synthetic_voxel_auroc"] <= 1 and 0 <= row["synthetic_oracle_dice"] <= 1
+        for case in row["per_case"].values():  # a slice's flagged volume is finite and ≥ 0 (ml, the CT's voxels)
+            assert set(case["worst_clean_slice_ml"]) == {str(lam) for lam in LAMBDAS}
+            assert all(np.isfinite(v) and v >= 0 for v in case["worst_clean_slice_ml"].values())
     table = (out / "validation.md").read_text()
     assert "recommended λ" in table and "[thick]" in table and "Trivial baseline" in table
+    assert "worst clean slice (ml)" in table
     assert main(["validate", "--data", str(data), "--model", str(tiny_checkpoint), "--out", str(out)]) == 2
 
 

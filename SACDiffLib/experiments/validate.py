@@ -601,12 +601,13 @@ def markdown(rows: list[dict], model_name: str) -> str:
                          + " | ".join(f"{v:.2f}" for v in values.values()) + " |")
         lines.append("")
     lines += ["Per case at the recommended λ (how stable the threshold is from scan to scan):", "",
-              "| setting | case | % clean lung flagged | α |", "|---|---|---|---|"]
+              "| setting | case | % clean lung flagged | worst clean slice (ml) | α |", "|---|---|---|---|---|"]
     for r in rows:
         rec = r["recommended_lambda"]
         if rec is None:
             continue
         for case, v in r.get("per_case", {}).items():
+            worst = v.get("worst_clean_slice_ml", {}).get(str(rec))
             lines.append(f"| {r['setting']} | {case} | {v['flagged_percent'][str(rec)]:.2f} | "
-                         f"{v['alpha'][str(rec)]:.4f} |")
+                         f"{'' if worst is None else f'{worst:.2f}'} | {v['alpha'][str(rec)]:.4f} |")
     return "\n".join(lines) + "\n"
