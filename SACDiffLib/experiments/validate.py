@@ -428,7 +428,8 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
         for lam in lambdas:
             rethreshold(result, lam)
             mask = result.mask > 0
-            hits = int((mask & clean_lung).sum())
+            hits_per_slice = (mask & clean_lung).sum(axis=(1, 2))
+            hits = int(hits_per_slice.sum())
             flagged[lam][0] += hits
             flagged[lam][1] += n_clean
             vessel_flagged[lam][0] += int((mask & clean_vessels).sum())
@@ -436,8 +437,7 @@ def score_setting(results: list, lambdas=LAMBDAS) -> dict:
             case["flagged_percent"][str(lam)] = 100.0 * hits / max(n_clean, 1)
             case["alpha"][str(lam)] = result.threshold.alpha
             if voxel_ml is not None:
-                case.setdefault("worst_clean_slice_ml", {})[str(lam)] = float(
-                    (mask & clean_lung).sum(axis=(1, 2)).max(initial=0) * voxel_ml)
+                case.setdefault("worst_clean_slice_ml", {})[str(lam)] = float(hits_per_slice.max(initial=0) * voxel_ml)
             pipeline[lam].append((mask[lesion_lung], vol["truth"][lesion_lung]))
     error, truth = np.concatenate(errors), np.concatenate(truths)
     out = {
