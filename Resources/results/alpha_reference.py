@@ -26,9 +26,9 @@ No lesion label of a real case is read.
 ``--score`` applies round 15's rule (map-candidates.md) to the rows of one or more such files: per region, λ* = the
 smallest λ of the grid keeping every held-out case of every group ≤ 1 % of its clean lung, and its score = the
 lowest group's synthetic Dice at λ*; since round 28 only the regions fit for extensive disease (FIT_REGIONS: body,
-shell) can win — the lung's row is printed, marked unfit. The groups can be detected in separate processes (``--skip-scanned`` leaves the
-as-scanned group out; ``--variants ''`` keeps it alone) and scored together: the crop and 8-bit variants draw
-nothing from the seed's generator, so a split run's rows are those of a single run.
+shell) can win — the lung's row is printed, marked unfit. The groups can be detected in separate processes
+(``--skip-scanned`` leaves the as-scanned group out; ``--variants ''`` keeps it alone) and scored together: the crop
+and 8-bit variants draw nothing from the seed's generator, so a split run's rows are those of a single run.
 """
 
 import argparse
@@ -78,8 +78,9 @@ def summary(row: dict) -> dict:
 
 
 ONE_PERCENT = 1.0  # round 15: every held-out case of every group flags ≤ 1 % of its clean lung at λ*
-# Round 28: only a region whose α holds when disease fills much of the lung may win (round 27, ``diffuse_extent.py``:
-# α from the lung rose 3.7–5.2× under ground glass over 40 % of it, the body's ≤ 1.16×, the shell's ≤ 1.08×)
+# Round 28: only a region whose α holds when disease fills much of the lung may win (round 27,
+# ``diffuse_extent.py``: α from the lung rose 3.7–5.2× under ground glass over 40 % of it, the body's ≤ 1.16×,
+# the shell's ≤ 1.08×)
 FIT_REGIONS = ("body", "shell5")
 
 
