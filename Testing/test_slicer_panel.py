@@ -84,8 +84,8 @@ def test_1_the_paper_preset_can_be_selected(release):
 
 
 def test_1b_the_solid_lesions_preset_sends_its_profile_and_not_the_panels_lambda(release):
-    """The profile carries its own λ (24, α from the lung): the panel sends --profile and no λ, K or T_s of its own
-    until the user moves the slider."""
+    """The profile carries its own λ and α region (config.DETECT_PROFILES): the panel sends --profile and no λ, K or
+    T_s of its own until the user moves the slider."""
     from SACDiffLib.config import DETECT_PROFILES
 
     panel = Panel(release)

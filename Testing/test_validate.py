@@ -326,6 +326,17 @@ def _alpha_reference():
     return _results_script("alpha_reference")
 
 
+def _committed_round(number: int) -> tuple[list, list, dict]:
+    """A round's three committed ``alpha_reference.py`` files (one run split in processes, as scanned / cropped /
+    8-bit): (their paths, their documents, the union of their rows)."""
+    paths = [RESULTS / f"alpha-reference-round{number}-{g}.json" for g in ("scanned", "crop", "8bit")]
+    documents = [json.loads(path.read_text()) for path in paths]
+    rows = {}
+    for document in documents:
+        rows.update(document["rows"])
+    return paths, documents, rows
+
+
 def test_round15_rule_scores_a_hand_made_case_and_the_committed_round16_rows():
     ref = _alpha_reference()
 
@@ -355,10 +366,7 @@ def test_round17_files_score_together_and_a_combined_run_is_not_mixed_with_a_pla
     (shell λ* 8, score 0.599); a file of round 23's combined map (``--deep``) is another run and is refused beside
     them; ``--open-deep`` without ``--deep`` is refused before any work."""
     ref = _alpha_reference()
-    parts = [RESULTS / f"alpha-reference-round17-{g}.json" for g in ("scanned", "crop", "8bit")]
-    rows = {}
-    for path in parts:
-        rows.update(json.loads(path.read_text())["rows"])
+    parts, _, rows = _committed_round(17)
     decided = ref.rule_scores(rows)
     assert decided["shell5"]["lambda_star"] == 8.0 and round(decided["shell5"]["score"], 3) == 0.599
     assert ref.score_files([str(p) for p in parts]) == 0
@@ -381,10 +389,7 @@ def test_round28_rule_lets_only_fit_regions_win_on_the_committed_round25_rows(ca
     α (round 27), so the shell wins (λ* 16, 0.595) — the figures the solid-lesions profile takes; a hand-made case
     with no fit λ* has no winner."""
     ref = _alpha_reference()
-    parts = [RESULTS / f"alpha-reference-round25-{g}.json" for g in ("scanned", "crop", "8bit")]
-    rows = {}
-    for path in parts:
-        rows.update(json.loads(path.read_text())["rows"])
+    parts, _, rows = _committed_round(25)
     scores = ref.rule_scores(rows)
     assert max(scores, key=lambda r: scores[r]["score"]) == "lung" and round(scores["lung"]["score"], 3) == 0.627
     assert ref.best_fit_region(scores) == "shell5"
@@ -399,9 +404,7 @@ def test_round26_rule_both_parts_hold_on_the_committed_rows():
     """Round 26's rule (map-candidates.md) on its committed files: (a) the best fit region's score ≥ 0.599 − 0.01
     (shell, λ* 8, 0.610) and (b) the 8-bit group's ground-glass oracle Dice on the shell row > 0.544 + 0.02 (0.575)."""
     ref = _alpha_reference()
-    rows = {}
-    for group in ("scanned", "crop", "8bit"):
-        rows.update(json.loads((RESULTS / f"alpha-reference-round26-{group}.json").read_text())["rows"])
+    _, _, rows = _committed_round(26)
     scores = ref.rule_scores(rows)
     best = ref.best_fit_region(scores)
     assert best == "shell5" and scores[best]["lambda_star"] == 8.0 and round(scores[best]["score"], 3) == 0.610
@@ -417,11 +420,8 @@ def test_the_solid_lesions_profile_is_round_29s_pick_on_its_committed_rows():
     from SACDiffLib.config import DETECT_PROFILES
 
     ref = _alpha_reference()
-    rows, deep = {}, set()
-    for group in ("scanned", "crop", "8bit"):
-        document = json.loads((RESULTS / f"alpha-reference-round29-{group}.json").read_text())
-        rows.update(document["rows"])
-        deep.add(json.dumps([document["deep"], document["open_deep_mm"]], sort_keys=True))
+    _, documents, rows = _committed_round(29)
+    deep = {json.dumps([document["deep"], document["open_deep_mm"]], sort_keys=True) for document in documents}
     scores = ref.rule_scores(rows)
     best = ref.best_fit_region(scores)
     profile = DETECT_PROFILES["solid-lesions"]
