@@ -96,6 +96,20 @@ ship_default() {
   cp "$WORK/eval-$2/summary.json" "Resources/results/eval-context-$2.json"
 }
 ship_default "$CONTEXT" shell
+# three_groups NAME MODEL [MORE alpha_reference OPTIONS ...]: round 15's validation (seed 2) as three one-thread
+# processes — as scanned, cropped, 8-bit — into $WORK/NAME-{scanned,crop,8bit}.json, then `--score` on the three
+three_groups() {
+  local name=$1 model=$2 group variant
+  shift 2
+  for group in scanned:'' crop:crop 8bit:8bit; do
+    variant=${group#*:}
+    OMP_NUM_THREADS=1 python Resources/results/alpha_reference.py "$DATA" "$WORK/$name-${group%%:*}.json" 100x10x3 \
+      --model "$model" --variants "$variant" $([ -n "$variant" ] && echo --skip-scanned) --seed 2 --overwrite "$@" &
+  done
+  wait
+  python Resources/results/alpha_reference.py --score "$WORK/$name-scanned.json" "$WORK/$name-crop.json" \
+    "$WORK/$name-8bit.json"
+}
 cp "$WORK/alpha-reference-seed1.json" Resources/results/alpha-reference-round14.json
 cp "$WORK/alpha-reference-seed2.json" Resources/results/alpha-reference-round15.json
 
@@ -124,33 +138,15 @@ OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r17
   --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.25 --save-every 100
 R17=Resources/models/training/small256-context-r17-state.pt  # the committed state (the run above, resumed twice)
 sacdiff slim "$R17" --out "$WORK/r17.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-scanned.json" 100x10x3 --model "$WORK/r17.pt" \
-  --variants '' --seed 2 --overwrite &
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-crop.json" 100x10x3 --model "$WORK/r17.pt" \
-  --variants crop --skip-scanned --seed 2 --overwrite &
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r17-8bit.json" 100x10x3 --model "$WORK/r17.pt" \
-  --variants 8bit --skip-scanned --seed 2 --overwrite
-wait
-python Resources/results/alpha_reference.py --score "$WORK/r17-scanned.json" "$WORK/r17-crop.json" \
-  "$WORK/r17-8bit.json"  # shell: λ* 8, score 0.599
+three_groups r17 "$WORK/r17.pt"  # shell: λ* 8, score 0.599
 ship_default "$R17" r17 8
 
 # Rounds 24–25 (map-candidates.md): a second, deep chain (T_s 250, error radius 2) whose map, opened by a 6 mm ball,
 # joins E by the maximum; round 15's rule with α from the lung. Round 24's 10-step deep chain won (lung, λ* 24, 0.631)
 # but does not fit 5 min; round 25's 5-step chain won too (lung, λ* 24, score 0.627) but failed a shipping condition
 # (ctmd_P001 slice AUROC 0.908 < 0.95), so the default stays round 17's (shell, λ 8). Its table, for the record:
-for R in 24:10 25:5; do
-  ROUND=${R%%:*}; N=${R##*:}
-  for G in "scanned:" "crop:crop" "8bit:8bit"; do
-    NAME=${G%%:*}; VARIANT=${G##*:}
-    python Resources/results/alpha_reference.py "$DATA" "$WORK/r$ROUND-$NAME.json" 100x10x3 --model "$WORK/r17.pt" \
-      --deep "250x${N}x3e2" --open-deep 6 --variants "$VARIANT" $([ -n "$VARIANT" ] && echo --skip-scanned) \
-      --seed 2 --overwrite &
-  done
-  wait
-  python Resources/results/alpha_reference.py --score "$WORK/r$ROUND-scanned.json" "$WORK/r$ROUND-crop.json" \
-    "$WORK/r$ROUND-8bit.json"
-done
+three_groups r24 "$WORK/r17.pt" --deep 250x10x3e2 --open-deep 6
+three_groups r25 "$WORK/r17.pt" --deep 250x5x3e2 --open-deep 6
 sacdiff slim "$R17" --out "$WORK/r25.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3 --lambda 24 \
   --background lung --deep-steps 250 --deep-sampling-steps 5 --deep-error-radius 2 --deep-opening 6
 sacdiff evaluate --cases "$WORK/labelled" --model "$WORK/r25.pt" --out "$WORK/eval-r25" --overwrite --device cpu
@@ -168,15 +164,7 @@ OMP_NUM_THREADS=1 sacdiff train --data "$DATA" --out "$WORK/small256-context-r26
   --seed 3 --steps 2400 --lr 1e-4 --eight-bit 0.1 --save-every 100
 R26=Resources/models/training/small256-context-r26-state.pt  # the committed state (the run above, one sitting)
 sacdiff slim "$R26" --out "$WORK/r26.pt" --overwrite --steps 100 --sampling-steps 10 --ensemble 3
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-scanned.json" 100x10x3 --model "$WORK/r26.pt" \
-  --variants '' --seed 2 --overwrite &
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-crop.json" 100x10x3 --model "$WORK/r26.pt" \
-  --variants crop --skip-scanned --seed 2 --overwrite &
-python Resources/results/alpha_reference.py "$DATA" "$WORK/r26-8bit.json" 100x10x3 --model "$WORK/r26.pt" \
-  --variants 8bit --skip-scanned --seed 2 --overwrite
-wait
-python Resources/results/alpha_reference.py --score "$WORK/r26-scanned.json" "$WORK/r26-crop.json" \
-  "$WORK/r26-8bit.json"  # shell: λ* 8, score 0.610; best fit region: shell5
+three_groups r26 "$WORK/r26.pt"  # shell: λ* 8, score 0.610; best fit region: shell5
 for G in scanned crop 8bit; do cp "$WORK/r26-$G.json" "Resources/results/alpha-reference-round26-$G.json"; done
 # round 28's fitness of the winning region (shell: α's rise ≤ 1.08×), then shipped with its table
 OMP_NUM_THREADS=1 python Resources/results/diffuse_extent.py "$DATA" Resources/results/diffuse-extent-round26.json \
@@ -187,15 +175,14 @@ ship_default "$R26" r26 8
 # round 25's rows the shell at λ 16 — the solid-lesions profile's setting (config.DETECT_PROFILES).
 python Resources/results/alpha_reference.py --score Resources/results/alpha-reference-round25-*.json
 # Round 29: the two-chain map on round 26's (shipped) weights — shell, λ* 16 again — and the profile's table.
-for G in "scanned:" "crop:crop" "8bit:8bit"; do
-  NAME=${G%%:*}; VARIANT=${G##*:}
-  python Resources/results/alpha_reference.py "$DATA" "$WORK/r29-$NAME.json" 100x10x3 --model "$WORK/r26.pt" \
-    --deep 250x5x3e2 --open-deep 6 --variants "$VARIANT" $([ -n "$VARIANT" ] && echo --skip-scanned) \
-    --seed 2 --overwrite &
-done
-wait
-python Resources/results/alpha_reference.py --score "$WORK/r29-scanned.json" "$WORK/r29-crop.json" "$WORK/r29-8bit.json"
+three_groups r29 "$WORK/r26.pt" --deep 250x5x3e2 --open-deep 6  # shell: λ* 16, score 0.597
 for G in scanned crop 8bit; do cp "$WORK/r29-$G.json" "Resources/results/alpha-reference-round29-$G.json"; done
 sacdiff evaluate --cases "$WORK/labelled" --profile solid-lesions --out "$WORK/eval-r29" --overwrite --device cpu
 cp "$WORK/eval-r29/summary.md" Resources/results/eval-context-r29-solid-lesions.md
 cp "$WORK/eval-r29/summary.json" Resources/results/eval-context-r29-solid-lesions.json
+# Round 30 (a measurement): the worst clean slice (ml) on the as-scanned group, the default and the profile
+python Resources/results/alpha_reference.py "$DATA" Resources/results/alpha-reference-round30-default.json 100x10x3 \
+  --model "$WORK/r26.pt" --variants '' --seed 2 --overwrite &
+python Resources/results/alpha_reference.py "$DATA" Resources/results/alpha-reference-round30-profile.json 100x10x3 \
+  --model "$WORK/r26.pt" --variants '' --deep 250x5x3e2 --open-deep 6 --seed 2 --overwrite
+wait
